@@ -293,7 +293,7 @@ def load_dataset(name: str = "shakespeare", tokenizer: str = "char", data_dir: s
         name = os.path.abspath(name)
     else:
         raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a path to a UTF-8 text file")
-    if not val_text:
+    if len(train_text) < 2 or len(val_text) < 2:
         raise DataError(f"{name} is too short to split into train and val; give a longer text")
 
     tok = None
