@@ -276,7 +276,7 @@ def load_dataset(name: str = "shakespeare", tokenizer: str = "char", data_dir: s
         path = _fetch_shakespeare(data_dir)
         if path is None:
             notes.append("note: could not fetch Tiny Shakespeare (offline?); using pycode instead. To get it, download "
-                         f"{SHAKESPEARE_URL} to data/tinyshakespeare/input.txt or set NANO_DATA_DIR")
+                         f"{SHAKESPEARE_URL} to {os.path.join(HERE, 'tinyshakespeare', 'input.txt')} or set NANO_DATA_DIR")
             _say(notes[-1])
             name = "pycode"
     if name == "shakespeare":
