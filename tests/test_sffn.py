@@ -1,0 +1,349 @@
+"""CPU tests for nano_sffn.py (run: python -m pytest -q tests/test_sffn.py)."""
+import csv
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import nano_sffn as S
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest (and immune to a busy machine); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SPARSE = ("avgk", "vanillam", "switch", "topk", "base", "hash", "pkm")
+
+
+def layer_cfg(selector, g=4, d=8, d_m=16, d_ff=8, impl="masked", **kw):
+    """A tiny config for one FFN layer (switch: one block of c cells)."""
+    if selector == "switch":
+        d_ff = g
+    cfg = S.Config(selector=selector, n_embd=d, n_head=2, n_layer=2, d_ff=d_ff, d_m=d_m, g=g, impl=impl,
+                   pkm_heads=2, pkm_knn=2, pkm_dq=4, **kw)
+    return S.finalize_config(cfg)
+
+
+def make_layer(selector, dtype=torch.float64, vocab=11, **kw):
+    cfg = layer_cfg(selector, **kw)
+    layer = S.ProductKeyMemory(cfg) if selector == "pkm" else S.SparseFFN(cfg, vocab)
+    return layer.to(dtype), cfg
+
+
+def expected_params(selector):
+    return {"avgk": {"K", "V"}, "vanillam": {"K", "V"}, "hash": {"K", "V"}, "switch": {"K", "V", "W_g"},
+            "topk": {"K", "V", "W_g"}, "base": {"K", "V", "C"},
+            "pkm": {"W_q.weight", "bn.weight", "bn.bias", "subkeys", "V"}}[selector]
+
+
+# ----------------------------------------------------------------------------- model level
+@pytest.mark.parametrize("selector", S.SELECTORS)
+def test_model_shapes_loss_and_gradients(selector):
+    torch.manual_seed(0)
+    cfg = S.finalize_config(S.Config(selector=selector, n_layer=2, n_head=2, n_embd=16, block_size=8, d_ff=16,
+                                     d_m=64, g=16 if selector == "switch" else 4, sffn_every=1,
+                                     pkm_heads=2, pkm_knn=4, pkm_dq=8))
+    model = S.GPT(cfg, 64)
+    idx = torch.randint(0, 50, (3, 8))
+    logits, ce, aux = model(idx, idx)
+    assert logits.shape == (3, 8, 64)
+    assert torch.isfinite(ce) and torch.isfinite(aux)
+    (ce + aux).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{selector}: no gradient reaches {name}"
+    for _, layer in model.sparse_layers():
+        assert {n for n, _ in layer.named_parameters()} == expected_params(selector)
+    if selector in ("switch", "topk"):
+        assert aux > 0
+    else:
+        assert aux == 0
+    logits, _, _ = model(idx)
+    assert logits.shape == (3, 1, 64)
+
+
+@pytest.mark.parametrize("selector", ["avgk", "hash", "vanillam"])
+def test_no_gradient_through_selection(selector):
+    """Avg-K block embeddings (mean keys) get no gradient: the layer's grads equal those of the compute
+    with the selection detached, and keys/values of blocks no token chose get exactly zero."""
+    torch.manual_seed(1)
+    layer, cfg = make_layer(selector, d_m=32, g=4)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    idx = torch.randint(0, 11, (3,))
+    y, _ = layer(x, idx)
+    gy = torch.randn_like(y)
+    gK, gV = torch.autograd.grad(y, (layer.K, layer.V), gy)
+    ids = layer.route(x, idx)[0].detach()
+    y2 = layer.compute_masked(x, ids, None)
+    gK2, gV2 = torch.autograd.grad(y2, (layer.K, layer.V), gy)
+    torch.testing.assert_close(gK, gK2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gV, gV2, rtol=0, atol=1e-12)
+    unused = sorted(set(range(layer.B)) - set(ids.flatten().tolist()))
+    assert unused, "test needs a block nobody selected"
+    for beta in unused:
+        assert gK[beta * layer.g:(beta + 1) * layer.g].abs().max() == 0
+        assert gV[beta * layer.g:(beta + 1) * layer.g].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------- gradcheck with the selection held fixed
+@pytest.mark.parametrize("impl", ["masked", "grouped"])
+@pytest.mark.parametrize("selector", SPARSE + ("avgk_softmax",))
+def test_gradcheck_fixed_selection(selector, impl):
+    torch.manual_seed(2)
+    extra = {}
+    if selector == "avgk_softmax":
+        selector, extra = "avgk", dict(avgk_weight="softmax")
+    layer, cfg = make_layer(selector, impl=impl, **extra)
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 11, (5,))
+    with torch.no_grad():
+        ids = layer.route(x, idx)[0]
+    # Avg-K's softmax weights use e = mean(K) under stop-gradient (by design, Sec. 3): K is held fixed there
+    names = [n for n, _ in layer.named_parameters() if not (extra and n == "K")]
+    params = [layer.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
+
+    def f(x, *ps):
+        y, aux = functional_call(layer, dict(zip(names, ps)), (x, idx), dict(ids=ids), strict=False)
+        return y, aux.reshape(1)
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+# ----------------------------------------------------------------------------- equivalences
+@pytest.mark.parametrize("impl", ["masked", "grouped"])
+def test_avgk_all_blocks_equals_dense(impl):
+    torch.manual_seed(3)
+    layer, cfg = make_layer("avgk", impl=impl, d_m=16, d_ff=16, g=4)     # b = B = 4: every block on
+    assert cfg.b == layer.B
+    dense = S.DenseFFN(8, 16, "gelu", 2).double()
+    with torch.no_grad():
+        dense.K.copy_(layer.K), dense.V.copy_(layer.V)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x)[0], dense(x)[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("g", [1, 4, 8])
+@pytest.mark.parametrize("selector", SPARSE)
+def test_grouped_equals_masked(selector, g, dtype):
+    """float32 uses torch's grouped GEMM where it exists; float64 the loop fallback."""
+    if selector == "pkm" and g != 4:
+        pytest.skip("PKM has g = 1 by definition; one size suffices")
+    torch.manual_seed(4)
+    kw = dict(g=g, d_m=32, d_ff=8) if selector != "switch" else dict(g=g, d_m=32)
+    if selector == "pkm":
+        kw = dict(d_m=36)
+    m, _ = make_layer(selector, dtype=dtype, impl="masked", **kw)
+    gl, _ = make_layer(selector, dtype=dtype, impl="grouped", **kw)
+    gl.load_state_dict(m.state_dict())
+    x = torch.randn(7, 8, dtype=dtype, requires_grad=True)
+    idx = torch.randint(0, 11, (7,))
+    ym, am = m(x, idx)
+    yg, ag = gl(x, idx)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(yg, ym, **tol)
+    gy = torch.randn_like(ym)
+    grads_m = torch.autograd.grad(ym, [x, *m.parameters()], gy)
+    grads_g = torch.autograd.grad(yg, [x, *gl.parameters()], gy)
+    for a, b in zip(grads_g, grads_m):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_grouped_mm_native_matches_loop():
+    torch.manual_seed(5)
+    a, w = torch.randn(10, 8), torch.randn(3, 8, 16)
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)                   # an empty group in the middle
+    ref = torch.cat([a[:3] @ w[0], a[3:] @ w[2]])
+    torch.testing.assert_close(S.grouped_mm_loop(a, w, offs), ref)
+    torch.testing.assert_close(S.grouped_mm(a, w, offs), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_vanillam_pre_mean_selects_like_avgk():
+    torch.manual_seed(6)
+    av, _ = make_layer("avgk", d_m=64, g=8, d_ff=16)
+    vm, _ = make_layer("vanillam", d_m=64, g=8, d_ff=16, vanillam_agg="pre_mean")
+    vm.load_state_dict(av.state_dict())
+    x = torch.randn(50, 8, dtype=torch.float64)
+    ia = av.route(x)[0].sort(-1).values
+    iv = vm.route(x)[0].sort(-1).values
+    assert torch.equal(ia, iv)
+    torch.testing.assert_close(av(x)[0], vm(x)[0])
+
+
+def test_hash_depends_only_on_token_ids():
+    torch.manual_seed(7)
+    layer, cfg = make_layer("hash", d_m=32, g=4, d_ff=8, vocab=20)
+    idx = torch.randint(0, 20, (30,))
+    i1 = layer.route(torch.randn(30, 8, dtype=torch.float64), idx)[0]
+    i2 = layer.route(torch.randn(30, 8, dtype=torch.float64), idx)[0]
+    assert torch.equal(i1, i2) and torch.equal(i1, layer.hash_table[idx])
+    assert (i1.sort(-1).values.diff(dim=-1) > 0).all()                   # b distinct blocks per token
+    same = [torch.equal(i1[a], i1[b]) for a in range(30) for b in range(30) if idx[a] == idx[b]]
+    assert all(same)
+    layer2, _ = make_layer("hash", d_m=32, g=4, d_ff=8, vocab=20)        # fixed, seeded table
+    assert torch.equal(layer.hash_table, layer2.hash_table)
+    layer3, _ = make_layer("hash", d_m=32, g=4, d_ff=8, vocab=20, hash_seed=99)
+    assert not torch.equal(layer.hash_table, layer3.hash_table)
+
+
+def test_switch_aux_loss_and_capacity_by_hand():
+    torch.manual_seed(8)
+    layer, cfg = make_layer("switch", d=4, d_m=16, g=4, aux_alpha=0.01)  # B = 4 blocks
+    tokens = [0, 0, 2, 3]
+    x = torch.eye(4, dtype=torch.float64)[tokens]                         # logits = 3 * one-hot(token)
+    with torch.no_grad():
+        layer.W_g.copy_(3 * torch.eye(4))
+    ids, w, aux, _ = layer.route(x)
+    # hand computation: p(one-hot at e) = e^3/(e^3+3) on e, 1/(e^3+3) elsewhere
+    hi, lo = math.exp(3) / (math.exp(3) + 3), 1 / (math.exp(3) + 3)
+    f = [2 / 4, 0, 1 / 4, 1 / 4]
+    P = [(2 * hi + 2 * lo) / 4, (4 * lo) / 4, (hi + 3 * lo) / 4, (hi + 3 * lo) / 4]
+    expect = 0.01 * 4 * sum(fe * pe for fe, pe in zip(f, P))
+    assert ids.flatten().tolist() == tokens
+    torch.testing.assert_close(w.flatten(), torch.full((4,), hi, dtype=w.dtype))
+    assert abs(aux.item() - expect) < 1e-12
+    # capacity factor 1: C = ceil(1 * 4 / 4) = 1 -> the second token of block 0 is dropped (training only)
+    layer.cf = 1.0
+    layer.train()
+    _, w, _, _ = layer.route(x)
+    assert w.flatten().tolist() == pytest.approx([hi, 0.0, hi, hi])
+    layer.eval()
+    assert layer.route(x)[1].flatten().tolist() == pytest.approx([hi] * 4)
+
+
+def test_topk_weights_renormalized():
+    torch.manual_seed(9)
+    layer, cfg = make_layer("topk", d_m=32, g=4, d_ff=12)                # b = 3
+    ids, w, aux, _ = layer.route(torch.randn(10, 8, dtype=torch.float64))
+    assert ids.shape == (10, 3)
+    torch.testing.assert_close(w.sum(-1), torch.ones(10, dtype=w.dtype))
+
+
+def test_base_training_assignment_is_balanced():
+    torch.manual_seed(10)
+    layer, cfg = make_layer("base", d_m=32, g=4, d_ff=4, base_iters=50)  # B = 8, b = 1
+    with torch.no_grad():
+        layer.C[0] += 3.0                                                # skewed: greedy sends everyone to block 0
+    x = torch.randn(64, 8, dtype=torch.float64) + 1.0
+    layer.eval()
+    greedy = torch.bincount(layer.route(x)[0].flatten(), minlength=8)
+    layer.train()
+    bal = torch.bincount(layer.route(x)[0].flatten(), minlength=8)
+    assert greedy.max() > 32
+    assert bal.max() <= 2 * 64 / 8 and (bal > 0).all()
+
+
+def test_pkm_topk_equals_brute_force():
+    torch.manual_seed(11)
+    cfg = S.finalize_config(S.Config(selector="pkm", n_embd=16, n_layer=2, d_m=256, pkm_heads=3, pkm_knn=5, pkm_dq=8))
+    pkm = S.ProductKeyMemory(cfg).double().eval()
+    x = torch.randn(20, 16, dtype=torch.float64)
+    ids, w, _, _ = pkm.route(x)
+    s1, s2 = pkm.half_scores(x)                                          # (T, H, n)
+    n = pkm.n
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).reshape(20, 3, n * n)   # all N product-key scores
+    top = full.topk(5, -1)
+    assert torch.equal(ids.view(20, 3, 5).sort(-1).values, top.indices.sort(-1).values)
+    torch.testing.assert_close(w.view(20, 3, 5).sort(-1).values, torch.softmax(top.values, -1).sort(-1).values)
+    assert (ids.view(20, 3, 5) != ids.view(20, 3, 5)[:, :1]).any()      # not degenerate
+
+
+# ----------------------------------------------------------------------------- command line
+def _run_main(argv):
+    with pytest.raises(SystemExit) as e:
+        S.main(argv)
+    return e.value.code
+
+
+@pytest.mark.parametrize("argv", [
+    ["--selector", "nope"],
+    ["--selector", "avgk", "--d_m", "64", "--g", "8", "--b", "9"],        # b > B
+    ["--selector", "avgk", "--d_m", "100", "--g", "8"],                   # d_m % g
+    ["--selector", "pkm", "--d_m", "1000"],                               # N not a square
+    ["--selector", "switch", "--g", "64", "--d_ff", "512"],               # switch with b > 1
+    ["--impl", "fast"],
+    ["--preset", "huge"],
+    ["--dataset", "/nonexistent/file.txt"],
+])
+def test_bad_input_exits_2(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run_main(argv + ["--out_dir", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert not out.exists()
+
+
+def test_grouped_cuda_shape_check():
+    cfg = S.Config(selector="avgk", n_embd=12, n_head=2, d_ff=48, d_m=96, g=12, impl="grouped")
+    if S.native_grouped_mm() is None:
+        pytest.skip("no grouped GEMM in this torch")
+    with pytest.raises(S.BadInput):
+        S.finalize_config(cfg, "cuda")
+
+
+TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--d_ff", "32",
+        "--d_m", "128", "--g", "8", "--batch_size", "4", "--eval_iters", "2", "--tokenizer", "char",
+        "--sample_tokens", "20", "--no-progress"]
+
+
+def _log(path):
+    return list(csv.DictReader(open(os.path.join(path, "log.csv"))))
+
+
+def test_smoke_train_and_resume(tiny_text, tmp_path):
+    torch.manual_seed(12)
+    base = TINY + ["--dataset", tiny_text, "--selector", "switch", "--g", "32", "--eval_interval", "3"]
+    full = tmp_path / "full"
+    res = S.main(base + ["--max_iters", "6", "--out_dir", str(full)])
+    assert math.isfinite(res["final"]["val_loss"])
+    for f in ("config.json", "log.csv", "results.json", "ckpt.pt", "loss.png", "routing_health.png", "flops.txt"):
+        assert (full / f).exists(), f
+    rows = _log(full)
+    assert [int(r["step"]) for r in rows] == [0, 3, 6]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert "L1_entropy" in rows[0] and "L1_overflow1" in rows[0]
+    assert json.load(open(full / "results.json"))["final"]["params"] > 0
+
+
+def test_resume_continues_exactly(tiny_text, tmp_path):
+    torch.manual_seed(13)
+    base = TINY + ["--dataset", tiny_text, "--selector", "avgk", "--eval_interval", "2", "--warmup_iters", "1",
+                   "--sample_tokens", "0"]
+    full = tmp_path / "full"
+    S.main(base + ["--max_iters", "4", "--out_dir", str(full)])
+    # a run of 2 steps whose schedule is that of a 4-step run: stop it at step 2 by editing max_iters on resume
+    cut = tmp_path / "cut"
+    S.main(base + ["--max_iters", "4", "--out_dir", str(cut), "--stop_at", "2"])
+    assert [int(r["step"]) for r in _log(cut)] == [0, 2]
+    S.main(base + ["--max_iters", "4", "--out_dir", str(cut), "--resume"])
+    a, b = _log(full), _log(cut)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["val_loss"] for r in a] == [r["val_loss"] for r in b]
+
+
+def test_compare_mode(tiny_text, tmp_path):
+    torch.manual_seed(14)
+    out = tmp_path / "cmp"
+    table = S.main(TINY + ["--dataset", tiny_text, "--compare", "dense,avgk:8,hash:16", "--max_iters", "2",
+                           "--eval_interval", "2", "--sample_tokens", "0", "--out_dir", str(out)])
+    assert [r["selector"] for r in table] == ["dense", "avgk", "hash"]
+    flops = [r["active_fwd_flops_per_token"] for r in table]
+    assert flops[2] == flops[0] < flops[1]   # hash: dense's FLOPs exactly; avgk: + its 2dB selection
+    for f in ("compare.csv", "compare.md", "compare_val_loss.png"):
+        assert (out / f).exists()
+    assert (out / "avgk_g8" / "results.json").exists()
+
+
+def test_flop_table_matches_brief():
+    cfg = S.finalize_config(S.Config(selector="avgk", n_embd=512, n_head=8, n_layer=8, d_ff=2048, d_m=16384, g=256))
+    cells, over, params = S.layer_flops(cfg, "avgk")
+    assert cells == 4 * 512 * 2048 and over == 2 * 512 * 64 and params == 2 * 512 * 16384
+    assert over / cells == pytest.approx((16384 / 2048) / (2 * 256))   # brief Sec. 1.3: (d_m/c)/(2g) = 1.6%
