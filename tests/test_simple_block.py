@@ -1,0 +1,360 @@
+"""CPU tests for nano_simple_block.py (run: python -m pytest -q tests/test_simple_block.py)."""
+import csv
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import nano_simple_block as S
+
+SHAPED = S.SHAPED_BLOCKS
+
+
+def tiny(block="sasp", **kw):
+    base = dict(block=block, n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=64, mlp_ratio=2)
+    base.update(kw)
+    return S.Config(**base)
+
+
+def perturb(model, scale=0.3):
+    """Move every parameter away from its (degenerate) init: random W^Q, alpha, beta, gamma, gains, ..."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+# ----------------------------------------------------------------------------- shaped attention
+@pytest.mark.parametrize("block", SHAPED)
+@pytest.mark.parametrize("layer", [0, 1])
+def test_shaped_attention_is_identity_at_init(block, layer):
+    torch.manual_seed(0)
+    cfg = tiny(block, n_embd=32, n_head=4, block_size=16)
+    model = S.GPT(cfg)
+    att = model.blocks[layer].attn
+    h = torch.randn(3, 16, 32)
+    y = att(h)
+    if block == "vskip":  # orthogonal W^V, W^P: identity attention gives h W^V^T W^P^T
+        expect = h @ att.c_v.weight.t() @ att.c_proj.weight.t()
+    else:
+        expect = h
+    assert (y - expect).abs().max().item() < 1e-5
+
+
+def test_shaped_attention_not_identity_after_perturbation():
+    """The identity test above can fail: a random W^Q breaks it."""
+    torch.manual_seed(0)
+    model = S.GPT(tiny("sasp", n_embd=32, n_head=4, block_size=16))
+    perturb(model)
+    h = torch.randn(3, 16, 32)
+    assert (model.blocks[1].attn(h) - h).abs().max().item() > 1e-2
+
+
+def test_sas_equals_sasp_at_init():
+    """Paper Sec. 4.3: with identity attention, SAS and SAS-P compute the same function at init."""
+    torch.manual_seed(0)
+    sas = S.GPT(tiny("sas", n_layer=3, norm_eps=0.0)).double()
+    torch.manual_seed(0)
+    sasp = S.GPT(tiny("sasp", n_layer=3, norm_eps=0.0)).double()
+    # the same seed gives the same weights for every parameter they share
+    sd = sas.state_dict()
+    for k, v in sasp.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    idx = torch.randint(0, 64, (2, 6))
+    a, b = sas(idx, idx)[0], sasp(idx, idx)[0]
+    assert (a - b).abs().max().item() < 1e-10
+    # and not after training moves the attention away from the identity
+    perturb(sas)
+    sasp.load_state_dict({k: v for k, v in sas.state_dict().items() if k in sasp.state_dict()})
+    assert (sas(idx, idx)[0] - sasp(idx, idx)[0]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("how", ["cumsum", "matmul"])
+def test_cummean_equals_centring_matrix(how):
+    torch.manual_seed(0)
+    v = torch.randn(2, 3, 7, 4, dtype=torch.float64)
+    C = S.causal_uniform(7, dtype=torch.float64)
+    # C is softmax of the causal mask (all logits 0)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    assert torch.allclose(C, torch.zeros(7, 7, dtype=torch.float64).masked_fill(~mask, float("-inf")).softmax(-1))
+    assert (S.cummean(v, how) - C @ v).abs().max().item() < 1e-12
+    # bf16 input: the cumulative sum is taken in float32
+    vb = v.to(torch.bfloat16)
+    out = S.cummean(vb, how)
+    assert out.dtype == torch.float32
+    assert (out.double() - C @ vb.double()).abs().max().item() < 2e-2
+
+
+VARIANTS = [{}, {"gains": "layer"}, {"attn_matrix": "vskip"}, {"cummean": "matmul"}]
+
+
+@pytest.mark.parametrize("block,variant", [(b, {}) for b in S.BLOCKS] + [(b, v) for b in SHAPED for v in VARIANTS[1:]])
+def test_sdpa_path_equals_explicit_path_float64(block, variant):
+    torch.manual_seed(1)
+    cfg = tiny(block, n_layer=3, n_head=2, n_embd=8, block_size=6, **variant)
+    fast = S.GPT(cfg).double()
+    perturb(fast)  # random alpha, beta, gamma and W^Q
+    slow = S.GPT(dataclasses.replace(cfg, attn_impl="explicit")).double()
+    slow.load_state_dict(fast.state_dict())
+    idx = torch.randint(0, 64, (3, 6))
+    lf, loss_f = fast(idx, idx)
+    ls, loss_s = slow(idx, idx)
+    assert (lf - ls).abs().max().item() < 1e-10
+    loss_f.backward()
+    loss_s.backward()
+    for (n, pf), ps in zip(fast.named_parameters(), slow.parameters()):
+        assert (pf.grad - ps.grad).abs().max().item() < 1e-10, n
+
+
+# ----------------------------------------------------------------------------- blocks against the paper's equations
+def rms(x, w, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def ref_attention(att, h):
+    """The official-code formulation, written out from the parameters."""
+    B, T, d = h.shape
+    H = att.n_head
+    Wq, Wk = att.c_qk.weight[:d], att.c_qk.weight[d:]
+    bq, bk = att.c_qk.bias[:d], att.c_qk.bias[d:]
+    if att.values == "matrix":
+        Wv = att.c_v.weight
+    elif att.values == "first":
+        Wv = att.alpha_v * torch.eye(d, dtype=h.dtype) + att.beta_v * att.dW_v
+    else:
+        Wv = torch.eye(d, dtype=h.dtype)
+    split = lambda t: t.view(B, T, H, d // H).transpose(1, 2)  # noqa: E731
+    q, k, v = split(h @ Wq.t() + bq), split(h @ Wk.t() + bk), split(h @ Wv.t())
+    logits = q @ k.transpose(-1, -2) / (d // H) ** 0.5
+    logits = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    A = logits.softmax(-1)
+    if att.matrix != "softmax":
+        a, b = att.alpha.view(-1, 1, 1), att.beta.view(-1, 1, 1)
+        c = att.gamma.view(-1, 1, 1) if att.matrix == "shaped" else 0 * a
+        C = torch.tril(torch.ones(T, T, dtype=h.dtype)) / torch.arange(1, T + 1, dtype=h.dtype).view(T, 1)
+        A = a * torch.eye(T, dtype=h.dtype) + b * A - c * C
+    y = (A @ v).transpose(1, 2).reshape(B, T, d)
+    return y @ att.c_proj.weight.t() if att.has_proj else y
+
+
+def ref_block(blk, x, eps):
+    mlp = lambda t: F.relu(t @ blk.mlp.c_fc.weight.t()) @ blk.mlp.c_proj.weight.t()  # noqa: E731
+    n1 = (lambda t: rms(t, blk.norm1.weight, eps)) if isinstance(blk.norm1, S.RMSNorm) else (lambda t: t)
+    if blk.kind == "preln":  # Eq. 1
+        xh = x + ref_attention(blk.attn, n1(x))
+        return xh + mlp(rms(xh, blk.norm2.weight, eps))
+    if blk.kind == "parallel":  # Eq. 7
+        return x + ref_attention(blk.attn, n1(x)) + mlp(n1(x))
+    if blk.kind in ("sas", "vskip"):  # Eq. 12-13
+        xh = blk.beta_sa * ref_attention(blk.attn, n1(x))
+        m = blk.beta_ff * mlp(rms(xh, blk.norm2.weight, eps))
+        return blk.alpha_ff * xh + m if blk.mlp_skip else m
+    return blk.beta_sa * ref_attention(blk.attn, n1(x)) + blk.beta_ff * mlp(n1(x))  # SAS-P
+
+
+@pytest.mark.parametrize("block", S.BLOCKS)
+@pytest.mark.parametrize("layer", [0, 1])
+def test_block_matches_paper_equations(block, layer):
+    torch.manual_seed(2)
+    cfg = tiny(block, n_layer=2)
+    model = S.GPT(cfg).double()
+    perturb(model)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    blk = model.blocks[layer]
+    assert (blk(x) - ref_block(blk, x, cfg.norm_eps)).abs().max().item() < 1e-10
+
+
+def test_skipless_mlp_ablation_matches_equation():
+    torch.manual_seed(3)
+    cfg = tiny("sas", mlp_skip=False)
+    model = S.GPT(cfg).double()
+    perturb(model)
+    assert not hasattr(model.blocks[1], "alpha_ff")
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    assert (model.blocks[1](x) - ref_block(model.blocks[1], x, cfg.norm_eps)).abs().max().item() < 1e-10
+
+
+# ----------------------------------------------------------------------------- shapes, loss, gradients
+@pytest.mark.parametrize("block", S.BLOCKS)
+def test_shapes_loss_and_gradient_flow(block):
+    torch.manual_seed(0)
+    model = S.GPT(tiny(block, n_layer=3))
+    idx = torch.randint(0, 64, (2, 6))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 6, 64) and torch.isfinite(loss)
+    assert abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.5  # near uniform at init
+    assert model(idx)[0].shape == (2, 1, 64)
+    perturb(model, 0.1)  # at init W^Q = 0 so W^K gets no gradient; after a move every parameter must
+    model.zero_grad()
+    model(idx, idx)[1].backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().max().item() > 0, n
+
+
+def test_frozen_gains_are_buffers_not_parameters():
+    model = S.GPT(tiny("sasp", trainable_gains=False))
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.split(".")[-1] in ("alpha", "beta", "gamma", "beta_sa", "beta_ff", "alpha_v", "beta_v")
+                   for n in names)
+    assert "blocks.0.attn.alpha" in dict(model.named_buffers())
+
+
+# layer 1 differs from layer 0 only where the first block keeps W_1^V
+@pytest.mark.parametrize("block,layer", [(b, 0) for b in S.BLOCKS] + [(b, 1) for b in ("sas", "sasp", "sasp_nonorm")])
+def test_gradcheck_block_float64(block, layer):
+    """torch.autograd.gradcheck of one block, w.r.t. its input and every parameter."""
+    torch.manual_seed(4)
+    cfg = tiny(block, n_layer=2, n_embd=4, n_head=2, block_size=3, mlp_ratio=2)
+    model = S.GPT(cfg).double()
+    perturb(model)
+    blk = model.blocks[layer]
+    names = [n for n, _ in blk.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in blk.named_parameters())
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return functional_call(blk, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x,) + params, eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_shaped_attention_sdpa_float64():
+    """gradcheck of beta SDPA(q, k, v) + alpha v - gamma cummean(v) w.r.t. q, k, v and the per-head gains."""
+    torch.manual_seed(5)
+    att = S.GPT(tiny("sasp", n_embd=4, n_head=2, block_size=4)).double().blocks[1].attn
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = att
+
+        def forward(self, q, k, v):
+            return self.att.shaped_attention(q, k, v)
+
+    wrap = Wrap()
+    q, k, v = (torch.randn(1, 2, 4, 2, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    gains = tuple(torch.rand(2, dtype=torch.float64, requires_grad=True) + 0.5 for _ in range(3))
+
+    def f(q, k, v, a, b, c):
+        return functional_call(wrap, {"att.alpha": a, "att.beta": b, "att.gamma": c}, (q, k, v))
+
+    assert torch.autograd.gradcheck(f, (q, k, v) + gains)
+
+
+# ----------------------------------------------------------------------------- parameters and weight decay
+@pytest.mark.parametrize("block", S.BLOCKS)
+@pytest.mark.parametrize("variant", [{}, {"gains": "layer"}, {"first_value": False}, {"trainable_gains": False},
+                                     {"attn_matrix": "vskip"}, {"mlp_skip": False}, {"mlp_ratio": 3}])
+def test_param_count_equals_formula(block, variant):
+    cfg = tiny(block, n_layer=3, n_head=4, n_embd=16, block_size=10, vocab_size=128, **variant)
+    model = S.GPT(cfg)
+    assert S.count_params(model) == S.param_formula(cfg, block)
+
+
+def test_param_reduction_at_paper_shape():
+    """Brief Sec. 4.1: with V = 50,000 and 1024 positions, Pre-LN 166.64M, SAS 146.00M (paper: 167M -> 146M)."""
+    cfg = S.Config(n_layer=18, n_head=12, n_embd=768, block_size=1024, vocab_size=50000)
+    rows = {r["block"]: r for r in S.param_table(cfg)}
+    assert round(rows["preln"]["params"] / 1e6, 2) == 166.64
+    assert round(rows["sas"]["params"] / 1e6, 2) == 146.00
+    assert 0.12 < rows["sasp"]["reduction_vs_preln"] < 0.13
+
+
+def test_gains_excluded_from_weight_decay():
+    model = S.GPT(tiny("sas", n_layer=2))
+    opt = S.make_optimizer(model, dataclasses.replace(tiny("sas"), weight_decay=0.1), "cpu")
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    names = dict(model.named_parameters())
+    for n, p in names.items():
+        leaf = n.split(".")[-1]
+        if leaf in ("alpha", "beta", "gamma", "beta_sa", "beta_ff", "alpha_ff", "alpha_v", "beta_v", "bias") \
+                or "norm" in n:
+            assert id(p) not in decay, n
+        else:
+            assert id(p) in decay, n
+    assert id(names["blocks.0.attn.dW_v"]) in decay and id(names["wte.weight"]) in decay
+    n_opt = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_opt == len(names)
+
+
+def test_lr_schedule_paper():
+    cfg = S.Config(lr=1e-3, min_lr=0.0, max_iters=1000, warmup_iters=-1)
+    assert S.warmup_iters(cfg) == 50
+    lrs = [S.get_lr(s, cfg) for s in range(1001)]
+    assert max(lrs) == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:50], lrs[1:51]))
+    assert lrs[1000] == pytest.approx(0.0)
+    assert lrs[525] == pytest.approx(0.5e-3)  # linear decay: half way
+
+
+# ----------------------------------------------------------------------------- main()
+def run_main(args, out):
+    S.main(["--device", "cpu", "--out_dir", str(out)] + args)
+
+
+SMALL = ["--preset", "cpu", "--n_layer", "2", "--n_embd", "16", "--n_head", "2", "--block_size", "16",
+         "--batch_size", "4", "--eval_iters", "2", "--sample_tokens", "8"]
+
+
+def test_main_smoke_and_exact_resume(tmp_path, tiny_text):
+    args = SMALL + ["--dataset", tiny_text, "--max_iters", "6", "--eval_interval", "2", "--block", "sas"]
+    out = tmp_path / "a"
+    run_main(args, out)
+    for f in ("config.json", "log.csv", "results.json", "ckpt.pt", "params.json", "loss_vs_step.png",
+              "loss_vs_time.png"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    assert res["script"] == "nano_simple_block.py"
+    for k in ("train_loss", "val_loss", "val_ppl", "tokens_per_s", "params", "elapsed_s"):
+        assert k in res["final"]
+    ra = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["step"]) for r in ra] == [0, 2, 4, 6]
+    assert float(ra[-1]["train_loss"]) < float(ra[0]["train_loss"])
+    # interrupted at step 4, then resumed: the same losses as the uninterrupted run
+    run_main(args + ["--halt_at", "4", "--sample_tokens", "0"], tmp_path / "b")
+    assert len(list(csv.DictReader(open(tmp_path / "b" / "log.csv")))) == 3
+    run_main(args + ["--resume", "--sample_tokens", "0"], tmp_path / "b")
+    rb = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert x["train_loss"] == y["train_loss"] and x["val_loss"] == y["val_loss"]
+
+
+def test_compare_and_bench_modes(tmp_path, tiny_text):
+    out = tmp_path / "cmp"
+    run_main(SMALL + ["--dataset", tiny_text, "--max_iters", "2", "--eval_interval", "2", "--sample_tokens", "0",
+                      "--compare", "preln,sasp"], out)
+    for f in ("compare.md", "compare.json", "compare_loss_vs_step.png", "compare_loss_vs_time.png",
+              "preln/log.csv", "sasp/log.csv"):
+        assert (out / f).exists(), f
+    bench = tmp_path / "bench"
+    run_main(SMALL + ["--bench", "preln,sasp:gains=layer", "--bench_warmup", "1", "--bench_iters", "1",
+                      "--bench_rounds", "1", "--vocab_size", "64"], bench)
+    table = json.loads((bench / "bench.json").read_text())["table"]
+    assert [r["block"] for r in table] == ["preln", "sasp:gains=layer"]
+    assert table[0]["speed_vs_base"] == 1.0 and table[1]["params_vs_base"] < 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--block", "foo"], "invalid choice"),
+    (["--compare", "preln,bogus"], "unknown block"),
+    (["--n_embd", "10", "--n_head", "3"], "divisible"),
+    (["--block", "preln", "--gains", "layer"], "shaped attention"),
+    (["--block", "sasp", "--no-mlp_skip"], "sas or vskip"),
+    (["--resume"], "no checkpoint"),
+    (["--dataset", "/nonexistent/file.txt"], "not found"),
+    (["--bench", "sasp:nosuch=1"], "bad bench entry"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, needle):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        run_main(args, out)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
