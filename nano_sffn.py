@@ -97,6 +97,7 @@ class Config:
     bench: bool = False             # run the layer fwd+bwd micro-benchmark (dense/masked/grouped) instead of training
     bench_tokens: int = 8192        # tokens per benchmark call
     bench_g: str = "2048,512,256,64"  # block sizes the benchmark sweeps
+    bench_explain: bool = True      # with --bench: also count torch.compile graph breaks in each selector's FFN
     # --- data
     dataset: str = "shakespeare"    # shakespeare | pycode | pycode_all | path to a UTF-8 text file
     tokenizer: str = "char"         # char | gpt2
@@ -175,6 +176,11 @@ def activation_fn(name):
     return F.gelu if name == "gelu" else F.relu
 
 
+def is_compiling():
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
 def native_grouped_mm():
     """torch's grouped GEMM (public F.grouped_mm in torch>=2.11, private torch._grouped_mm in 2.8+), or None."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -186,6 +192,8 @@ def native_grouped_ok(device_type: str, dtype: torch.dtype, d: int, g: int, B: i
         return False
     size = torch.empty((), dtype=dtype).element_size()
     aligned = (d * size) % 16 == 0 and (g * size) % 16 == 0            # rows must be 16-byte aligned
+    if is_compiling() and dtype != torch.bfloat16:
+        return False    # torch.compile's shape function for grouped_mm accepts bf16 only (torch 2.11)
     if device_type == "cpu":
         return aligned and dtype in (torch.float32, torch.bfloat16, torch.float16)
     if device_type == "cuda":
@@ -1015,10 +1023,21 @@ def write_log(out_dir, rows):
 
 
 # ----------------------------------------------------------------------------- plots
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("note: matplotlib is not installed; plots skipped (pip install matplotlib)", file=sys.stderr)
+        return None
+
+
 def plot_run(out_dir, rows, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
+    if plt is None:
+        return
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(steps, [r["train_loss"] for r in rows], label="train")
@@ -1040,9 +1059,9 @@ def plot_run(out_dir, rows, title):
 
 
 def plot_compare(out_dir, runs):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in runs:
         ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label=name, marker=".")
@@ -1153,6 +1172,9 @@ def run_bench(cfg):
                          grouped_ms=round(grouped, 3) if grouped is not None else None))
         del layer
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    if cfg.bench_explain:
+        md_x = explain_graph_breaks(cfg, device, dt)
+        open(os.path.join(cfg.out_dir, "graph_breaks.md"), "w").write("\n".join(md_x) + "\n")
     head = f"layer fwd+bwd, {name}, {dt}, T={T} d={d} d_m={d_m} c={c}, Avg-K selection, torch {torch.__version__} (ms)"
     md = [head, "", "| g | b | B | Avg-K selection | masked | grouped |", "|---|---|---|---|---|---|"]
     md += [f"| {r['g']} | {r['b']} | {r['B']} | {r['select_ms']} | {r['masked_ms']} | {r['grouped_ms']} |" for r in rows]
@@ -1163,6 +1185,30 @@ def run_bench(cfg):
         w.writeheader()
         w.writerows(rows)
     return rows
+
+
+def explain_graph_breaks(cfg, device, dt):
+    """torch._dynamo.explain on one FFN layer per selector and impl (under autocast on CUDA): graphs and breaks."""
+    import torch._dynamo
+    md = ["| selector | impl | graphs | graph breaks | reasons |", "|---|---|---|---|---|"]
+    d = 64
+    for sel in SELECTORS[1:]:
+        for impl in ("masked", "grouped"):
+            g = 64 if sel != "switch" else 256
+            c = dataclasses.replace(cfg, selector=sel, n_embd=d, n_head=4, d_ff=256, d_m=1024 if sel != "pkm" else 1024,
+                                    g=g, b=0, impl=impl, pkm_dq=32, pkm_knn=16)
+            finalize_config(c, device)
+            layer = (ProductKeyMemory(c) if sel == "pkm" else SparseFFN(c, 128)).to(device)
+            x = torch.randn(512, d, device=device)
+            idx = torch.randint(0, 128, (512,), device=device)
+            torch._dynamo.reset()
+            ctx = torch.autocast(device, dtype=dt) if dt != torch.float32 else contextlib.nullcontext()
+            with ctx:
+                ex = torch._dynamo.explain(layer)(x, idx)
+            reasons = "; ".join(sorted({str(getattr(r, "reason", r)).splitlines()[0][:80] for r in ex.break_reasons}))
+            md.append(f"| {sel} | {impl} | {ex.graph_count} | {ex.graph_break_count} | {reasons or '-'} |")
+    print("\n".join(md))
+    return md
 
 
 # ----------------------------------------------------------------------------- main
