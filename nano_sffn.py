@@ -1088,6 +1088,17 @@ def parse_compare(spec, cfg):
     return runs
 
 
+def write_compare(out_dir, table):
+    with open(os.path.join(out_dir, "compare.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    md = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    md += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in r.values()) + " |" for r in table]
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+
+
 def run_compare(cfg):
     device = pick_device(cfg.device)
     runs = parse_compare(cfg.compare, cfg)
@@ -1106,15 +1117,9 @@ def run_compare(cfg):
                           active_fwd_flops_per_token=p["active_fwd_flops_per_token"],
                           val_loss=round(res["final"]["val_loss"], 4), val_ppl=round(res["final"]["val_ppl"], 3),
                           tokens_per_s=round(res["final"]["tokens_per_s"]) if res["final"]["tokens_per_s"] == res["final"]["tokens_per_s"] else None))
-    with open(os.path.join(cfg.out_dir, "compare.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
-    md = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    md += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in r.values()) + " |" for r in table]
-    open(os.path.join(cfg.out_dir, "compare.md"), "w").write("\n".join(md) + "\n")
-    print("\n".join(md))
-    plot_compare(cfg.out_dir, curves)
+        write_compare(cfg.out_dir, table)                                # after every run: partial results survive
+        plot_compare(cfg.out_dir, curves)
+    print(open(os.path.join(cfg.out_dir, "compare.md")).read())
     return table
 
 
