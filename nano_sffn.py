@@ -97,6 +97,7 @@ class Config:
     bench: bool = False             # run the layer fwd+bwd micro-benchmark (dense/masked/grouped) instead of training
     bench_tokens: int = 8192        # tokens per benchmark call
     bench_g: str = "2048,512,256,64"  # block sizes the benchmark sweeps
+    bench_iters: int = 20           # timed iterations per benchmark entry (after 5 warm-up iterations)
     bench_explain: bool = True      # with --bench: also count torch.compile graph breaks in each selector's FFN
     # --- data
     dataset: str = "shakespeare"    # shakespeare | pycode | pycode_all | path to a UTF-8 text file
@@ -640,7 +641,7 @@ def finalize_config(cfg: Config, device_type: str = "cpu") -> Config:
         if getattr(cfg, name) not in choices:
             raise BadInput(f"unknown --{name} {getattr(cfg, name)!r}; use one of {', '.join(choices)}")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
-                 "eval_iters", "sffn_every", "bench_tokens"):
+                 "eval_iters", "sffn_every", "bench_tokens", "bench_iters"):
         if getattr(cfg, name) <= 0:
             raise BadInput(f"--{name} must be positive (got {getattr(cfg, name)})")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0:
@@ -1139,7 +1140,7 @@ def run_bench(cfg):
     x = torch.randn(T, d, device=device, dtype=dt, requires_grad=True)
     gy = torch.randn(T, d, device=device, dtype=dt)
 
-    def timeit(fn, iters=10, warm=3):
+    def timeit(fn, iters=cfg.bench_iters, warm=5):
         for _ in range(warm):
             fn()
         if device == "cuda":
@@ -1180,7 +1181,8 @@ def run_bench(cfg):
     if cfg.bench_explain:
         md_x = explain_graph_breaks(cfg, device, dt)
         open(os.path.join(cfg.out_dir, "graph_breaks.md"), "w").write("\n".join(md_x) + "\n")
-    head = f"layer fwd+bwd, {name}, {dt}, T={T} d={d} d_m={d_m} c={c}, Avg-K selection, torch {torch.__version__} (ms)"
+    head = (f"layer fwd+bwd, {name}, {dt}, T={T} d={d} d_m={d_m} c={c}, Avg-K selection, torch {torch.__version__}, "
+            f"mean of {cfg.bench_iters} iterations (ms)")
     md = [head, "", "| g | b | B | Avg-K selection | masked | grouped |", "|---|---|---|---|---|---|"]
     md += [f"| {r['g']} | {r['b']} | {r['B']} | {r['select_ms']} | {r['masked_ms']} | {r['grouped_ms']} |" for r in rows]
     print("\n".join(md))
