@@ -78,7 +78,7 @@ Pipeline
 
 Run
 ---
-    python nano_prune.py                         # laptop CPU preset: trains ~4 min, full analysis
+    python nano_prune.py                         # laptop CPU preset: ~3 min training + ~1.5 min analysis
     python nano_prune.py --preset gpu            # 6 layers x 8 heads, d 256 on one GPU (default with CUDA)
     python nano_prune.py --skip_train --ckpt out_prune/ckpt.pt --out_dir out_prune2   # analyse only
     torchrun --nproc_per_node 2 nano_prune.py --preset gpu                           # DDP training
@@ -124,7 +124,7 @@ class Config:
     analysis: bool = True  # run the pruning / induction analysis after training
     stop_iter: int = 0  # stop (and checkpoint) after this iteration, keeping the max_iters schedule; 0 = off
     # --- data: synthetic in-context tasks (always) + optional natural text ---
-    dataset: str = "none"  # optional natural text mixed into training: none | shakespeare | pycode | pycode_all | a file
+    dataset: str = "none"  # optional natural text in training: none | shakespeare | pycode | pycode_all | a file
     tokenizer: str = "char"  # tokenizer of the optional natural text: char | gpt2
     data_dir: str = ""  # where the data loader looks for source files (empty: $NANO_DATA_DIR or data/)
     text_frac: float = 0.2  # fraction of each batch that is natural text (only with --dataset)
@@ -133,6 +133,8 @@ class Config:
     n_clusters: int = 4  # fixed latent clusters of content tokens in the cluster task
     task_seed: int = 0  # seed of the fixed task definitions (the cluster partition)
     rep_frac: float = 0.25  # fraction of each batch that is repeated random sequences (makes induction heads)
+    rep_frac_early: float = 0.8  # that fraction during the first rep_early of training (induction heads form sooner)
+    rep_early: float = 0.3  # fraction of max_iters that uses rep_frac_early (0 = off)
     recall_max_keys: int = 8  # a training recall episode uses 1..this many distinct keys
     # --- model ---
     n_layer: int = 4  # transformer blocks
@@ -143,9 +145,9 @@ class Config:
     # --- training ---
     batch_size: int = 32  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 2000  # optimizer steps
-    lr: float = 3e-3  # peak learning rate
-    min_lr: float = 3e-4  # final learning rate of the cosine schedule
+    max_iters: int = 2500  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # final learning rate of the cosine schedule
     warmup_iters: int = 100  # linear warmup steps
     weight_decay: float = 0.1  # AdamW weight decay (matrices and embeddings only)
     beta1: float = 0.9  # AdamW beta1
@@ -369,7 +371,7 @@ class ICLTasks:
         body = perm.gather(1, p % Ls) + self.C0
         seq = torch.cat([torch.tensor([self.BOS, self.REP]).expand(B, 2), body], 1)  # (B, T+1)
         tgt = seq[:, 1:].clone()
-        tgt[torch.arange(T)[None, :].expand(B, T) < 1 + Ls] = -100  # position i predicts seq[i+1]; repeats start at 2+Ls
+        tgt[torch.arange(T)[None, :].expand(B, T) < 1 + Ls] = -100  # i predicts seq[i+1]; repeats start at 2+Ls
         return seq[:, :T], tgt
 
     def repeated_sequences(self, n: int, L: int, g: torch.Generator, reps: int = 4):
@@ -603,9 +605,10 @@ class Batcher:
     def __init__(self, tasks: ICLTasks, cfg: Config, text_ds=None):
         self.tasks, self.cfg, self.text_ds = tasks, cfg, text_ds
 
-    def get(self, B: int, g: torch.Generator, split: str = "train"):
+    def get(self, B: int, g: torch.Generator, split: str = "train", it: int | None = None):
         cfg, T = self.cfg, self.cfg.block_size
-        n_rep = int(round(B * cfg.rep_frac))
+        early = it is not None and it < cfg.rep_early * cfg.max_iters
+        n_rep = int(round(B * (cfg.rep_frac_early if early else cfg.rep_frac)))
         n_text = int(round(B * cfg.text_frac)) if self.text_ds is not None else 0
         n_task = B - n_rep - n_text
         xs, ys = [], []
@@ -666,7 +669,6 @@ def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int
 def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: str, ptdtype, out_dir: str,
           ddp: dict, text_ds=None) -> dict:
     """nanoGPT-style loop: AdamW, warmup + cosine, clipping, accumulation, autocast, compile, DDP."""
-    from tqdm import tqdm
     master = ddp["rank"] == 0
     device_type = "cuda" if "cuda" in device else ("mps" if "mps" in device else "cpu")
     ctx = (torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -731,15 +733,15 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
     t0 = time.time()
     last_loss, tok_s, mfu = float("nan"), 0.0, None
     val_loss, accs = float("nan"), {}
-    bar = tqdm(range(step, end), initial=step, total=end, disable=not master, dynamic_ncols=True, desc="train")
-    t_last = time.time()
+    bar = _progress(range(step, end), initial=step, total=end, disable=not master, dynamic_ncols=True, desc="train")
+    t_last, step_last = time.time(), step
     for it in bar:
         lr = get_lr(it, cfg)
         for grp in optimizer.param_groups:
             grp["lr"] = lr
         loss_acc = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = batcher.get(cfg.batch_size, gen)
+            x, y = batcher.get(cfg.batch_size, gen, it=it)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = (ddp["world"] == 1 or micro == cfg.grad_accum - 1)
             with (contextlib.nullcontext() if sync else model.no_sync()):
@@ -755,12 +757,11 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step = it + 1
-        if step % 10 == 0 or step == end:
-            last_loss = float(loss_acc)  # sync point only every 10 steps
+        if step % 10 == 0 or step == end or step % cfg.eval_interval == 0:
+            last_loss = float(loss_acc)  # a host sync, so only every 10 steps
             now = time.time()
-            n_it = 10 if step % 10 == 0 else (step % 10)
-            tok_s = tokens_per_iter * n_it / max(now - t_last, 1e-9)
-            t_last = now
+            tok_s = tokens_per_iter * (step - step_last) / max(now - t_last, 1e-9)
+            t_last, step_last = now, step
             mfu = fpt * tok_s / peak if peak else None
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}",
                             mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a")
@@ -771,10 +772,11 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
                        mfu=mfu if mfu is not None else "n/a", **accs)
             with open(log_path, "a") as f:
                 f.write(",".join(_fmt(row[c]) for c in cols) + "\n")
-            tqdm.write(f"step {step}: train {last_loss:.4f} val {val_loss:.4f} | " +
-                       " ".join(f"{t[:4]}{k}={accs[f'acc_{t}_{k}']:.2f}" for t in TASKS for k in shots))
+            _write(f"step {step}: train {last_loss:.4f} val {val_loss:.4f} | " +
+                   " ".join(f"{t[:4]}{k}={accs[f'acc_{t}_{k}']:.2f}" for t in TASKS for k in shots))
             save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, gen,
                             {"elapsed_s": t_elapsed0 + time.time() - t0})
+            t_last = time.time()  # tokens/s counts training time only
     bar.close()
     elapsed = t_elapsed0 + time.time() - t0
     if master and not math.isfinite(val_loss):
@@ -783,6 +785,29 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
             "val_ppl": math.exp(val_loss) if math.isfinite(val_loss) else float("nan"),
             "tokens_per_s": tok_s, "params": raw_model.num_params(), "elapsed_s": elapsed,
             "mfu": mfu, "steps": step}
+
+
+def _progress(iterable, **kw):
+    """tqdm if installed, else a silent stand-in (the loop still prints its evaluations)."""
+    try:
+        from tqdm import tqdm
+        return tqdm(iterable, **kw)
+    except ImportError:
+        class _Bar(list):
+            def set_postfix(self, **_):
+                pass
+
+            def close(self):
+                pass
+        return _Bar(iterable)
+
+
+def _write(msg: str):
+    try:
+        from tqdm import tqdm
+        tqdm.write(msg)
+    except ImportError:
+        print(msg, flush=True)
 
 
 def _fmt(v) -> str:
@@ -1022,7 +1047,6 @@ def retained_capacity(score: np.ndarray, order: np.ndarray) -> np.ndarray:
 # The analysis: importance, pruning curves, agreement, induction heads, physical pruning
 # ----------------------------------------------------------------------------------------------
 def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx, out_dir: str) -> dict:
-    from tqdm import tqdm
     t_start = time.time()
     model.eval()
     L, H = cfg.n_layer, cfg.n_head
@@ -1121,7 +1145,7 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx, out_dir:
     rand_orders = [rng.permutation(LH) for _ in range(cfg.n_random)]
     curves = {}
     work = [(t, k) for t in TASKS for k in shots]
-    for t, k in tqdm(work, desc="pruning curves", dynamic_ncols=True):
+    for t, k in _progress(work, desc="pruning curves", dynamic_ncols=True):
         o_task, o_agg = order_heads(imp[k][t]), order_heads(agg[k])
         c = {"task": [], "aggregate": [], "reverse": [], "random": [[] for _ in rand_orders]}
         for p in pcts:
@@ -1329,7 +1353,7 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
     # 1. importance heat maps (log10) next to prefix matching and copying (paper Figs. 3, 10)
     ind = res["induction"]
     n = len(shots) + 2
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), constrained_layout=True)
     for ax, k in zip(axes, shots):
         m = np.array(res["head_importance_aggregate"][str(k)])
         im = ax.imshow(np.log10(m + 1e-12), aspect="auto", cmap="viridis")
@@ -1350,7 +1374,8 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
     hp = res["head_pruning"]
     pc = hp["percent"]
     cols = list(TASKS) + ["mean"]
-    fig, axes = plt.subplots(len(shots), len(cols), figsize=(3 * len(cols), 2.5 * len(shots)), squeeze=False)
+    fig, axes = plt.subplots(len(shots), len(cols), figsize=(3 * len(cols), 2.5 * len(shots)), squeeze=False,
+                             constrained_layout=True)
     for i, k in enumerate(shots):
         for j, t in enumerate(cols):
             ax = axes[i, j]
@@ -1376,7 +1401,7 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
     save(fig, "head_pruning.png")
 
     # 3. FFN oracle scores per layer (paper Fig. 4) and cumulative FFN pruning (paper Fig. 6)
-    fig, axes = plt.subplots(2, len(shots), figsize=(4 * len(shots), 6), squeeze=False)
+    fig, axes = plt.subplots(2, len(shots), figsize=(4 * len(shots), 6), squeeze=False, constrained_layout=True)
     w = 0.8 / len(TASKS)
     for i, k in enumerate(shots):
         ax = axes[0, i]
@@ -1399,7 +1424,7 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
 
     # 4. combined pruning grid (paper Fig. 7)
     cg = res["combined_grid"]
-    fig, axes = plt.subplots(1, len(shots), figsize=(3.6 * len(shots), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(shots), figsize=(3.6 * len(shots), 3.2), squeeze=False, constrained_layout=True)
     for ax, k in zip(axes[0], shots):
         m = np.array(cg["grids"][str(k)]["mean"])
         im = ax.imshow(m, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
@@ -1416,7 +1441,7 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
     # 5. Spearman matrices (paper Fig. 8) and the cross-shot table (paper Table 1)
     ag = res["agreement"]
     names = ag["names"]
-    fig, axes = plt.subplots(1, len(shots) + 1, figsize=(3.6 * (len(shots) + 1), 3.4))
+    fig, axes = plt.subplots(1, len(shots) + 1, figsize=(3.6 * (len(shots) + 1), 3.4), constrained_layout=True)
     for ax, k in zip(axes, shots):
         m = np.array(ag["per_shot"][str(k)]["spearman"])
         ax.imshow(m, vmin=-1, vmax=1, cmap="coolwarm")
@@ -1439,7 +1464,7 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
     save(fig, "spearman.png")
 
     # 6. prefix matching vs copying scatter + retained capacity (paper Figs. 10-11)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
     ax = axes[0]
     pm = np.array(ind["prefix_matching"]).ravel()
     cpv = np.array(ind["copying"][ind["copy_impl_shown"]]).ravel()
@@ -1472,7 +1497,8 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
     if abl:
         ns = list(abl.keys())
         keys = [f"{t}/{k}" for t in TASKS for k in shots if k > 0]
-        fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.2), squeeze=False,
+                                 constrained_layout=True)
         for ax, n_ in zip(axes[0], ns):
             a = abl[n_]["acc"]
             xs = np.arange(len(keys))
@@ -1482,9 +1508,11 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
             ax.bar(xs + 0.27, [a[q]["top_induction"] for q in keys], 0.27,
                    label=f"top-{n_} prefix-matching heads removed", color="tab:red")
             ax.set_xticks(xs, keys, rotation=60, fontsize=7)
-            ax.set_ylim(0, 1.05)
-            ax.set_title(", ".join(abl[n_]["heads"]), fontsize=8)
-            ax.legend(fontsize=6)
+            ax.set_ylim(0, 1.35)
+            ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+            ax.set_ylabel("accuracy")
+            ax.set_title("removed: " + ", ".join(abl[n_]["heads"]), fontsize=8)
+            ax.legend(fontsize=6, loc="upper center", ncol=2)
         save(fig, "ablation.png")
 
     # 8. training curve
@@ -1494,7 +1522,7 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
             hdr, data = rows[0], rows[1:]
             col = {h: i for i, h in enumerate(hdr)}
             step = [float(r[col["step"]]) for r in data]
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3), constrained_layout=True)
             axes[0].plot(step, [float(r[col["train_loss"]]) for r in data], label="train")
             axes[0].plot(step, [float(r[col["val_loss"]]) for r in data], label="val")
             axes[0].set_xlabel("step"), axes[0].set_ylabel("loss on answers"), axes[0].legend()
@@ -1545,8 +1573,11 @@ def validate(cfg: Config, device: str):
                          f"{max(shots)} shots; use at least {max(2 * cfg.n_clusters, 8, 2 * max(shots) + 2)}")
     if cfg.n_labels < cfg.n_clusters or cfg.n_clusters < 1:
         raise UsageError(f"--n_labels {cfg.n_labels} must be >= --n_clusters {cfg.n_clusters} >= 1")
-    if not 0 <= cfg.rep_frac < 1 or not 0 <= cfg.text_frac < 1 or cfg.rep_frac + cfg.text_frac >= 1:
-        raise UsageError("--rep_frac and --text_frac must be in [0, 1) and sum to less than 1")
+    text = cfg.text_frac if cfg.dataset != "none" else 0.0
+    if not 0 <= cfg.text_frac < 1 or max(cfg.rep_frac, cfg.rep_frac_early) + text >= 1 or \
+            min(cfg.rep_frac, cfg.rep_frac_early) < 0:
+        raise UsageError("--rep_frac, --rep_frac_early and --text_frac must be in [0, 1) and each rep "
+                         "fraction plus the text fraction must stay below 1")
     for name in ("batch_size", "grad_accum", "eval_iters", "n_eval", "n_imp", "n_dev", "n_random",
                  "n_prefix_seq", "analysis_batch", "speed_batch", "eval_interval"):
         if getattr(cfg, name) < 1:
@@ -1694,8 +1725,11 @@ def main(argv=None):
         print(f"stopped at step {final['steps']} (--stop_iter); resume with --resume")
     elif cfg.analysis:
         results.update(analyse(model, tasks, cfg, device, ctx, out_dir))
-        paths = plot_all(results, out_dir, os.path.join(out_dir, "log.csv"))
-        print("figures: " + ", ".join(os.path.basename(p) for p in paths))
+        try:
+            paths = plot_all(results, out_dir, os.path.join(out_dir, "log.csv"))
+            print("figures: " + ", ".join(os.path.basename(p) for p in paths))
+        except ImportError:
+            print("note: matplotlib is not installed, no figures (pip install matplotlib)")
     results["total_elapsed_s"] = time.time() - t0
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=_json_default)
