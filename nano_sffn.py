@@ -8,7 +8,7 @@ method Avg-K, and every selector it compares.
 
 The idea
 --------
-A transformer FFN is a key-value memory (Sec. 2 of the paper): with keys
+A transformer FFN is a key-value memory (the paper's unified view): with keys
 K = W1 (d_m x d) and values V = W2^T (d_m x d),
 
     FFN(x) = f(x K^T) V = sum_{i=1..d_m} f(x . k_i) v_i          (memory cells i)
@@ -57,7 +57,7 @@ Two exact compute paths (`--impl`):
 Run it
 ------
     python nano_sffn.py --selector avgk                # laptop CPU, ~5 min, char Shakespeare
-    python nano_sffn.py --preset gpu --selector avgk --g 256   # one H100 (brief Sec. 6 miniature)
+    python nano_sffn.py --preset gpu --selector avgk --g 256   # one H100 (8L/512d miniature)
     python nano_sffn.py --compare dense,switch:2048,hash:2048,avgk:256,avgk:64 --max_iters 300
     python nano_sffn.py --bench --device cuda          # layer fwd+bwd timings (masked vs grouped)
     torchrun --nproc_per_node 8 nano_sffn.py --preset gpu   # DDP
@@ -109,9 +109,9 @@ class Config:
     n_embd: int = 128               # model width d
     block_size: int = 128           # context length
     d_ff: int = 512                 # active cells c per token (= the dense baseline's FFN width); 0 -> 4*n_embd
-    # --- sparse FFN (Sec. 2 of the paper)
+    # --- sparse FFN (unified view: d_m cells in blocks of g, b blocks per token)
     selector: str = "avgk"          # dense | avgk | vanillam | switch | topk | base | hash | pkm
-    d_m: int = 4096                 # memory size (cells per sparse layer); 0 -> 8*d_ff
+    d_m: int = 2048                 # memory size (cells per sparse layer); 0 -> 8*d_ff
     g: int = 64                     # cells per memory block (block size); 0 -> d_ff (one block per token)
     b: int = 0                      # blocks selected per token; 0 -> d_ff // g (keeps c = d_ff)
     sffn_every: int = 2             # sparse FFN in layers i with i % sffn_every == sffn_every-1 (1 = every layer, 2 = every other)
@@ -152,11 +152,11 @@ class Config:
 
 
 PRESETS = {
-    # laptop CPU, a few minutes: char Shakespeare, 4 layers, 2 sparse layers of 8x memory
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, d_ff=512, d_m=4096, g=64,
+    # laptop CPU, a few minutes: char Shakespeare, 4 layers, 2 sparse layers of 4x memory (d_m = 4c)
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, d_ff=512, d_m=2048, g=64,
                 batch_size=16, max_iters=600, lr=2e-3, min_lr=2e-4, warmup_iters=60,
                 eval_interval=100, eval_iters=10),
-    # one H100, the brief's Sec. 6 miniature: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048
+    # one H100, a miniature of the paper's setup: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, d_ff=2048, d_m=16384, g=256,
                 batch_size=32, max_iters=6000, lr=1e-3, min_lr=1e-4, warmup_iters=400,
                 eval_interval=500, eval_iters=20, dataset="pycode", tokenizer="gpt2", pkm_knn=64),
@@ -198,7 +198,7 @@ def native_grouped_ok(device_type: str, dtype: torch.dtype, d: int, g: int, B: i
     if device_type == "cpu":
         return aligned and dtype in (torch.float32, torch.bfloat16, torch.float16)
     if device_type == "cuda":
-        # bf16 only (SM80+), at most 1023 groups per call (brief Sec. 5.7)
+        # bf16 only (SM80+), at most 1023 groups per call (torch 2.11, H100)
         return aligned and dtype == torch.bfloat16 and B <= 1023
     return False
 
@@ -235,9 +235,9 @@ def compute_dtype(x):
     return x.dtype
 
 
-# ----------------------------------------------------------------------------- the FFN as a memory (Sec. 2)
+# ----------------------------------------------------------------------------- the FFN as a key-value memory
 class DenseFFN(nn.Module):
-    """The dense baseline: FFN(x) = f(x K^T) V with d_ff = c cells (Sec. 2, Eq. 1).
+    """The dense baseline: FFN(x) = f(x K^T) V with d_ff = c cells.
 
     K = W1 (c, d), V = W2^T (c, d): the same parameter names as the sparse layer,
     so `avgk` with b = B is this module with d_ff = d_m (tested)."""
@@ -255,7 +255,7 @@ class DenseFFN(nn.Module):
 
 
 class SparseFFN(nn.Module):
-    """S-FFN over d_m cells in B = d_m/g blocks; a selector picks b blocks per token (Sec. 2-3).
+    """S-FFN over d_m cells in B = d_m/g blocks; a selector picks b blocks per token.
 
     route(x, idx, ids)  -> block ids (N, b), weights w (N, b) or None, aux loss, pre-activations or None
     forward(x, idx, ids)-> y (N, d), aux.  Pass `ids` to hold the selection fixed (gradcheck, tests)."""
@@ -288,7 +288,7 @@ class SparseFFN(nn.Module):
         w, aux, pre = None, x.new_zeros(()), None
         sel = self.selector
         if sel == "avgk":
-            # Sec. 3 (Avg-K): e_beta = (1/g) sum_{i in beta} k_i -- derived from K, no params, no gradient
+            # Avg-K (the paper's method): e_beta = (1/g) sum_{i in beta} k_i -- derived from K, no params, no gradient
             with torch.no_grad():
                 e = self.K.view(B, g, -1).mean(1)                        # (B, d)
             # s_beta(x) = x . e_beta  (= mean pre-activation of block beta)
@@ -392,7 +392,7 @@ class SparseFFN(nn.Module):
     def use_grouped(self, device_type, dtype, d):
         if self.impl in ("grouped", "masked"):
             return self.impl == "grouped"
-        # auto: grouped only where it was measured faster: CUDA, native grouped GEMM, g >= 128 (brief Sec. 5.7)
+        # auto: grouped only where it was measured faster: CUDA, native grouped GEMM, g >= 128 (see --bench)
         return device_type == "cuda" and self.g >= 128 and native_grouped_ok("cuda", dtype, d, self.g, self.B)
 
     def forward(self, x, idx=None, ids=None):  # x (N, d)
@@ -419,7 +419,7 @@ class ProductKeyMemory(nn.Module):
         self.b = self.H * self.k
         self.B, self.g = self.N, 1
         self.W_q = nn.Linear(d, self.H * self.dq, bias=False)
-        self.bn = nn.BatchNorm1d(self.H * self.dq)                       # query BatchNorm (Lample et al. Sec. 3.2)
+        self.bn = nn.BatchNorm1d(self.H * self.dq)                       # query BatchNorm (Lample et al. 2019)
         self.subkeys = nn.Parameter(torch.randn(self.H, 2, self.n, self.dq // 2) / math.sqrt(self.dq // 2))
         self.V = nn.Parameter(torch.randn(self.N, d) * 0.02 / math.sqrt(2 * cfg.n_layer))
         self.track, self.stats = False, []
@@ -501,7 +501,7 @@ class Block(nn.Module):
     def forward(self, x, idx):  # x (B, T, C), idx (B, T) token ids (Hash routes on them)
         x = x + self.attn(self.ln_1(x))
         Bs, T, C = x.shape
-        # pre-LN: the FFN input is x = LN(h) (brief Sec. 1.5)
+        # pre-LN: the FFN input is x = LN(h)
         y, aux = self.ffn(self.ln_2(x).view(Bs * T, C), idx)
         return x + y.view(Bs, T, C).to(x.dtype), aux
 
@@ -553,7 +553,7 @@ class GPT(nn.Module):
         return idx
 
 
-# ----------------------------------------------------------------------------- FLOPs and parameters (brief Sec. 1.4)
+# ----------------------------------------------------------------------------- FLOPs and parameters per layer
 def layer_flops(cfg: Config, selector: str):
     """Per token, forward, multiply-add = 2 FLOPs: (cells FLOPs, selection overhead, params) of one FFN layer."""
     d, c, d_m, g = cfg.n_embd, cfg.d_ff, cfg.d_m, cfg.g
@@ -608,7 +608,7 @@ def format_flop_table(cfg, rows, total):
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- routing health (brief Sec. 6)
+# ----------------------------------------------------------------------------- routing health
 def routing_health(layer, tokens_per_call):
     """From the block ids seen during one eval: usage entropy / log B, dead fraction, max/mean load, overflow@cf."""
     if not layer.stats:
@@ -1124,7 +1124,7 @@ def run_compare(cfg):
     return table
 
 
-# ----------------------------------------------------------------------------- benchmark (brief Sec. 5.7)
+# ----------------------------------------------------------------------------- benchmark
 def run_bench(cfg):
     """Layer forward+backward time: dense FFN of width c vs Avg-K S-FFN on the masked and grouped paths."""
     device = pick_device(cfg.device)

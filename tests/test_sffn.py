@@ -105,7 +105,7 @@ def test_gradcheck_fixed_selection(selector, impl):
     idx = torch.randint(0, 11, (5,))
     with torch.no_grad():
         ids = layer.route(x, idx)[0]
-    # Avg-K's softmax weights use e = mean(K) under stop-gradient (by design, Sec. 3): K is held fixed there
+    # Avg-K's softmax weights use e = mean(K) under stop-gradient (Avg-K's definition): K is held fixed there
     names = [n for n, _ in layer.named_parameters() if not (extra and n == "K")]
     params = [layer.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
 
@@ -346,4 +346,4 @@ def test_flop_table_matches_brief():
     cfg = S.finalize_config(S.Config(selector="avgk", n_embd=512, n_head=8, n_layer=8, d_ff=2048, d_m=16384, g=256))
     cells, over, params = S.layer_flops(cfg, "avgk")
     assert cells == 4 * 512 * 2048 and over == 2 * 512 * 64 and params == 2 * 512 * 16384
-    assert over / cells == pytest.approx((16384 / 2048) / (2 * 256))   # brief Sec. 1.3: (d_m/c)/(2g) = 1.6%
+    assert over / cells == pytest.approx((16384 / 2048) / (2 * 256))   # (d_m/c)/(2g) = 1.6%
