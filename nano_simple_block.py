@@ -224,9 +224,10 @@ class RMSNorm(nn.Module):
 
 
 def cummean(v, how="cumsum"):
-    """C @ v for the causal uniform matrix C (C_ij = 1/i for j <= i, rows 1-indexed), in >= float32.
+    """C @ v for the causal uniform matrix C (C_ij = 1/i for j <= i, rows 1-indexed), along dim -2.
 
-    v: (B, H, T, d_h) -> (B, H, T, d_h) in float32 (float64 stays float64)."""
+    v: (..., T, C) -> (..., T, C) in float32 (float64 stays float64). "cumsum": a float32 cumulative sum;
+    "matmul": tril(ones) @ v on the tensor cores (float32 accumulation, the sum rounded once to v.dtype)."""
     T = v.size(-2)
     acc = torch.promote_types(v.dtype, torch.float32)
     n = torch.arange(1, T + 1, device=v.device, dtype=acc).view(T, 1)  # (T, 1): i = 1..T
@@ -350,13 +351,17 @@ class Attention(nn.Module):
             A = b * self.softmax_matrix(q, k) + a * eye - c * causal_uniform(T, q.device, q.dtype)  # (B, H, T, T)
             return A @ v
         # Sec. 6.1: (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma cummean(V); no T x T matrix.
-        # The three terms are combined in float32 and rounded once; torch.compile fuses this into one kernel.
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
+        # The terms are combined in float32 and rounded once, in the (B, T, H, d_h) layout, where the heads are a
+        # view of the channels (for SAS, V is the normalised input itself); torch.compile fuses this into one kernel.
+        B, H, T, dh = v.shape
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # (B, T, H, dh)
+        v_t = v.transpose(1, 2)  # (B, T, H, dh)
         acc = torch.promote_types(v.dtype, torch.float32)
-        y = b * o.to(acc) + a * v.to(acc)
+        a, b, c = a.view(-1, 1), b.view(-1, 1), c.view(-1, 1)  # (H or 1, 1): broadcast over (B, T, H, dh)
+        y = b * o.to(acc) + a * v_t.to(acc)
         if self.matrix == "shaped":
-            y = y - c * cummean(v, self.cummean_how)
-        return y.to(v.dtype)
+            y = y - c * cummean(v_t.reshape(B, T, H * dh), self.cummean_how).view(B, T, H, dh)
+        return y.to(v.dtype).transpose(1, 2)  # (B, H, T, dh)
 
 
 class MLP(nn.Module):
@@ -933,7 +938,18 @@ def run_bench(cfg, device):
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen).to(device)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(step, n):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        return 1000 * (time.perf_counter() - t0) / n
+
     models = {}
+    if cfg.profile and os.path.exists(os.path.join(cfg.out_dir, "profile.txt")):
+        os.remove(os.path.join(cfg.out_dir, "profile.txt"))
     for label, c in entries:
         torch.manual_seed(cfg.seed)
         model = GPT(c).to(device)
@@ -953,19 +969,28 @@ def run_bench(cfg, device):
         for _ in range(cfg.bench_warmup):
             step()
         sync()
-        models[label] = {"step": step, "params": count_params(model), "warmup_s": time.time() - t0,
-                         "compiled": compiled, "ms": [], "fpt": flops_per_token(model, c)}
-        print(f"bench {label}: {models[label]['params'] / 1e6:.2f}M params, warm-up {models[label]['warmup_s']:.1f}s",
-              flush=True)
-    for r in range(cfg.bench_rounds):
-        for label, m in models.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(cfg.bench_iters):
-                m["step"]()
-            sync()
-            m["ms"].append(1000 * (time.perf_counter() - t0) / cfg.bench_iters)
-    base_label = next((lab for lab, c in entries if c.block == "preln" and lab == "preln"), entries[0][0])
+        m = models[label] = {"step": step, "params": count_params(model), "warmup_s": time.time() - t0,
+                             "compiled": compiled, "ms": [], "fpt": flops_per_token(model, c)}
+        print(f"bench {label}: {m['params'] / 1e6:.2f}M params, warm-up {m['warmup_s']:.1f}s, "
+              f"first timing {timed(step, cfg.bench_iters):.2f} ms/step", flush=True)
+        if cfg.profile:
+            try:
+                profile_steps(step, label, cfg.out_dir, device)
+            except Exception as e:  # the profiler is a diagnostic: never lose the timings to it
+                print(f"profile of {label} failed: {e!r}", file=sys.stderr)
+    for r in range(cfg.bench_rounds):  # interleaved rounds: clock drift hits every block alike
+        for m in models.values():
+            m["ms"].append(timed(m["step"], cfg.bench_iters))
+        print(f"round {r}: " + ", ".join(f"{lab} {m['ms'][-1]:.2f} ms" for lab, m in models.items()), flush=True)
+        table = write_bench_table(cfg, entries, models, device, dtype)
+    print(open(os.path.join(cfg.out_dir, "bench.md")).read())
+    return table
+
+
+def write_bench_table(cfg, entries, models, device, dtype):
+    """bench.md / bench.json: ms/step (best round), tokens/s, speed and parameters relative to the first preln."""
+    B, T = cfg.batch_size, cfg.block_size
+    base_label = next((lab for lab, c in entries if lab == "preln"), entries[0][0])
     peak = peak_flops(device)
     table = []
     for label, m in models.items():
@@ -981,22 +1006,17 @@ def run_bench(cfg, device):
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     head = (f"device {dev_name}, torch {torch.__version__}, dtype {dtype}, compile {table[0]['compiled']} "
             f"({cfg.compile_mode}), L {cfg.n_layer}, d {cfg.n_embd}, H {cfg.n_head}, T {T}, B {B}, "
-            f"vocab {cfg.vocab_size}; best of {cfg.bench_rounds} rounds x {cfg.bench_iters} steps")
+            f"vocab {cfg.vocab_size}; best of {len(table[0]['ms_rounds'])} rounds x {cfg.bench_iters} steps")
     lines = [head, "", f"| block | params | vs {base_label} | ms/step | tokens/s | speed vs {base_label} | MFU |",
              "|---|---|---|---|---|---|---|"]
     for r in table:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         lines.append(f"| {r['block']} | {r['params'] / 1e6:.2f}M | {100 * r['params_vs_base']:+.1f}% | "
                      f"{r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {r['speed_vs_base']:.3f}x | {mfu} |")
-    text = "\n".join(lines)
-    print(text)
     with open(os.path.join(cfg.out_dir, "bench.md"), "w") as f:
-        f.write(text + "\n")
+        f.write("\n".join(lines) + "\n")
     write_json({"script": "nano_simple_block.py", "header": head, "config": dataclasses.asdict(cfg),
                 "table": table}, os.path.join(cfg.out_dir, "bench.json"))
-    if cfg.profile:
-        for label, m in models.items():
-            profile_steps(m["step"], label, cfg.out_dir, device)
     return table
 
 
@@ -1025,8 +1045,12 @@ def profile_steps(step, label, out_dir, device, n=3):
             cat = "matmul"
         elif "flash" in k or "fmha" in k or "attention" in k:
             cat = "attention"
+        elif k.startswith("triton_poi"):
+            cat = "triton pointwise"
+        elif k.startswith("triton_red") or k.startswith("triton_per"):
+            cat = "triton reductions (norms, gain grads, loss)"
         elif k.startswith("triton"):
-            cat = "triton (fused elementwise/reductions)"
+            cat = "triton other (scans, templates)"
         elif "adam" in k or "foreach" in k or "multi_tensor" in k:
             cat = "optimizer / grad clip"
         else:
@@ -1043,8 +1067,8 @@ def profile_steps(step, label, out_dir, device, n=3):
         lines.append(f"{t / 1000 / n:8.3f} {cnt / n:6.0f}  {key}")
     text = "\n".join(lines)
     print(text)
-    with open(os.path.join(out_dir, f"profile_{label.replace(':', '_').replace('=', '-')}.txt"), "w") as f:
-        f.write(text + "\n")
+    with open(os.path.join(out_dir, "profile.txt"), "a") as f:  # one file, a section per block
+        f.write(text + "\n\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
