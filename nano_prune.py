@@ -171,7 +171,7 @@ class Config:
     n_prefix_seq: int = 50  # random sequences for the prefix-matching and copying scores
     prefix_len: int = 25  # length L of the repeated segment (capped so 2 + 4L fits the context)
     copy_impl: str = "olsson"  # copying score shown in the figures: olsson | official | eigen (all are saved)
-    ablate_n: str = "1,2,4"  # numbers of top induction heads (and random heads) to remove
+    ablate_n: str = "1,2,4,8"  # numbers of top prefix-matching heads (vs as many random heads) to remove
     analysis_batch: int = 256  # prompts per forward pass in the analysis
     speed_batch: int = 64  # batch of full-length sequences for the physical-pruning speed test
 
@@ -1256,7 +1256,8 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx, out_dir:
     # --- 10. extension (not in the paper): remove the top-n prefix-matching heads vs n random heads
     abl = {}
     n_rand = max(cfg.n_random, 5)
-    for n in [v for v in parse_ints(cfg.ablate_n, "ablate_n") if 0 < v < LH]:
+    n_ind = int((prefix >= 0.5).sum())  # every head with prefix-matching score >= 0.5
+    for n in sorted({v for v in parse_ints(cfg.ablate_n, "ablate_n") + [n_ind] if 0 < v < LH}):
         hm_top = mask_from_order(top_prefix, n, L, H)
         row = {}
         for t in TASKS:
@@ -1264,7 +1265,8 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx, out_dir:
                 rs = [acc(t, k, mask_from_order(rng.permutation(LH), n, L, H)) for _ in range(n_rand)]
                 row[f"{t}/{k}"] = {"full": full[t][k], "top_induction": acc(t, k, hm_top),
                                    "random_mean": float(np.mean(rs)), "random_std": float(np.std(rs))}
-        abl[str(n)] = {"heads": [f"L{i // H}H{i % H}" for i in top_prefix[:n]], "acc": row}
+        abl[str(n)] = {"heads": [f"L{i // H}H{i % H}" for i in top_prefix[:n]], "acc": row,
+                       "all_prefix_ge_0.5": n == n_ind}
     res["induction_ablation"] = abl
 
     # --- 11. physical pruning: the sliced model equals the masked one; measured vs ideal speed-up
@@ -1497,9 +1499,12 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
     if abl:
         ns = list(abl.keys())
         keys = [f"{t}/{k}" for t in TASKS for k in shots if k > 0]
-        fig, axes = plt.subplots(1, len(ns), figsize=(4.5 * len(ns), 3.2), squeeze=False,
-                                 constrained_layout=True)
-        for ax, n_ in zip(axes[0], ns):
+        nc = min(3, len(ns))
+        nr = (len(ns) + nc - 1) // nc
+        fig, axes = plt.subplots(nr, nc, figsize=(5 * nc, 3.4 * nr), squeeze=False, constrained_layout=True)
+        for ax in axes.flat[len(ns):]:
+            ax.axis("off")
+        for ax, n_ in zip(axes.flat, ns):
             a = abl[n_]["acc"]
             xs = np.arange(len(keys))
             ax.bar(xs - 0.27, [a[q]["full"] for q in keys], 0.27, label="full model", color="lightgray")
@@ -1511,7 +1516,9 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
             ax.set_ylim(0, 1.35)
             ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
             ax.set_ylabel("accuracy")
-            ax.set_title("removed: " + ", ".join(abl[n_]["heads"]), fontsize=8)
+            tag = " (= all with prefix score >= 0.5)" if abl[n_].get("all_prefix_ge_0.5") else ""
+            heads = abl[n_]["heads"]
+            ax.set_title(f"top-{n_}{tag}: " + ", ".join(heads[:8]) + (" ..." if len(heads) > 8 else ""), fontsize=8)
             ax.legend(fontsize=6, loc="upper center", ncol=2)
         save(fig, "ablation.png")
 
