@@ -200,7 +200,7 @@ def test_ffn_gate_zero_skips_the_whole_sublayer():
 
 def test_prefix_matching_perfect_pattern_and_uniform():
     tasks = npr.ICLTasks(32, 8, 4, 0)
-    L = 7
+    L = 25
     ids = tasks.repeated_sequences(3, L, torch.Generator().manual_seed(0))  # [BOS][REP] s s s s
     n, T = ids.shape
     att = torch.zeros(n, 2, T, T)
@@ -213,7 +213,7 @@ def test_prefix_matching_perfect_pattern_and_uniform():
         att[:, 1, j, :j + 1] = 1.0 / (j + 1)  # head 1: uniform causal attention
     s = npr.prefix_matching_score(att, ids, 2 + L)
     assert s[0].item() == pytest.approx(1.0)
-    assert s[1].item() < 0.15
+    assert s[1].item() < 0.06
     # a previous-token head is not an induction head
     prev = torch.zeros(n, 1, T, T)
     prev[:, 0, 0, 0] = 1
@@ -345,7 +345,8 @@ def _run(argv):
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "o"
     for argv in (["--n_embd", "30", "--n_head", "4"], ["--skip_train", "--ckpt", str(tmp_path / "nope.pt")],
-                 ["--block_size", "8"], ["--shots", "0,x"], ["--resume"]):
+                 ["--block_size", "8"], ["--shots", "0,x"], ["--resume"], ["--abs_per", "row"],
+                 ["--n_layer", "two"]):
         with pytest.raises(SystemExit) as e:
             _run(argv + ["--out_dir", str(out), "--device", "cpu"])
         assert e.value.code == 2
