@@ -1066,7 +1066,7 @@ def plot_compare(out_dir, runs):
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in runs:
         ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label=name, marker=".")
-    ax.set_xlabel("step"), ax.set_ylabel("val loss"), ax.set_title("val loss at equal active FLOPs"), ax.legend(fontsize=8)
+    ax.set_xlabel("step"), ax.set_ylabel("val loss"), ax.set_title("val loss (same seed, same data order)"), ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(os.path.join(out_dir, "compare_val_loss.png"), dpi=120), plt.close(fig)
 
 
