@@ -688,8 +688,16 @@ def finalize_config(cfg: Config, device_type: str = "cpu") -> Config:
 
 
 # ----------------------------------------------------------------------------- command line
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="nano_sffn.py: unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)",
+    p = OneLineParser(description="nano_sffn.py: unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)",
                                 argument_default=argparse.SUPPRESS)
     comments = _field_comments()
     for f in dataclasses.fields(Config):

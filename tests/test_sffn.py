@@ -271,6 +271,8 @@ def _run_main(argv):
     ["--impl", "fast"],
     ["--preset", "huge"],
     ["--dataset", "/nonexistent/file.txt"],
+    ["--no_such_flag"],
+    ["--g", "notanint"],
 ])
 def test_bad_input_exits_2(argv, tmp_path, capsys):
     out = tmp_path / "out"
