@@ -265,7 +265,7 @@ class SparseFFN(nn.Module):
         d, self.d_m, self.g, self.b = cfg.n_embd, cfg.d_m, cfg.g, cfg.b
         self.B = self.d_m // self.g
         self.selector, self.impl, self.agg = cfg.selector, cfg.impl, cfg.vanillam_agg
-        self.act, self.act_name = activation_fn(cfg.activation), cfg.activation
+        self.act = activation_fn(cfg.activation)                      # f: GeLU or ReLU
         self.alpha, self.cf, self.base_iters, self.avgk_weight = cfg.aux_alpha, cfg.capacity_factor, cfg.base_iters, cfg.avgk_weight
         # the memory: K (d_m, d), V (d_m, d); block beta = rows [beta*g, (beta+1)*g)
         self.K = nn.Parameter(torch.randn(self.d_m, d) * 0.02)
@@ -609,7 +609,7 @@ def format_flop_table(cfg, rows, total):
 
 
 # ----------------------------------------------------------------------------- routing health
-def routing_health(layer, tokens_per_call):
+def routing_health(layer):
     """From the block ids seen during one eval: usage entropy / log B, dead fraction, max/mean load, overflow@cf."""
     if not layer.stats:
         return {}
@@ -898,7 +898,7 @@ def train(cfg: Config, ds=None, quiet=False):
         health = {}
         for i, l in raw.sparse_layers():
             l.track = False
-            for k, v in routing_health(l, cfg.batch_size * cfg.block_size).items():
+            for k, v in routing_health(l).items():
                 health[f"L{i}_{k}"] = v
         raw.train()
         return out, health
