@@ -58,8 +58,9 @@ Run it
 ------
     python nano_sffn.py --selector avgk                # laptop CPU, ~5 min, char Shakespeare
     python nano_sffn.py --preset gpu --selector avgk --g 256   # one H100 (8L/512d miniature)
-    python nano_sffn.py --compare dense,switch:2048,hash:2048,avgk:256,avgk:64 --max_iters 300
-    python nano_sffn.py --bench --device cuda          # layer fwd+bwd timings (masked vs grouped)
+    python nano_sffn.py --compare dense,switch:512,hash:512,avgk:64 --max_iters 300       # CPU, sel:g
+    python nano_sffn.py --preset gpu --compare dense,switch:2048,hash:2048,topk:256,avgk:256,avgk:64,vanillam:64
+    python nano_sffn.py --bench --device cuda          # layer fwd+bwd timings, dense vs masked vs grouped
     torchrun --nproc_per_node 8 nano_sffn.py --preset gpu   # DDP
     python -m pytest -q tests/test_sffn.py             # CPU tests
 """
