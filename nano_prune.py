@@ -1176,6 +1176,16 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx, out_dir:
         curves[f"{t}/{k}"] = c
     res["head_pruning"] = {"percent": pcts, "curves": curves}
 
+    # --- 4b. cross-task transfer (paper Sec. 6.1.2): prune task A with task B's ranking, or the aggregate's
+    tp = [10, 30, 50, 70, 90]
+    transfer = {}
+    for k in shots:
+        for t in TASKS:
+            transfer[f"{t}/{k}"] = {src: [acc(t, k, mask_from_order(order_heads(agg[k] if src == "aggregate"
+                                                                              else imp[k][src]), n_of(p), L, H))
+                                          for p in tp] for src in TASKS + ("aggregate",)}
+    res["transfer_pruning"] = {"percent": tp, "acc": transfer}
+
     # --- 5. FFN pruning, cumulative in oracle order (most negative score first), and a random control
     ffn_curves = {}
     for t in TASKS:
@@ -1445,6 +1455,24 @@ def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
         ax.set_title(f"mean accuracy, {k}-shot", fontsize=9)
     fig.colorbar(im, ax=axes[0, -1], fraction=0.046)
     save(fig, "grid.png")
+
+    # 4b. cross-task transfer at transfer_pct heads pruned: rows = evaluated task, columns = whose ranking
+    tr = res["transfer_pruning"]
+    srcs = list(TASKS) + ["aggregate"]
+    fig, axes = plt.subplots(1, len(shots), figsize=(3.8 * len(shots), 3.2), squeeze=False, constrained_layout=True)
+    for ax, k in zip(axes[0], shots):
+        i70 = tr["percent"].index(70)
+        m = np.array([[tr["acc"][f"{t}/{k}"][s_][i70] for s_ in srcs] for t in TASKS])
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="RdYlGn")
+        for a_ in range(m.shape[0]):
+            for b_ in range(m.shape[1]):
+                ax.text(b_, a_, f"{m[a_, b_]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(srcs)), srcs, rotation=45, fontsize=7)
+        ax.set_yticks(range(len(TASKS)), TASKS, fontsize=7)
+        ax.set_xlabel("ranking taken from"), ax.set_ylabel("task evaluated")
+        ax.set_title(f"accuracy at 70% heads pruned, {k}-shot", fontsize=9)
+    fig.colorbar(im, ax=axes[0, -1], fraction=0.046)
+    save(fig, "transfer.png")
 
     # 5. Spearman matrices (paper Fig. 8) and the cross-shot table (paper Table 1)
     ag = res["agreement"]

@@ -387,8 +387,9 @@ def test_smoke_main_end_to_end(tmp_path):
     assert np.array(res["head_importance"]["5"]["recall"]).shape == (2, 2)
     assert len(res["head_pruning"]["curves"]["copy/1"]["task_rescored"]) == 10
     assert all(p["max_abs_logit_diff"] < 1e-4 for p in res["physical_pruning"])
+    assert set(res["transfer_pruning"]["acc"]["recall/5"]) == set(npr.TASKS) | {"aggregate"}
     for f in ("config.json", "log.csv", "ckpt.pt", "importance.png", "head_pruning.png", "ffn.png", "grid.png",
-              "spearman.png", "induction.png", "ablation.png"):
+              "spearman.png", "induction.png", "ablation.png", "transfer.png"):
         assert os.path.exists(os.path.join(out, f)), f
     # analyse the saved checkpoint again without training
     out2 = str(tmp_path / "again")
