@@ -148,6 +148,8 @@ class Config:
     cummean: str = _f("auto", "C @ V: cumsum (float32 scan), matmul (tril(ones) @ V on tensor cores, float32 accumulation, "
                               "sum rounded to bf16), auto (matmul for bf16/fp16 CUDA tensors, else cumsum)",
                       ("auto", "cumsum", "matmul"))
+    epilogue: str = _f("torch", "shaped-attention epilogue: torch (compiled PyTorch ops) or triton (hand-written fused "
+                                "forward/backward kernels; CUDA, T <= 512)", ("torch", "triton"))
     # --- data
     dataset: str = _f("pycode", "shakespeare | pycode (Python stdlib, offline; the paper trains on Python code) | "
                                 "pycode_all | path to a text file")
@@ -247,6 +249,125 @@ def causal_uniform(T, device=None, dtype=None):
     return torch.ones(T, T, device=device, dtype=dtype).tril() / n
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Optional fast path (--epilogue triton, CUDA only): the shaped-attention epilogue
+#     y = beta_h * O + alpha_h * V - gamma_h * cummean(V)
+# and its backward as two hand-written Triton kernels, one program per (batch, head, d_h tile), the cumulative sums
+# in float32 registers. The backward writes dO, dV and per-program partial sums of the gains' gradients in one pass:
+#     dO = beta_h g,   dV = alpha_h g - gamma_h C^T g,   d alpha_h = sum g V,  d beta_h = sum g O,  d gamma_h = -sum g CV
+# where (C^T g)_s = sum_{t >= s} g_t / t. Registered as torch.library custom ops, so torch.compile treats them as
+# opaque kernels; the tests check them against the PyTorch path (Triton's CPU interpreter, TRITON_INTERPRET=1).
+
+_EPILOGUE_OPS = {}
+
+
+def triton_epilogue_ops():
+    """Build (once) and return the Triton epilogue custom op; None where Triton or torch.library.custom_op is missing."""
+    if "op" in _EPILOGUE_OPS:
+        return _EPILOGUE_OPS["op"]
+    _EPILOGUE_OPS["op"] = None
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    if not hasattr(torch.library, "custom_op"):
+        return None
+
+    @triton.jit
+    def _fwd(O, V, Y, A, Bt, C, H, T, DH, so_b, so_t, so_h, sv_b, sv_t, sv_h, sy_b, sy_t, sy_h,
+             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid, pd = tl.program_id(0), tl.program_id(1)
+        bi, hi = pid // H, pid % H
+        t = tl.arange(0, BLOCK_T)
+        dd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = (t[:, None] < T) & (dd[None, :] < DH)
+        o = tl.load(O + bi * so_b + hi * so_h + t[:, None] * so_t + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(V + bi * sv_b + hi * sv_h + t[:, None] * sv_t + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+        a, b, c = tl.load(A + hi), tl.load(Bt + hi), tl.load(C + hi)
+        n = (t + 1).to(tl.float32)
+        cm = tl.cumsum(v, axis=0) / n[:, None]  # C V, float32
+        y = b * o + a * v - c * cm
+        tl.store(Y + bi * sy_b + hi * sy_h + t[:, None] * sy_t + dd[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bwd(G, O, V, DO, DV, A, Bt, C, PA, PB, PC, H, T, DH, sg_b, sg_t, sg_h, so_b, so_t, so_h,
+             sv_b, sv_t, sv_h, sy_b, sy_t, sy_h, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid, pd = tl.program_id(0), tl.program_id(1)
+        bi, hi = pid // H, pid % H
+        t = tl.arange(0, BLOCK_T)
+        dd = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = (t[:, None] < T) & (dd[None, :] < DH)
+        g = tl.load(G + bi * sg_b + hi * sg_h + t[:, None] * sg_t + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(O + bi * so_b + hi * so_h + t[:, None] * so_t + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(V + bi * sv_b + hi * sv_h + t[:, None] * sv_t + dd[None, :], mask=mask, other=0.0).to(tl.float32)
+        a, b, c = tl.load(A + hi), tl.load(Bt + hi), tl.load(C + hi)
+        n = (t + 1).to(tl.float32)
+        x = g / n[:, None]
+        ctg = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x  # (C^T g)_s = sum_{t >= s} g_t / t
+        out = bi * sy_b + hi * sy_h + t[:, None] * sy_t + dd[None, :]
+        tl.store(DO + out, (b * g).to(DO.dtype.element_ty), mask=mask)
+        tl.store(DV + out, (a * g - c * ctg).to(DV.dtype.element_ty), mask=mask)
+        cm = tl.cumsum(v, axis=0) / n[:, None]
+        p = pid * tl.num_programs(1) + pd
+        tl.store(PA + p, tl.sum(tl.sum(g * v, axis=1), axis=0))
+        tl.store(PB + p, tl.sum(tl.sum(g * o, axis=1), axis=0))
+        tl.store(PC + p, -tl.sum(tl.sum(g * cm, axis=1), axis=0))
+
+    def _launch_shape(v):
+        B, T, H, dh = v.shape
+        block_d = min(triton.next_power_of_2(dh), 32)
+        return B, T, H, dh, triton.next_power_of_2(T), block_d, (B * H, triton.cdiv(dh, block_d))
+
+    def _last_dim_contiguous(x):
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    @torch.library.custom_op("nano_simple_block::shaped_epilogue", mutates_args=())
+    def shaped_epilogue(o: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        c: torch.Tensor) -> torch.Tensor:
+        o, v = _last_dim_contiguous(o), _last_dim_contiguous(v)
+        B, T, H, dh, BT, BD, grid = _launch_shape(v)
+        y = torch.empty((B, T, H, dh), dtype=v.dtype, device=v.device)
+        _fwd[grid](o, v, y, a, b, c, H, T, dh, o.stride(0), o.stride(1), o.stride(2), v.stride(0), v.stride(1),
+                   v.stride(2), y.stride(0), y.stride(1), y.stride(2), BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
+        return y
+
+    @shaped_epilogue.register_fake
+    def _(o, v, a, b, c):
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+    @torch.library.custom_op("nano_simple_block::shaped_epilogue_bwd", mutates_args=())
+    def shaped_epilogue_bwd(g: torch.Tensor, o: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                            c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+        g, o, v = _last_dim_contiguous(g), _last_dim_contiguous(o), _last_dim_contiguous(v)
+        B, T, H, dh, BT, BD, grid = _launch_shape(v)
+        do = torch.empty((B, T, H, dh), dtype=o.dtype, device=v.device)
+        dv = torch.empty((B, T, H, dh), dtype=v.dtype, device=v.device)
+        parts = torch.empty(3, grid[0] * grid[1], dtype=torch.float32, device=v.device)
+        _bwd[grid](g, o, v, do, dv, a, b, c, parts[0], parts[1], parts[2], H, T, dh, g.stride(0), g.stride(1),
+                   g.stride(2), o.stride(0), o.stride(1), o.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                   do.stride(0), do.stride(1), do.stride(2), BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
+        da, db, dc = (parts[i].view(B, H, grid[1]).sum(dim=(0, 2)).to(x.dtype) for i, x in enumerate((a, b, c)))
+        return do, dv, da, db, dc  # (a custom op's outputs may not alias each other: three separate sums)
+
+    @shaped_epilogue_bwd.register_fake
+    def _(g, o, v, a, b, c):
+        return (torch.empty(v.shape, dtype=o.dtype, device=v.device), torch.empty(v.shape, dtype=v.dtype,
+                device=v.device), torch.empty_like(a), torch.empty_like(b), torch.empty_like(c))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, g):
+        o, v, a, b, c = ctx.saved_tensors
+        return shaped_epilogue_bwd(g, o, v, a, b, c)
+
+    shaped_epilogue.register_autograd(backward, setup_context=setup_context)
+    _EPILOGUE_OPS["op"] = shaped_epilogue
+    return shaped_epilogue
+
+
 class Attention(nn.Module):
     """Multi-head attention in all the paper's flavours.
 
@@ -260,6 +381,10 @@ class Attention(nn.Module):
         d, H = cfg.n_embd, cfg.n_head
         self.n_head, self.d = H, d
         self.attn_impl, self.cummean_how = cfg.attn_impl, cfg.cummean
+        self.epilogue = triton_epilogue_ops() if cfg.epilogue == "triton" else None
+        if cfg.epilogue == "triton" and self.epilogue is None:
+            raise RuntimeError("--epilogue triton needs Triton and torch.library.custom_op (torch >= 2.4)")
+        self.epilogue_on_cpu = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
         shaped = cfg.block in SHAPED_BLOCKS
         self.matrix = "softmax" if not shaped else cfg.attn_matrix
         if cfg.block in ("preln", "parallel", "vskip"):
@@ -360,6 +485,9 @@ class Attention(nn.Module):
         B, H, T, dh = v.shape
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # (B, T, H, dh)
         v_t = v.transpose(1, 2)  # (B, T, H, dh)
+        if self.epilogue is not None and self.matrix == "shaped" and (v.is_cuda or self.epilogue_on_cpu) and T <= 512:
+            gains = [g.reshape(-1).expand(H).contiguous().float() for g in (a, b, c)]  # (H,) each
+            return self.epilogue(o, v_t, *gains).transpose(1, 2)  # fused kernel, (B, H, T, dh)
         acc = torch.promote_types(v.dtype, torch.float32)
         a, b, c = a.view(-1, 1), b.view(-1, 1), c.view(-1, 1)  # (H or 1, 1): broadcast over (B, T, H, dh)
         y = b * o.to(acc) + a * v_t.to(acc)
@@ -955,28 +1083,12 @@ def run_bench(cfg, device):
     if cfg.profile and os.path.exists(os.path.join(cfg.out_dir, "profile.txt")):
         os.remove(os.path.join(cfg.out_dir, "profile.txt"))
     for label, c in entries:
-        torch.manual_seed(cfg.seed)
-        model = GPT(c).to(device)
-        opt = make_optimizer(model, c, device.type)
-        cmodel, compiled = maybe_compile(model, c, device)
-
-        def step(cmodel=cmodel, model=model, opt=opt):
-            with autocast_ctx(device, dtype):
-                _, loss = cmodel(x, y)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        t0 = time.time()
-        for _ in range(cfg.bench_warmup):
-            step()
-        sync()
-        m = models[label] = {"step": step, "params": count_params(model), "warmup_s": time.time() - t0,
-                             "compiled": compiled, "ms": [], "fpt": flops_per_token(model, c)}
-        print(f"bench {label}: {m['params'] / 1e6:.2f}M params, warm-up {m['warmup_s']:.1f}s, "
-              f"first timing {timed(step, cfg.bench_iters):.2f} ms/step", flush=True)
+        try:
+            models[label] = bench_model(c, label, x, y, device, dtype, cfg, timed)
+        except Exception as e:  # one failing variant (e.g. a missing Triton) must not cost the others' timings
+            print(f"bench {label} failed: {e!r}", file=sys.stderr, flush=True)
+    if not models:
+        return []
     for r in range(cfg.bench_rounds):  # interleaved rounds: clock drift hits every block alike
         for m in models.values():
             m["ms"].append(timed(m["step"], cfg.bench_iters))
@@ -991,10 +1103,37 @@ def run_bench(cfg, device):
     return table
 
 
+def bench_model(c, label, x, y, device, dtype, cfg, timed):
+    """Build, compile and warm up one model; returns its training-step closure and metadata."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(c).to(device)
+    opt = make_optimizer(model, c, device.type)
+    cmodel, compiled = maybe_compile(model, c, device)
+
+    def step():
+        with autocast_ctx(device, dtype):
+            _, loss = cmodel(x, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.time()
+    for _ in range(cfg.bench_warmup):
+        step()
+    timed(lambda: None, 1)  # synchronise
+    m = {"step": step, "params": count_params(model), "warmup_s": time.time() - t0, "compiled": compiled, "ms": [],
+         "fpt": flops_per_token(model, c)}
+    print(f"bench {label}: {m['params'] / 1e6:.2f}M params, warm-up {m['warmup_s']:.1f}s, "
+          f"first timing {timed(step, cfg.bench_iters):.2f} ms/step", flush=True)
+    return m
+
+
 def write_bench_table(cfg, entries, models, device, dtype):
     """bench.md / bench.json: ms/step (best round), tokens/s, speed and parameters relative to the first preln."""
     B, T = cfg.batch_size, cfg.block_size
-    base_label = next((lab for lab, c in entries if lab == "preln"), entries[0][0])
+    base_label = "preln" if "preln" in models else next(iter(models))
     peak = peak_flops(device)
     table = []
     for label, m in models.items():
@@ -1125,7 +1264,7 @@ def parse_config(argv=None):
 def validate(cfg: Config):
     """Every check that can fail before anything is written."""
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
-                 "eval_iters", "mlp_ratio", "log_interval"):
+                 "eval_iters", "mlp_ratio", "log_interval", "bench_rounds", "bench_iters"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name} must be positive (got {getattr(cfg, name)})")
     if cfg.max_iters < 0:
@@ -1154,6 +1293,12 @@ def validate(cfg: Config):
                              f"use one of {', '.join(SHAPED_BLOCKS)}")
         if not cfg.mlp_skip and cfg.block not in ("sas", "vskip"):
             raise UsageError("--no-mlp_skip (skipless MLP ablation) applies to --block sas or vskip only")
+    if cfg.epilogue == "triton" and not cfg.bench:
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise UsageError("--epilogue triton needs the triton package (it ships with CUDA builds of torch); "
+                             "use --epilogue torch")
     if cfg.halt_at < 0:
         raise UsageError("--halt_at must be >= 0")
     if cfg.device == "cuda" and not torch.cuda.is_available():
