@@ -347,7 +347,7 @@ def triton_epilogue_ops():
         parts = torch.empty(3, grid[0] * grid[1], dtype=torch.float32, device=v.device)
         _bwd[grid](g, o, v, do, dv, a, b, c, parts[0], parts[1], parts[2], H, T, dh, g.stride(0), g.stride(1),
                    g.stride(2), o.stride(0), o.stride(1), o.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                   do.stride(0), do.stride(1), do.stride(2), BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
+                   do.stride(0), do.stride(1), do.stride(2), BLOCK_T=BT, BLOCK_D=BD, num_warps=8)
         da, db, dc = (parts[i].view(B, H, grid[1]).sum(dim=(0, 2)).to(x.dtype) for i, x in enumerate((a, b, c)))
         return do, dv, da, db, dc  # (a custom op's outputs may not alias each other: three separate sums)
 
@@ -996,7 +996,8 @@ def plot_runs(runs, out_dir, prefix="loss"):
         ax.set_ylabel("validation loss")
         ax.set_title(f"validation loss vs {name}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, f"{prefix}_vs_{name}.png"), dpi=120)
         plt.close(fig)
