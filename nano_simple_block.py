@@ -145,9 +145,8 @@ class Config:
     mlp_skip: bool = _f(True, "keep the MLP skip alpha_FF in sas/vskip (--no-mlp_skip: skipless MLP ablation)")
     first_value: bool = _f(True, "keep the first block's W_1^V = alpha_V I + beta_V dW in sas/sasp/sasp_nonorm")
     trainable_gains: bool = _f(True, "train the scalar gains (paper: yes); --no-trainable_gains freezes them")
-    cummean: str = _f("auto", "C @ V: cumsum (float32 scan), matmul (tril(ones) @ V on tensor cores, float32 accumulation, "
-                              "sum rounded to bf16), auto (matmul for bf16/fp16 CUDA tensors, else cumsum)",
-                      ("auto", "cumsum", "matmul"))
+    cummean: str = _f("cumsum", "C @ V: cumsum (float32 scan) or matmul (tril(ones) @ V on the tensor cores: float32 "
+                                "accumulation, the sum rounded once to the activation dtype)", ("cumsum", "matmul"))
     epilogue: str = _f("torch", "shaped-attention epilogue: torch (compiled PyTorch ops) or triton (hand-written fused "
                                 "forward/backward kernels; CUDA, T <= 512)", ("torch", "triton"))
     # --- data
@@ -235,8 +234,6 @@ def cummean(v, how="cumsum"):
     T = v.size(-2)
     acc = torch.promote_types(v.dtype, torch.float32)
     n = torch.arange(1, T + 1, device=v.device, dtype=acc).view(T, 1)  # (T, 1): i = 1..T
-    if how == "auto":  # measured on an H100 (bf16, compiled): the matmul is faster than inductor's scan kernels
-        how = "matmul" if v.is_cuda and v.dtype in (torch.float16, torch.bfloat16) else "cumsum"
     if how == "matmul":  # tril(ones) @ v: tensor cores accumulate in float32, the sum is rounded once to v.dtype
         ones = torch.ones(T, T, device=v.device, dtype=v.dtype).tril()
         return (ones @ v).to(acc) / n
@@ -480,20 +477,18 @@ class Attention(nn.Module):
             A = b * self.softmax_matrix(q, k) + a * eye - c * causal_uniform(T, q.device, q.dtype)  # (B, H, T, T)
             return A @ v
         # Sec. 6.1: (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma cummean(V); no T x T matrix.
-        # The terms are combined in float32 and rounded once, in the (B, T, H, d_h) layout, where the heads are a
-        # view of the channels (for SAS, V is the normalised input itself); torch.compile fuses this into one kernel.
-        B, H, T, dh = v.shape
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # (B, T, H, dh)
-        v_t = v.transpose(1, 2)  # (B, T, H, dh)
-        if self.epilogue is not None and self.matrix == "shaped" and (v.is_cuda or self.epilogue_on_cpu) and T <= 512:
-            gains = [g.reshape(-1).expand(H).contiguous().float() for g in (a, b, c)]  # (H,) each
-            return self.epilogue(o, v_t, *gains).transpose(1, 2)  # fused kernel, (B, H, T, dh)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
+        if self.epilogue is not None and self.matrix == "shaped" and (v.is_cuda or self.epilogue_on_cpu) \
+                and q.size(-2) <= 512:
+            # optional hand-written kernel: the same three terms, forward and backward in one pass each
+            gains = [g.reshape(-1).expand(self.n_head).contiguous().float() for g in (a, b, c)]  # (H,) each
+            return self.epilogue(o.transpose(1, 2), v.transpose(1, 2), *gains).transpose(1, 2)  # (B, H, T, dh)
+        # The three terms are combined in float32 and rounded once; torch.compile fuses them (and their gradients).
         acc = torch.promote_types(v.dtype, torch.float32)
-        a, b, c = a.view(-1, 1), b.view(-1, 1), c.view(-1, 1)  # (H or 1, 1): broadcast over (B, T, H, dh)
-        y = b * o.to(acc) + a * v_t.to(acc)
+        y = b * o.to(acc) + a * v.to(acc)
         if self.matrix == "shaped":
-            y = y - c * cummean(v_t.reshape(B, T, H * dh), self.cummean_how).view(B, T, H, dh)
-        return y.to(v.dtype).transpose(1, 2)  # (B, H, T, dh)
+            y = y - c * cummean(v, self.cummean_how)
+        return y.to(v.dtype)
 
 
 class MLP(nn.Module):
