@@ -114,14 +114,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 BLOCKS = ("preln", "parallel", "vskip", "sas", "sasp", "sasp_nonorm")
 SHAPED_BLOCKS = ("vskip", "sas", "sasp", "sasp_nonorm")  # blocks with a skipless, shaped attention sub-block
-PARALLEL_BLOCKS = ("parallel", "sasp", "sasp_nonorm")
 
 
 def _f(default, help, choices=None):
