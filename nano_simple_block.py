@@ -1325,7 +1325,7 @@ def load_data(cfg):
         raise UsageError("the repository's data/ package is missing; run from the repository root") from None
     try:
         ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir or None)
-        ds.check_block_size(cfg.block_size + 1)
+        ds.check_block_size(cfg.block_size)
     except data.DataError as e:
         raise UsageError(str(e)) from None
     return ds
