@@ -264,7 +264,7 @@ def parse_ints(s: str, name: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# In-context tasks (paper Sec. 3 uses 14 lm-eval tasks; we generate exactly scorable ones, brief 6.2)
+# In-context tasks (paper Sec. 3 uses 14 lm-eval tasks; we generate exactly scorable ones)
 # ----------------------------------------------------------------------------------------------
 class ICLTasks:
     """Vocabulary and episode generators.

@@ -64,8 +64,8 @@ and the per-head alpha_h, beta_h, gamma_h are trainable and get no weight decay.
       |                         |
      out                       out
 
-Shaped attention on FlashAttention (Sec. 6.1 of our brief)
-----------------------------------------------------------
+Shaped attention on FlashAttention
+----------------------------------
 The shaped matrix acts linearly on V, so no T x T matrix is ever needed:
 
     (alpha I + beta A - gamma C) V = beta * SDPA(Q, K, V, causal) + alpha * V - gamma * cummean(V)
@@ -186,7 +186,7 @@ class Config:
     out_dir: str = _f("out_simple_block", "output directory")
     sample_tokens: int = _f(200, "tokens of text sampled at the end (0 = none)")
     # --- modes
-    preset: str = _f("auto", "named config: cpu (laptop, minutes), gpu (paper shape), gpu_mini (brief's miniature); "
+    preset: str = _f("auto", "named config: cpu (laptop, minutes), gpu (paper shape), gpu_mini (12 x 512 miniature); "
                              "auto = gpu if CUDA else cpu; explicit flags override", ("auto", "cpu", "gpu", "gpu_mini", "none"))
     compare: str = _f("", "comma list of blocks to train one after another (same seed, same data), e.g. preln,sas,sasp")
     bench: str = _f("", "comma list of blocks to time (random tokens, one process); entries may carry overrides, "
@@ -204,7 +204,7 @@ PRESETS = {
     # the paper's CodeParrot shape (18 x 768, 12 heads, T 128, batch 128); 5000 steps = 82M tokens (paper: 43K)
     "gpu": dict(n_layer=18, n_head=12, n_embd=768, block_size=128, batch_size=128, max_iters=5000, lr=1e-3,
                 eval_interval=250, eval_iters=50, tokenizer="gpt2", dataset="pycode"),
-    # the brief's miniature (Sec. 7): 12 x 512, 8 heads
+    # a miniature for quick GPU runs: 12 x 512, 8 heads
     "gpu_mini": dict(n_layer=12, n_head=8, n_embd=512, block_size=128, batch_size=128, max_iters=5000, lr=1e-3,
                      eval_interval=250, eval_iters=50, tokenizer="gpt2", dataset="pycode"),
 }
@@ -480,7 +480,7 @@ class Attention(nn.Module):
             eye = torch.eye(T, device=q.device, dtype=q.dtype)
             A = b * self.softmax_matrix(q, k) + a * eye - c * causal_uniform(T, q.device, q.dtype)  # (B, H, T, T)
             return A @ v
-        # Sec. 6.1: (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma cummean(V); no T x T matrix.
+        # (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma cummean(V); no T x T matrix.
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
         if self.epilogue is not None and self.matrix == "shaped" and (v.is_cuda or self.epilogue_on_cpu) \
                 and q.size(-2) <= 512:

@@ -344,7 +344,7 @@ def test_compare_mode(tiny_text, tmp_path):
     assert (out / "avgk_g8" / "results.json").exists()
 
 
-def test_flop_table_matches_brief():
+def test_flop_table_matches_formulas():
     cfg = S.finalize_config(S.Config(selector="avgk", n_embd=512, n_head=8, n_layer=8, d_ff=2048, d_m=16384, g=256))
     cells, over, params = S.layer_flops(cfg, "avgk")
     assert cells == 4 * 512 * 2048 and over == 2 * 512 * 64 and params == 2 * 512 * 16384

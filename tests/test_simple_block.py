@@ -256,7 +256,7 @@ def test_param_count_equals_formula(block, variant):
 
 
 def test_param_reduction_at_paper_shape():
-    """Brief Sec. 4.1: with V = 50,000 and 1024 positions, Pre-LN 166.64M, SAS 146.00M (paper: 167M -> 146M)."""
+    """Paper Sec. 4.1: with V = 50,000 and 1024 positions, Pre-LN 166.64M, SAS 146.00M (paper: 167M -> 146M)."""
     cfg = S.Config(n_layer=18, n_head=12, n_embd=768, block_size=1024, vocab_size=50000)
     rows = {r["block"]: r for r in S.param_table(cfg)}
     assert round(rows["preln"]["params"] / 1e6, 2) == 166.64
