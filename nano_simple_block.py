@@ -99,7 +99,6 @@ Run
     torchrun --nproc_per_node 8 nano_simple_block.py --preset gpu --block sas  # DDP
 """
 
-from __future__ import annotations
 
 import argparse
 import contextlib
@@ -267,6 +266,7 @@ def triton_epilogue_ops():
     if "op" in _EPILOGUE_OPS:
         return _EPILOGUE_OPS["op"]
     _EPILOGUE_OPS["op"] = None
+    global triton, tl  # module globals: older Triton (3.0) looks up `tl` in the kernel's globals, not its closure
     try:
         import triton
         import triton.language as tl
