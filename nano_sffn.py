@@ -290,8 +290,7 @@ class SparseFFN(nn.Module):
         sel = self.selector
         if sel == "avgk":
             # Avg-K (the paper's method): e_beta = (1/g) sum_{i in beta} k_i -- derived from K, no params, no gradient
-            with torch.no_grad():
-                e = self.K.view(B, g, -1).mean(1)                        # (B, d)
+            e = self.K.detach().view(B, g, -1).mean(1)                   # (B, d), stop-gradient
             # s_beta(x) = x . e_beta  (= mean pre-activation of block beta)
             s = x @ e.t().to(x.dtype)                                    # (N, B)
             if ids is None:
@@ -303,17 +302,16 @@ class SparseFFN(nn.Module):
             # VanillaM: all d_m scores x . k_i (full key product), aggregated per block, top-b
             pre = x @ self.K.t()                                         # (N, d_m)
             if ids is None:
-                with torch.no_grad():
-                    p3 = pre.detach().view(N, B, g)
-                    if self.agg == "pre_mean":
-                        score = p3.mean(-1)
-                    elif self.agg == "post_mean":
-                        score = self.act(p3).mean(-1)
-                    elif self.agg == "post_sum":
-                        score = self.act(p3).sum(-1)
-                    else:
-                        score = self.act(p3).amax(-1)
-                    ids = score.topk(b, dim=-1).indices                  # (N, b)
+                p3 = pre.detach().view(N, B, g)
+                if self.agg == "pre_mean":
+                    score = p3.mean(-1)
+                elif self.agg == "post_mean":
+                    score = self.act(p3).mean(-1)
+                elif self.agg == "post_sum":
+                    score = self.act(p3).sum(-1)
+                else:
+                    score = self.act(p3).amax(-1)
+                ids = score.topk(b, dim=-1).indices                      # (N, b)
         elif sel in ("switch", "topk"):
             # Switch (Fedus et al. 2021) / GShard (Lepikhin et al. 2020): p = softmax(W_g x) in float32
             logits = f32(x @ self.W_g.t().to(x.dtype))                   # (N, B)
@@ -343,12 +341,11 @@ class SparseFFN(nn.Module):
                 if self.training:
                     # balanced assignment: Sinkhorn (S-BASE approximation, Clark et al. 2022) to a doubly
                     # stochastic plan (rows sum 1, columns N/B), then each token takes its top-b blocks
-                    with torch.no_grad():
-                        logp = s.detach()
-                        for _ in range(self.base_iters):
-                            logp = logp - logp.logsumexp(0, keepdim=True) + math.log(N / B)  # columns -> N/B
-                            logp = logp - logp.logsumexp(1, keepdim=True)                   # rows -> 1
-                        ids = logp.topk(b, dim=-1).indices
+                    logp = s.detach()
+                    for _ in range(self.base_iters):
+                        logp = logp - logp.logsumexp(0, keepdim=True) + math.log(N / B)  # columns -> N/B
+                        logp = logp - logp.logsumexp(1, keepdim=True)                   # rows -> 1
+                    ids = logp.topk(b, dim=-1).indices
                 else:
                     ids = s.detach().topk(b, dim=-1).indices            # greedy at evaluation
             w = torch.sigmoid(s.gather(1, ids))                          # (N, b)
@@ -435,13 +432,12 @@ class ProductKeyMemory(nn.Module):
         s1, s2 = self.half_scores(x)                                       # (T, H, n) each
         T = x.shape[0]
         if ids is None:
-            with torch.no_grad():
-                v1, i1 = s1.topk(self.k, -1)                               # (T, H, k)
-                v2, i2 = s2.topk(self.k, -1)
-                # candidate sums s1[i1_a] + s2[i2_b] over the k x k grid; exact top-k of all n^2 sums
-                cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).view(T, self.H, -1)  # (T, H, k*k)
-                top = cand.topk(self.k, -1).indices                        # (T, H, k)
-                ids = i1.gather(-1, top // self.k) * self.n + i2.gather(-1, top % self.k)  # (T, H, k) in [0, N)
+            v1, i1 = s1.detach().topk(self.k, -1)                      # (T, H, k)
+            v2, i2 = s2.detach().topk(self.k, -1)
+            # candidate sums s1[i1_a] + s2[i2_b] over the k x k grid; exact top-k of all n^2 sums
+            cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).view(T, self.H, -1)  # (T, H, k*k)
+            top = cand.topk(self.k, -1).indices                            # (T, H, k)
+            ids = i1.gather(-1, top // self.k) * self.n + i2.gather(-1, top % self.k)  # (T, H, k) in [0, N)
             ids = ids.view(T, -1)
         # score of cell i = s1[i // n] + s2[i % n]; w = softmax over the k kept cells of each head
         ih = ids.view(T, self.H, self.k)
