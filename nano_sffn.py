@@ -157,10 +157,12 @@ PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, d_ff=512, d_m=2048, g=64,
                 batch_size=16, max_iters=600, lr=2e-3, min_lr=2e-4, warmup_iters=60,
                 eval_interval=100, eval_iters=10),
-    # one H100, a miniature of the paper's setup: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048
+    # one H100, a miniature of the paper's setup: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048.
+    # 6000 x 16k = 98M tokens: pycode_all (stdlib + installed packages, ~70-100M GPT-2 tokens) so a run sees
+    # each token about once; plain pycode (~5M tokens) would be ~20 epochs and the val loss would measure overfitting.
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, d_ff=2048, d_m=16384, g=256,
                 batch_size=32, max_iters=6000, lr=1e-3, min_lr=1e-4, warmup_iters=400,
-                eval_interval=500, eval_iters=20, dataset="pycode", tokenizer="gpt2", pkm_knn=64),
+                eval_interval=500, eval_iters=20, dataset="pycode_all", tokenizer="gpt2", pkm_knn=64),
 }
 
 
