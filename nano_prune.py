@@ -122,6 +122,7 @@ class Config:
     seed: int = 1337  # seed for init, batches and the analysis prompts
     out_dir: str = "out_prune"  # where config.json, log.csv, results.json, ckpt.pt and the PNGs go
     resume: bool = False  # continue training from out_dir/ckpt.pt
+    progress: bool = True  # tqdm progress bars (--no-progress for logs redirected to a file)
     ckpt: str = ""  # checkpoint to analyse with --skip_train (default: out_dir/ckpt.pt)
     skip_train: bool = False  # do not train; load --ckpt and only run the analysis
     analysis: bool = True  # run the pruning / induction analysis after training
@@ -739,7 +740,8 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
     t0 = time.time()
     last_loss, tok_s, mfu = float("nan"), 0.0, None
     val_loss, accs = float("nan"), {}
-    bar = _progress(range(step, end), initial=step, total=end, disable=not master, dynamic_ncols=True, desc="train")
+    bar = _progress(range(step, end), initial=step, total=end, disable=not (master and cfg.progress), dynamic_ncols=True,
+                    desc="train")
     t_last, step_last = time.time(), step
     for it in bar:
         lr = get_lr(it, cfg)
@@ -1151,7 +1153,7 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx, out_dir:
     rand_orders = [rng.permutation(LH) for _ in range(cfg.n_random)]
     curves = {}
     work = [(t, k) for t in TASKS for k in shots]
-    for t, k in _progress(work, desc="pruning curves", dynamic_ncols=True):
+    for t, k in _progress(work, desc="pruning curves", dynamic_ncols=True, disable=not cfg.progress):
         o_task, o_agg = order_heads(imp[k][t]), order_heads(agg[k])
         c = {"task": [], "aggregate": [], "reverse": [], "random": [[] for _ in rand_orders]}
         for p in pcts:

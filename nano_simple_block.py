@@ -175,6 +175,7 @@ class Config:
     eval_interval: int = _f(100, "evaluate / log / checkpoint every this many steps")
     eval_iters: int = _f(10, "batches per evaluation")
     log_interval: int = _f(10, "update the progress bar every this many steps")
+    progress: bool = _f(True, "show the tqdm progress bar (--no-progress for logs redirected to a file)")
     seed: int = _f(1337, "random seed (model init and data order)")
     halt_at: int = _f(0, "stop after this step as if interrupted (tests --resume); 0 = never")
     resume: bool = _f(False, "continue from out_dir/ckpt.pt")
@@ -858,7 +859,7 @@ def train(cfg: Config, ds, device, ddp=(0, 1), verbose=True):
         if verbose:
             print(f"{cfg.block}: {n_params / 1e6:.3f}M parameters, {tokens_per_step} tokens/step, device {device}, "
                   f"dtype {dtype}, compile {compiled}")
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not (master and verbose), dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not (master and verbose and cfg.progress), dynamic_ncols=True,
                desc=cfg.block)
     t_start = time.time() - (rows[-1]["elapsed_s"] if rows else 0.0)
     t_mark, tokens_mark, loss = time.time(), step * tokens_per_step, None
