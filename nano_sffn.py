@@ -119,6 +119,8 @@ class Config:
     activation: str = "gelu"        # f: gelu | relu
     impl: str = "auto"              # auto | masked | grouped (exact compute paths, see docstring)
     avgk_weight: str = "none"       # Avg-K output weight: none (paper default) | softmax (over the b kept scores)
+    key_init_std: float = 0.02      # std of the N(0, s^2) init of the keys K (probe of dead Avg-K blocks)
+    select_fp32: bool = False       # compute selection scores x.e in float32 (default: the autocast dtype)
     vanillam_agg: str = "pre_mean"  # VanillaM block score: pre_mean | post_mean | post_sum | max (over the block's cells)
     aux_alpha: float = 0.01         # switch/topk load-balancing loss weight alpha
     capacity_factor: float = 0.0    # switch/topk capacity factor (tokens over capacity dropped in training); 0 = dropless
@@ -271,7 +273,8 @@ class SparseFFN(nn.Module):
         self.act = activation_fn(cfg.activation)                      # f: GeLU or ReLU
         self.alpha, self.cf, self.base_iters, self.avgk_weight = cfg.aux_alpha, cfg.capacity_factor, cfg.base_iters, cfg.avgk_weight
         # the memory: K (d_m, d), V (d_m, d); block beta = rows [beta*g, (beta+1)*g)
-        self.K = nn.Parameter(torch.randn(self.d_m, d) * 0.02)
+        self.K = nn.Parameter(torch.randn(self.d_m, d) * cfg.key_init_std)
+        self.select_fp32 = cfg.select_fp32
         self.V = nn.Parameter(torch.randn(self.d_m, d) * 0.02 / math.sqrt(2 * cfg.n_layer))
         if self.selector in ("switch", "topk"):
             self.W_g = nn.Parameter(torch.randn(self.B, d) * 0.02)   # router (gate) weights, one row per block
@@ -294,7 +297,11 @@ class SparseFFN(nn.Module):
             # Avg-K (the paper's method): e_beta = (1/g) sum_{i in beta} k_i -- derived from K, no params, no gradient
             e = self.K.detach().view(B, g, -1).mean(1)                   # (B, d), stop-gradient
             # s_beta(x) = x . e_beta  (= mean pre-activation of block beta)
-            s = x @ e.t().to(x.dtype)                                    # (N, B)
+            if self.select_fp32:  # autocast would cast the matmul back to bf16: switch it off here
+                with torch.autocast(x.device.type, enabled=False):
+                    s = f32(x) @ f32(e).t()                              # (N, B) float32
+            else:
+                s = x @ e.t().to(x.dtype)                                # (N, B)
             if ids is None:
                 ids = s.detach().topk(b, dim=-1).indices                # (N, b)  S(x) = TopK_b(s)
             if self.avgk_weight == "softmax":
