@@ -1,5 +1,9 @@
-"""Shared test setup: the repository root is importable (data, nano_*.py), torch runs
-single-threaded and deterministic, and the data loader uses ../shared when it is there."""
+"""Shared test setup: the scripts under test are importable, torch runs single-threaded, and the
+data loader uses ../shared when it is there.
+
+The scripts (nano_*.py, data/) are imported from $NANO_SRC when it is set (a student's copy made by
+tests/make_exercises.py), from this repository otherwise. Every test file imports them plainly
+(`import nano_sffn`); none touches sys.path itself."""
 import os
 import sys
 
@@ -8,8 +12,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+SRC = os.path.abspath(os.environ.get("NANO_SRC") or ROOT)  # where the code under test lives
+if SRC in sys.path:
+    sys.path.remove(SRC)
+sys.path.insert(0, SRC)
 
 # Offline copies the CI machine has beside the checkout (never committed).
 if os.path.isdir(os.path.join(SHARED, "data")):
