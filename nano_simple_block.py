@@ -11,22 +11,22 @@ yet trains as fast per step as Pre-LN with 13-16% fewer parameters.
 
 1. Pre-LN (Eq. 1):  x_hat = x + MHA(Norm(x)),  out = x_hat + MLP(Norm(x_hat)),
    MHA = Concat_h(A_h X W^V_h) W^P with A = softmax(Q K^T / sqrt(d_h) + M)       (Eqs. 2-3)
-2. Remove the attention skip (Sec. 4.1). Deep skipless attention collapses every token onto the
-   same vector; repair it with an attention matrix that starts as the identity:
+2. Remove the attention skip (Sec. 4.1): deep skipless attention collapses the tokens onto one
+   vector, unless the attention matrix starts as the identity:
        V-SkipInit:   A <- alpha I + beta A                   (Eq. 4, beta = 0 at init)
        shaped:       A <- alpha_h I + beta_h A - gamma_h C     (Eq. 5, C = softmax(M))
-   C is the causal uniform matrix (row i averages tokens 1..i). W^Q = 0 at init makes A = C, and
+   C is the causal uniform matrix (row i averages tokens 1..i); W^Q = 0 at init makes A = C, and
    alpha = beta = gamma = 1 then gives the identity.
-3. Values and projections as the identity (Sec. 4.2). With W = alpha I + beta dW (Eq. 6) training
-   drives beta/alpha to ~0: the network wants W^V = W^P = I. So they go, except the first block's
-   W_1^V = alpha_V I + beta_V dW. This is SAS (App. B, Eqs. 12-13):
+3. Values and projections as the identity (Sec. 4.2): with W = alpha I + beta dW (Eq. 6) training
+   drives beta/alpha to ~0, so W^V = W^P = I, except the first block's W_1^V = alpha_V I +
+   beta_V dW. This is SAS (App. B, Eqs. 12-13):
        x_hat = beta_SA MHA~(Norm_1(x)),  out = alpha_FF x_hat + beta_FF MLP(Norm_2(x_hat))
-4. Remove the MLP skip (Sec. 4.3): sequentially it hurts, in parallel it does not. SAS-P:
+4. Remove the MLP skip (Sec. 4.3): it hurts sequentially, not in parallel. SAS-P:
        out = beta_SA MHA~(Norm(x)) + beta_FF MLP(Norm(x))          (Eq. 7 with alpha_comb = 0)
-5. Remove the norms (Sec. 4.4): "SAS-P, no norm" trains, slightly worse per step; like the official
-   code we keep a norm in front of block 1 and the final norm.
-The scalars beta_SA = 1, beta_FF = 0.1 (O(1/sqrt(L)) at L = 18), alpha_FF = 1 and the per-head
-alpha_h, beta_h, gamma_h are trainable and get no weight decay.
+5. Remove the norms (Sec. 4.4): trains, slightly worse per step; like the official code we keep
+   a norm in front of block 1 and the final norm.
+beta_SA = 1, beta_FF = 0.1 (O(1/sqrt(L)) at L = 18), alpha_FF = 1 and the per-head alpha_h,
+beta_h, gamma_h are trainable, without weight decay.
 
     Pre-LN (Eq. 1)            SAS (Eqs. 12-13)              SAS-P (Eq. 7, no skips)
       x                         x                             x
@@ -41,16 +41,10 @@ alpha_h, beta_h, gamma_h are trainable and get no weight decay.
       + <----------'            + <----------'
      out                       out
 
-Blocks (--block): preln, parallel, vskip (Value-SkipInit as the paper ran it: shaped attention,
-trainable orthogonal W^V, W^P), sas, sasp, sasp_nonorm. Ablations: --no-mlp_skip, --attn_matrix
-vskip, --gains layer, --beta_ff, --no-trainable_gains, --no-first_value. Data: the paper trains on
-Python code (CodeParrot); the offline analogue is --dataset pycode (the standard library's source);
-the gpu presets use pycode_all (stdlib + installed packages) so 82M tokens are not 16 epochs.
-
-Speed (one H100, bf16, torch.compile, 18 x 768, `--bench`): SAS-P runs at 1.05x the tokens/s of
-Pre-LN (paper: 1.16x, BERT on an RTX 2080Ti), SAS 1.01x, SAS-P without norms 1.17x. The shaped
-attention runs on FlashAttention with no T x T matrix: (alpha I + beta A - gamma C) V =
-beta SDPA(Q, K, V) + alpha V - gamma cummean(V) ("making it fast"; tested against the matrix).
+--block: preln, parallel, vskip (Value-SkipInit as the paper ran it: shaped attention, orthogonal
+W^V, W^P), sas, sasp, sasp_nonorm. The data is Python code, as the paper's CodeParrot: pycode (the
+standard library) on CPU, pycode_all (plus installed packages) in the gpu presets. On one H100
+(bf16, compiled, 18 x 768) SAS-P runs at 1.05x the tokens/s of Pre-LN (paper: 1.16x, BERT).
 
 Run
     python nano_simple_block.py --block sasp                  # laptop CPU, a few minutes
@@ -59,10 +53,10 @@ Run
     python nano_simple_block.py --preset gpu --bench preln,sasp,sasp:gains=layer  # tokens/s
     torchrun --nproc_per_node 8 nano_simple_block.py --preset gpu --block sas  # DDP
 
-Reading map: Config / PRESETS -> 1. Pre-LN pieces (RMSNorm, Eq. 2 softmax, MLP) -> 2. skipless
-attention (C, Eqs. 4-5) -> 3. identity values (Eq. 6) -> Attention, Block (Eqs. 1, 7, 12-13; the
-MLP skip and the norms) -> GPT -> the experiment (parameter formula, compare, plots) -> making it
-fast (cummean, SDPA form, fused blocks, --bench) -> command line, training loop, checkpoints, main.
+Reading map: Config -> 1. Pre-LN pieces (RMSNorm, Eq. 2, MLP) -> 2. skipless attention (C,
+Eqs. 4-5) -> 3. identity values (Eq. 6), Attention -> 4-5. Block (Eqs. 1, 7, 12-13), GPT -> the
+experiment (parameters, compare, plots) -> making it fast (cummean, SDPA, fused blocks, --bench)
+-> command line, training loop, checkpoints, main.
 """
 
 import argparse
@@ -751,7 +745,7 @@ def build_parser(suppress_defaults=False):
 
 def explicit_flags(argv):
     """The Config fields given on the command line (they win over presets and checkpoints)."""
-    return set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    return vars(build_parser(suppress_defaults=True).parse_args(argv))
 
 
 def parse_config(argv=None) -> Config:
@@ -759,97 +753,75 @@ def parse_config(argv=None) -> Config:
     args = build_parser().parse_args(argv)  # checks choices and types, handles --help
     preset = args.preset
     if preset == "auto":
-        preset = "gpu" if (args.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
-    values = {f.name: f.default for f in dataclasses.fields(Config)}
-    values.update(PRESETS.get(preset, {}))
-    values.update({k: getattr(args, k) for k in explicit_flags(argv)})
-    values["preset"] = preset
-    return Config(**values)
+        preset = "gpu" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    values = {**PRESETS.get(preset, {}), **explicit_flags(argv), "preset": preset}
+    return dataclasses.replace(Config(), **values)
 
 
 def validate(cfg: Config):
     """Every check that can fail before anything is written."""
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                 "eval_interval", "eval_iters", "mlp_ratio", "log_interval", "bench_rounds",
-                 "bench_iters"):
-        if getattr(cfg, name) < 1:
-            raise BadInput(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
-    for name in ("max_iters", "warmup_iters", "stop_at", "sample_tokens", "bench_warmup", "vocab_size"):
-        if getattr(cfg, name) < 0:
-            raise BadInput(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise BadInput(f"--lr must be a positive number (got {cfg.lr})")
-    checks = [("min_lr", 0 <= cfg.min_lr <= cfg.lr, f"between 0 and --lr {cfg.lr}"),
-              ("warmup_frac", 0 <= cfg.warmup_frac <= 1, "in [0, 1]"),
-              ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
-              ("weight_decay", 0 <= cfg.weight_decay < math.inf, ">= 0"),
-              ("grad_clip", 0 <= cfg.grad_clip < math.inf, ">= 0 (0 = off)"),
-              ("adam_eps", 0 < cfg.adam_eps < math.inf, "> 0"),
-              ("norm_eps", 0 <= cfg.norm_eps < math.inf, ">= 0"),
-              ("beta_sa", math.isfinite(cfg.beta_sa), "a finite number"),
-              ("beta_ff", math.isfinite(cfg.beta_ff), "finite (< 0: the paper's default)"),
-              ("seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32)")]
-    for name, ok, want in checks:
+    for n in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
+              "eval_interval", "eval_iters", "log_interval", "bench_iters", "bench_rounds"):
+        if getattr(cfg, n) < 1:
+            raise BadInput(f"--{n} must be >= 1 (got {getattr(cfg, n)})")
+    for n in ("max_iters", "warmup_iters", "stop_at", "sample_tokens", "bench_warmup", "vocab_size",
+              "min_lr", "weight_decay", "grad_clip", "norm_eps"):
+        if not 0 <= getattr(cfg, n) < math.inf:
+            raise BadInput(f"--{n} must be >= 0 (got {getattr(cfg, n)})")
+    for n, ok, want in [("lr", 0 < cfg.lr < math.inf, "> 0"), ("min_lr", cfg.min_lr <= cfg.lr,
+                         "<= --lr"), ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"),
+                        ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
+                        ("adam_eps", 0 < cfg.adam_eps < math.inf, "> 0"),
+                        ("warmup_frac", 0 <= cfg.warmup_frac <= 1, "in [0, 1]"),
+                        ("beta_sa", math.isfinite(cfg.beta_sa), "finite"),
+                        ("beta_ff", math.isfinite(cfg.beta_ff), "finite (< 0: the default)"),
+                        ("seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32)")]:
         if not ok:
-            raise BadInput(f"--{name} must be {want} (got {getattr(cfg, name)})")
-    if cfg.n_embd % cfg.n_head:
-        raise BadInput(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
-    validate_modes(cfg)
-    device = resolve_device(cfg)
-    if cfg.device in ("cuda", "mps") and device.type == "cpu":
+            raise BadInput(f"--{n} must be {want} (got {getattr(cfg, n)})")
+    validate_blocks(cfg)
+    if resolve_device(cfg).type == "cpu" and cfg.device != "cpu" and cfg.device != "auto":
         raise BadInput(f"--device {cfg.device} is not available here; use --device cpu")
-    if cfg.dtype == "float16" and device.type == "cpu":
+    if cfg.dtype == "float16" and resolve_device(cfg).type == "cpu":
         raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
-    check_out_dir(cfg.out_dir)
+    out = os.path.abspath(cfg.out_dir)
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise BadInput(f"--out_dir {cfg.out_dir}: {parent} is a file; give a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out_dir {cfg.out_dir}: {parent} is not writable")
 
 
-def validate_modes(cfg: Config):
-    """--compare / --bench entries and the ablation flags."""
-    if cfg.compare and cfg.bench:
-        raise BadInput("--compare and --bench are separate modes; give one of them")
-    if cfg.resume and (cfg.compare or cfg.bench):
-        raise BadInput("--resume works for a single training run, not with --compare/--bench")
+def validate_blocks(cfg: Config):
+    """--block, --compare and --bench entries, and the ablation flags."""
+    if cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench):
+        raise BadInput("--compare, --bench and --resume are separate modes; give one of them")
     configs = [cfg]
     if cfg.compare:
-        blocks = cfg.compare.split(",")
-        if len(set(blocks)) < len(blocks):
+        configs = [dataclasses.replace(cfg, block=b) for b in cfg.compare.split(",")]
+        if len({c.block for c in configs}) < len(configs):
             raise BadInput(f"--compare {cfg.compare} lists a block twice")
-        configs = [dataclasses.replace(cfg, block=b) for b in blocks]
     if cfg.bench:
         configs = [parse_bench_entry(e, cfg)[1] for e in cfg.bench.split(",")]
     for c in configs:
         if c.block not in BLOCKS:
             raise BadInput(f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
         if c.n_embd < 1 or c.n_head < 1 or c.n_embd % c.n_head:
-            raise BadInput(f"{c.block}: n_embd {c.n_embd} not divisible by n_head {c.n_head}")
-    if not (cfg.compare or cfg.bench):
-        if cfg.block not in SHAPED_BLOCKS and (cfg.attn_matrix != "shaped" or cfg.gains != "head"):
-            raise BadInput(f"--attn_matrix/--gains change shaped attention, which --block "
-                           f"{cfg.block} does not have; use one of {', '.join(SHAPED_BLOCKS)}")
-        if not cfg.mlp_skip and cfg.block not in ("sas", "vskip"):
-            raise BadInput("--no-mlp_skip (skipless MLP ablation) applies to --block sas or vskip")
-
-
-def check_out_dir(path):
-    """out_dir must be a writable directory, or creatable under one."""
-    p = os.path.abspath(path)
-    if os.path.exists(p) and not os.path.isdir(p):
-        raise BadInput(f"--out_dir {path} is a file; give a directory")
-    parent = p
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise BadInput(f"--out_dir {path} lies under the file {parent}; give a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out_dir {path}: {parent} is not writable; choose another --out_dir")
+            raise BadInput(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
+    if cfg.block not in SHAPED_BLOCKS and (cfg.attn_matrix, cfg.gains) != ("shaped", "head") \
+            and not (cfg.compare or cfg.bench):
+        raise BadInput(f"--attn_matrix/--gains change shaped attention, which --block {cfg.block} "
+                       f"does not have; use one of {', '.join(SHAPED_BLOCKS)}")
+    if not cfg.mlp_skip and cfg.block not in ("sas", "vskip") and not (cfg.compare or cfg.bench):
+        raise BadInput("--no-mlp_skip (skipless MLP ablation) applies to --block sas or vskip")
 
 
 def load_data(cfg):
     import data
 
     try:
-        ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
-                               data_dir=cfg.data_dir or None)
+        ds = data.load_dataset(cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir or None)
         ds.check_block_size(cfg.block_size)
     except data.DataError as e:
         raise BadInput(str(e)) from None
@@ -874,15 +846,12 @@ def warmup_iters(cfg):
 
 def make_optimizer(model, cfg, device_type):
     """AdamW; weight decay only on matrices and embeddings: gains, norms, biases (< 2-D) get none."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    extra = {}
-    if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
-        extra["fused"] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             **extra)
+                             **({"fused": True} if fused else {}))
 
 
 @torch.no_grad()
@@ -897,8 +866,7 @@ def evaluate(model, ds, cfg, device, dtype, rank, world):
             x, y = ds.get_batch(split, cfg.batch_size, cfg.block_size, device=device,
                                 generator=gen, rank=rank, world_size=world)
             with autocast_ctx(device, dtype):
-                _, loss = model(x, y)
-            losses[i] = loss.float()
+                losses[i] = model(x, y)[1].float()
         if world > 1:
             torch.distributed.all_reduce(losses)
             losses /= world
@@ -911,61 +879,129 @@ LOG_COLUMNS = ["step", "tokens", "elapsed_s", "train_s", "lr", "train_loss", "va
                "tokens_per_s", "mfu", "block", "beta_sa_mean", "beta_ff_mean"]
 
 
-def train_step(run, ds, gen, cfg, device, dtype, ddp):
+def train(cfg: Config, ds, device, ddp=(0, 1), ck=None, verbose=True):
+    """Train GPT(cfg) on ds: config.json, log.csv, ckpt.pt, results.json, plots in cfg.out_dir."""
+    from tqdm.auto import tqdm
+
+    r = setup_run(cfg, ds, device, ddp, ck)
+    master, step, loss, norm = ddp[0] == 0, r["step"], None, None
+    bar = tqdm(total=cfg.max_iters, initial=step, desc=cfg.block, dynamic_ncols=True,
+               disable=not (master and verbose and cfg.progress))
+    r["t_start"] = time.time() - (r["log"][-1]["elapsed_s"] if r["log"] else 0.0)
+    r["t_mark"], r["tokens_mark"] = time.time(), step * r["tokens_per_step"]
+    try:
+        while True:
+            lr = get_lr(step, cfg)
+            for g in r["optimizer"].param_groups:
+                g["lr"] = lr
+            stop = step >= cfg.max_iters or 0 < cfg.stop_at <= step
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                check_finite(r, loss, norm, step)  # before the checkpoint is written
+                if not (r["log"] and r["log"][-1]["step"] == step):  # (resumed: logged already)
+                    log_eval(r, cfg, ds, device, ddp, step, lr, bar if verbose else None)
+                r["t_mark"], r["tokens_mark"] = time.time(), step * r["tokens_per_step"]
+            elif stop and master:
+                check_finite(r, loss, norm, step)
+                save_checkpoint(r, cfg, step)  # --stop_at between two evals
+            if stop:
+                break
+            loss, norm = train_step(r, ds, cfg, device, ddp)
+            step += 1
+            bar.update(1)
+            if device.type != "cuda" or step % cfg.log_interval == 0:
+                check_finite(r, loss, norm, step)  # every step on CPU, now and then on CUDA
+            if step % cfg.log_interval == 0 and master and verbose:
+                tps = (step * r["tokens_per_step"] - r["tokens_mark"]) / (time.time() - r["t_mark"])
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted at step {step}; last checkpoint: "
+                                f"{kept_checkpoint(r)}") from None
+    finally:
+        bar.close()
+    return finish_run(r, cfg, ds, device, master, verbose)
+
+
+def setup_run(cfg, ds, device, ddp, ck):
+    """The model, optimizer and data order of a run (restored from the checkpoint ck if given)."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg).to(device)
+    dtype = resolve_dtype(cfg, device)
+    r = {"model": model, "optimizer": make_optimizer(model, cfg, device.type), "dtype": dtype,
+         "scaler": torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
+         "gen": torch.Generator().manual_seed(cfg.seed), "step": 0, "log": [], "train_s": 0.0,
+         "ckpt": os.path.join(cfg.out_dir, "ckpt.pt"), "ckpt_step": None,
+         "device": device, "bad": torch.zeros((), dtype=torch.bool, device=device)}
+    if ck is not None:
+        restore_checkpoint(r, ck, device)
+    r["cmodel"], r["compiled"] = maybe_compile(model, cfg, device)
+    if ddp[1] > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        r["cmodel"] = DDP(r["cmodel"], device_ids=[device.index] if device.type == "cuda" else None)
+    r["tokens_per_step"] = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1]
+    r["fpt"], r["peak"] = flops_per_token(model, cfg), peak_flops(device)
+    if ddp[0] == 0:
+        n = count_params(model)
+        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        write_json({"config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": dev,
+                    "dtype": str(dtype), "compiled": r["compiled"], "world_size": ddp[1],
+                    "git_commit": git_commit(), "params": n, "dataset": ds.name,
+                    "tokenizer": ds.tokenizer}, os.path.join(cfg.out_dir, "config.json"))
+        print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {r['tokens_per_step']} tokens/step, "
+              f"device {device}, dtype {dtype}, compile {r['compiled']}")
+    return r
+
+
+def train_step(r, ds, cfg, device, ddp):
     """One optimizer step (grad_accum micro-steps); returns the last loss and the grad norm."""
-    world = ddp[1]
     for micro in range(cfg.grad_accum):
-        x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=device, generator=gen,
-                            rank=ddp[0], world_size=world)
+        x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=device,
+                            generator=r["gen"], rank=ddp[0], world_size=ddp[1])
         sync = contextlib.nullcontext()
-        if world > 1 and micro < cfg.grad_accum - 1:
-            sync = run["cmodel"].no_sync()
-        with sync, autocast_ctx(device, dtype):
-            _, loss = run["cmodel"](x, y)
-        run["scaler"].scale(loss / cfg.grad_accum).backward()
+        if ddp[1] > 1 and micro < cfg.grad_accum - 1:
+            sync = r["cmodel"].no_sync()  # DDP: all-reduce the gradients only once
+        with sync, autocast_ctx(device, r["dtype"]):
+            _, loss = r["cmodel"](x, y)
+        r["scaler"].scale(loss / cfg.grad_accum).backward()
     norm = None
     if cfg.grad_clip > 0:
-        run["scaler"].unscale_(run["optimizer"])
-        norm = torch.nn.utils.clip_grad_norm_(run["model"].parameters(), cfg.grad_clip)
-    run["scaler"].step(run["optimizer"])
-    run["scaler"].update()
-    run["optimizer"].zero_grad(set_to_none=True)
+        r["scaler"].unscale_(r["optimizer"])
+        norm = torch.nn.utils.clip_grad_norm_(r["model"].parameters(), cfg.grad_clip)
+    r["scaler"].step(r["optimizer"])
+    r["scaler"].update()
+    r["optimizer"].zero_grad(set_to_none=True)
+    r["bad"] |= ~torch.isfinite(loss.detach() + (0 if norm is None else norm))  # (no sync)
     return loss.detach(), norm
 
 
-def check_finite(run, loss, norm, step):
-    """Diverged (with the checkpoint that is kept) if a loss or grad norm since the last check
-    was not finite. run["bad"] is a device flag: on CUDA it is read only now and then."""
-    if loss is None or not bool(run["bad"]):
-        return
-    what = f"loss is {float(loss)}" if not torch.isfinite(loss) else f"gradient norm is {norm}"
-    kept = (f"kept {run['ckpt_path']} (step {run['ckpt_step']})" if run["ckpt_step"] is not None
-            else "no checkpoint was written")
-    raise Diverged(f"step {step}: {what}; {kept}")
+def check_finite(r, loss, norm, step):
+    """Diverged if a loss or grad norm since the last check was not finite (r["bad"] lives on the
+    device: reading it syncs, so on CUDA it is read only now and then)."""
+    if loss is not None and bool(r["bad"]):
+        what = f"loss is {float(loss)}" if not torch.isfinite(loss) else f"grad norm is {norm}"
+        raise Diverged(f"step {step}: {what}; kept {kept_checkpoint(r)}")
 
 
-def log_eval(run, cfg, ds, device, dtype, ddp, step, lr, verbose):
-    """Evaluate, append a log row, write log.csv and the checkpoint (not at step 0)."""
+def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
+    """Evaluate, append a row to log.csv, and checkpoint (not at step 0)."""
     now = time.time()
-    interval = now - run["t_mark"]
-    run["train_s"] += interval
-    model = run["cmodel"] if ddp[1] == 1 else run["cmodel"].module
-    losses = evaluate(model, ds, cfg, device, dtype, *ddp)
-    tokens = step * run["tokens_per_step"]
-    tps = (tokens - run["tokens_mark"]) / interval if step > 0 and interval > 0 else float("nan")
-    mfu = tps * run["fpt"] / run["peak"] if run["peak"] and tps == tps else float("nan")
-    run["rows"].append({"step": step, "tokens": tokens, "elapsed_s": round(now - run["t_start"], 3),
-                        "train_s": round(run["train_s"], 3), "lr": lr,
-                        "train_loss": losses["train"], "val_loss": losses["val"],
-                        "tokens_per_s": tps, "mfu": mfu, "block": cfg.block,
-                        **gain_means(run["model"])})
+    interval, tokens = now - r["t_mark"], step * r["tokens_per_step"]
+    r["train_s"] += interval
+    model = r["cmodel"] if ddp[1] == 1 else r["cmodel"].module
+    losses = evaluate(model, ds, cfg, device, r["dtype"], *ddp)
+    tps = (tokens - r["tokens_mark"]) / interval if step > 0 and interval > 0 else float("nan")
+    mfu = tps * r["fpt"] / r["peak"] if r["peak"] and tps == tps else float("nan")
+    r["log"].append({"step": step, "tokens": tokens, "elapsed_s": round(now - r["t_start"], 3),
+                     "train_s": round(r["train_s"], 3), "lr": lr, "train_loss": losses["train"],
+                     "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu,
+                     "block": cfg.block, **gain_means(r["model"])})
     if ddp[0] == 0:
-        if verbose:
-            run["bar"].write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
-                             f"lr {lr:.2e}, {tps:,.0f} tok/s")
-        write_log(run["rows"], os.path.join(cfg.out_dir, "log.csv"))
+        if bar is not None:
+            bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
+                      f"lr {lr:.2e}, {tps:,.0f} tok/s")
+        write_log(r["log"], os.path.join(cfg.out_dir, "log.csv"))
         if step > 0 or cfg.max_iters == 0:
-            save_checkpoint(run, cfg, step, device)
+            save_checkpoint(r, cfg, step)
 
 
 def gain_means(model):
@@ -977,118 +1013,16 @@ def gain_means(model):
     return out
 
 
-def setup_run(cfg, device, ddp, ck):
-    """Model, optimizer, scaler and data order, restored from the checkpoint ck if given."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(device)
-    dtype = resolve_dtype(cfg, device)
-    run = {"model": model, "optimizer": make_optimizer(model, cfg, device.type),
-           "scaler": torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
-           "gen": torch.Generator().manual_seed(cfg.seed), "step": 0, "rows": [], "train_s": 0.0,
-           "ckpt_path": os.path.join(cfg.out_dir, "ckpt.pt"), "ckpt_step": None,
-           "bad": torch.zeros((), dtype=torch.bool, device=device)}
-    if ck is not None:
-        try:
-            model.load_state_dict(ck["model"])
-            run["optimizer"].load_state_dict(ck["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise BadInput(f"checkpoint {run['ckpt_path']} does not fit this model: "
-                           f"{str(e).splitlines()[0]}") from None
-        run["scaler"].load_state_dict(ck["scaler"])
-        run["gen"].set_state(ck["rng"]["data"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
-        run.update(step=ck["step"], rows=ck["log"], train_s=ck["train_s"], ckpt_step=ck["step"])
-    run["cmodel"], run["compiled"] = maybe_compile(model, cfg, device)
-    if ddp[1] > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [device.index] if device.type == "cuda" else None
-        run["cmodel"] = DDP(run["cmodel"], device_ids=ids)
-    run["tokens_per_step"] = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1]
-    run["fpt"], run["peak"] = flops_per_token(model, cfg), peak_flops(device)
-    return run, dtype
-
-
-def train(cfg: Config, ds, device, ddp=(0, 1), ck=None, verbose=True):
-    """Train GPT(cfg) on ds: config.json, log.csv, ckpt.pt, results.json, plots in cfg.out_dir."""
-    from tqdm.auto import tqdm
-
-    master = ddp[0] == 0
-    run, dtype = setup_run(cfg, device, ddp, ck)
-    step, rows = run["step"], run["rows"]
-    if master:
-        write_run_meta(run, cfg, ds, device, dtype, ddp, verbose)
-    run["bar"] = tqdm(total=cfg.max_iters, initial=step, desc=cfg.block, dynamic_ncols=True,
-                      disable=not (master and verbose and cfg.progress))
-    run["t_start"] = time.time() - (rows[-1]["elapsed_s"] if rows else 0.0)
-    run["t_mark"], run["tokens_mark"], loss, norm = time.time(), step * run["tokens_per_step"], \
-        None, None
-    try:
-        while True:
-            lr = get_lr(step, cfg)
-            for g in run["optimizer"].param_groups:
-                g["lr"] = lr
-            stop = step >= cfg.max_iters or 0 < cfg.stop_at <= step
-            is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
-            if is_eval or stop:
-                check_finite(run, loss, norm, step)  # before any checkpoint is written
-            if is_eval:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if not (rows and rows[-1]["step"] == step):  # (a resumed run logged it already)
-                    log_eval(run, cfg, ds, device, dtype, ddp, step, lr, verbose)
-                run["t_mark"], run["tokens_mark"] = time.time(), step * run["tokens_per_step"]
-            elif stop and master:
-                save_checkpoint(run, cfg, step, device)  # --stop_at between evals
-            if stop:
-                break
-            loss, norm = train_step(run, ds, run["gen"], cfg, device, dtype, ddp)
-            run["bad"] |= ~torch.isfinite(loss)
-            if norm is not None:
-                run["bad"] |= ~torch.isfinite(norm)
-            step += 1
-            run["bar"].update(1)
-            if device.type != "cuda" or step % cfg.log_interval == 0:
-                check_finite(run, loss, norm, step)  # every step on CPU, now and then on CUDA
-            if step % cfg.log_interval == 0 and master and verbose:
-                el = max(time.time() - run["t_mark"], 1e-9)
-                tps = (step * run["tokens_per_step"] - run["tokens_mark"]) / el
-                run["bar"].set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
-    except KeyboardInterrupt:
-        ckpt = (f"{run['ckpt_path']} (step {run['ckpt_step']})" if run["ckpt_step"] is not None
-                else "none")
-        raise KeyboardInterrupt(f"interrupted at step {step}; last checkpoint: {ckpt}") from None
-    finally:
-        run["bar"].close()
-    return finish_run(run, cfg, ds, device, dtype, master, verbose)
-
-
-def write_run_meta(run, cfg, ds, device, dtype, ddp, verbose):
-    n_params = count_params(run["model"])
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    write_json({"config": dataclasses.asdict(cfg), "torch": torch.__version__,
-                "device": str(device), "device_name": dev, "dtype": str(dtype),
-                "compiled": run["compiled"], "world_size": ddp[1], "git_commit": git_commit(),
-                "params": n_params, "dataset": ds.name, "tokenizer": ds.tokenizer,
-                "data_notes": list(ds.notes)}, os.path.join(cfg.out_dir, "config.json"))
-    if verbose:
-        print(f"{cfg.block}: {n_params / 1e6:.3f}M parameters, {run['tokens_per_step']} "
-              f"tokens/step, device {device}, dtype {dtype}, compile {run['compiled']}")
-
-
-def finish_run(run, cfg, ds, device, dtype, master, verbose):
+def finish_run(r, cfg, ds, device, master, verbose):
     """results.json, the plots and a sample of text."""
-    rows, model = run["rows"], run["model"]
+    rows, model = r["log"], r["model"]
+    tps = [x["tokens_per_s"] for x in rows[2:] if x["tokens_per_s"] == x["tokens_per_s"]] or \
+        [x["tokens_per_s"] for x in rows if x["tokens_per_s"] == x["tokens_per_s"]]  # (compile)
     last = rows[-1]
-    tps = [r["tokens_per_s"] for r in rows if r["tokens_per_s"] == r["tokens_per_s"]]
-    tps = [r["tokens_per_s"] for r in rows[2:] if r["tokens_per_s"] == r["tokens_per_s"]] or tps
     final = {"train_loss": last["train_loss"], "val_loss": last["val_loss"],
-             "val_ppl": math.exp(last["val_loss"]),  # tokens/s: without step 0's compilation
+             "val_ppl": math.exp(last["val_loss"]), "params": count_params(model),
              "tokens_per_s": sum(tps) / len(tps) if tps else float("nan"),
-             "params": count_params(model), "elapsed_s": last["elapsed_s"],
-             "train_s": last["train_s"], "step": last["step"]}
+             "elapsed_s": last["elapsed_s"], "train_s": last["train_s"], "step": last["step"]}
     results = {"script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "final": final,
                "param_table": param_table(cfg), "paper": PAPER_NUMBERS,
                "gains": learned_gains(model)}
@@ -1096,63 +1030,73 @@ def finish_run(run, cfg, ds, device, dtype, master, verbose):
         write_json(results, os.path.join(cfg.out_dir, "results.json"))
         plot_runs({cfg.block: rows}, cfg.out_dir, prefix="loss")
         if cfg.sample_tokens > 0 and verbose:
-            prompt = "def " if "pycode" in ds.name else "\n"
-            idx = torch.tensor([ds.encode(prompt)], dtype=torch.long, device=device)
-            with autocast_ctx(device, dtype):
+            idx = torch.tensor([ds.encode("def " if "pycode" in ds.name else "\n")], device=device)
+            with autocast_ctx(device, r["dtype"]):
                 out = model.generate(idx, cfg.sample_tokens, ds.vocab_size)[0].tolist()
             print("---- sample ----\n" + ds.decode(out) + "\n----------------")
     return results, rows
 
 
 # ---- checkpoints
-def save_checkpoint(run, cfg, step, device):
+def save_checkpoint(r, cfg, step):
     """ckpt.pt: model, optimizer, config, step, log and RNG states; written atomically."""
-    cuda_rng = torch.cuda.get_rng_state() if device.type == "cuda" else None
-    atomic_save({"script": SCRIPT, "model": run["model"].state_dict(),
-                 "optimizer": run["optimizer"].state_dict(), "scaler": run["scaler"].state_dict(),
-                 "config": dataclasses.asdict(cfg), "step": step, "log": run["rows"],
-                 "train_s": run["train_s"],
-                 "rng": {"data": run["gen"].get_state(), "torch": torch.get_rng_state(),
-                         "cuda": cuda_rng}}, run["ckpt_path"])
-    run["ckpt_step"] = step
+    cuda = torch.cuda.get_rng_state() if r["device"].type == "cuda" else None
+    atomic_save({"script": SCRIPT, "model": r["model"].state_dict(), "step": step,
+                 "optimizer": r["optimizer"].state_dict(), "scaler": r["scaler"].state_dict(),
+                 "config": dataclasses.asdict(cfg), "log": r["log"], "train_s": r["train_s"],
+                 "rng": {"data": r["gen"].get_state(), "torch": torch.get_rng_state(),
+                         "cuda": cuda}}, r["ckpt"])
+    r["ckpt_step"] = step
+
+
+def kept_checkpoint(r):
+    return f"{r['ckpt']} (step {r['ckpt_step']})" if r["ckpt_step"] is not None else "none"
 
 
 def load_checkpoint(path, cfg, explicit=()):
-    """-> (checkpoint, cfg with the checkpoint's architecture). BadInput if unreadable, written
-    by another script, or an architecture flag given in `explicit` differs."""
+    """-> (checkpoint, cfg with the checkpoint's architecture). BadInput if it is unreadable,
+    written by another script, or an architecture flag given in `explicit` differs."""
     if not os.path.isfile(path):
         raise BadInput(f"--resume: no checkpoint at {path}; run without --resume first")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
+        assert isinstance(ck, dict) and isinstance(ck["config"], dict) and "model" in ck
     except Exception as e:
-        raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; delete it or "
-                       "run without --resume") from None
-    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or "model" not in ck:
-        raise BadInput(f"cannot read checkpoint {path}: not a {SCRIPT}.py checkpoint; delete it "
-                       "or run without --resume")
+        raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; delete it or run "
+                       "without --resume") from None
     if ck.get("script") != SCRIPT:
-        who = f"{ck['script']}.py" if ck.get("script") else "another script (or an older version)"
+        who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
         raise BadInput(f"{path} was written by {who}, not {SCRIPT}.py")
-    arch = {}
-    for k in ARCH_FIELDS:
-        was = ck["config"].get(k)
-        if k in explicit and was != getattr(cfg, k) and k != "vocab_size":
-            raise BadInput(f"checkpoint has {k}={was} but --{k} {getattr(cfg, k)} was given")
-        arch[k] = was
-    return ck, dataclasses.replace(cfg, **arch)
+    for k in explicit:
+        if k in ARCH_FIELDS and k != "vocab_size" and ck["config"].get(k) != getattr(cfg, k):
+            raise BadInput(f"checkpoint has {k}={ck['config'].get(k)} but --{k} "
+                           f"{getattr(cfg, k)} was given")
+    return ck, dataclasses.replace(cfg, **{k: ck["config"][k] for k in ARCH_FIELDS})
+
+
+def restore_checkpoint(r, ck, device):
+    try:
+        r["model"].load_state_dict(ck["model"])
+        r["optimizer"].load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise BadInput(f"checkpoint {r['ckpt']} does not fit this model: "
+                       f"{str(e).splitlines()[0]}") from None
+    r["scaler"].load_state_dict(ck["scaler"])
+    r["gen"].set_state(ck["rng"]["data"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"])
+    r.update(step=ck["step"], log=ck["log"], train_s=ck["train_s"], ckpt_step=ck["step"])
 
 
 # ---- system helpers
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
              "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-             "A10": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12,
-             "T4": 65e12}
+             "A10": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
 
 
 def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
@@ -1163,24 +1107,18 @@ def flops_per_token(model, cfg):
 
 
 def resolve_device(cfg):
-    if cfg.device != "auto":
-        ok = {"cuda": torch.cuda.is_available(), "cpu": True,
-              "mps": getattr(torch.backends, "mps", None) is not None
-              and torch.backends.mps.is_available()}
-        return torch.device(cfg.device if ok[cfg.device] else "cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ok = {"cuda": torch.cuda.is_available(), "mps": mps, "cpu": True}
+    if cfg.device == "auto":
+        return torch.device(next(d for d, have in ok.items() if have))
+    return torch.device(cfg.device if ok[cfg.device] else "cpu")
 
 
 def resolve_dtype(cfg, device):
     if cfg.dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, cfg.dtype)
 
 
 def autocast_ctx(device, dtype):
@@ -1190,12 +1128,10 @@ def autocast_ctx(device, dtype):
 
 
 def maybe_compile(model, cfg, device):
-    use = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    if not use:
+    if not (cfg.compile if cfg.compile is not None else device.type == "cuda"):
         return model, False
     if not hasattr(torch, "compile") or device.type == "mps":
-        print("note: torch.compile is not available on this platform; running eagerly",
-              file=sys.stderr)
+        print("note: torch.compile is not available here; running eagerly", file=sys.stderr)
         return model, False
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     return torch.compile(model, mode=mode), True
@@ -1203,9 +1139,9 @@ def maybe_compile(model, cfg, device):
 
 def git_commit():
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=os.path.dirname(os.path.abspath(__file__))
+                              ).stdout.strip() or None
     except Exception:
         return None
 
@@ -1231,39 +1167,34 @@ def write_log(rows, path):
 
 def setup_ddp(cfg):
     """(device, (rank, world_size)); under torchrun one process per GPU (NCCL) or CPU (gloo)."""
+    device = resolve_device(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return resolve_device(cfg), (0, 1)
-    import torch.distributed as dist
-
-    dev = resolve_device(cfg)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return dev, (dist.get_rank(), dist.get_world_size())
+        return device, (0, 1)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, (torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
 def prepare(argv):
     """Parse, validate, read the checkpoint and the data: everything before the first write."""
     cfg = parse_config(argv)
     validate(cfg)
-    ck = None
+    ck, ds = None, None
     if cfg.resume:
-        path = os.path.join(cfg.out_dir, "ckpt.pt")
-        ck, cfg = load_checkpoint(path, cfg, explicit_flags(argv))
-    ds = None
+        ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg, explicit_flags(argv))
     if cfg.bench:
         cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 50257)
     else:
         ds = load_data(cfg)
         cfg = dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, ds.vocab_size))
-    cfg = dataclasses.replace(cfg, vocab_size=64 * math.ceil(cfg.vocab_size / 64))  # pad
-    return cfg, ds, ck
+    return dataclasses.replace(cfg, vocab_size=64 * math.ceil(cfg.vocab_size / 64)), ds, ck
 
 
 def run_mode(cfg, ds, ck, device, ddp):
-    master = ddp[0] == 0
-    if master:
+    """The parameter table, then one training run, --compare or --bench."""
+    if ddp[0] == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
         table = param_table(cfg)
         print(f"trainable parameters at L={cfg.n_layer}, d={cfg.n_embd}, H={cfg.n_head}, "
@@ -1271,7 +1202,7 @@ def run_mode(cfg, ds, ck, device, ddp):
         write_json({"config": {k: getattr(cfg, k) for k in ARCH_FIELDS}, "table": table},
                    os.path.join(cfg.out_dir, "params.json"))
     if cfg.bench:
-        if master:
+        if ddp[0] == 0:
             run_bench(cfg, device)
     elif cfg.compare:
         run_compare(cfg, ds, device, ddp)
@@ -1280,15 +1211,13 @@ def run_mode(cfg, ds, ck, device, ddp):
 
 
 def main(argv=None):
-    created = None  # the out_dir this run created, removed again if the run fails on bad input
+    created = None  # the out_dir this run created: removed again if it fails on bad input
     try:
         cfg, ds, ck = prepare(argv)
         device, ddp = setup_ddp(cfg)
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if not os.path.exists(cfg.out_dir) and ddp[0] == 0:
-            created = cfg.out_dir
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        created = cfg.out_dir if not os.path.exists(cfg.out_dir) and ddp[0] == 0 else None
         try:
             run_mode(cfg, ds, ck, device, ddp)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
@@ -1296,7 +1225,7 @@ def main(argv=None):
                 raise
             raise BadInput(f"out of memory at batch_size {cfg.batch_size}, block_size "
                            f"{cfg.block_size}, n_embd {cfg.n_embd}, n_layer {cfg.n_layer}; "
-                           "lower them (or use --grad_accum)") from None
+                           "lower them (or raise --grad_accum)") from None
         if ddp[1] > 1:
             torch.distributed.destroy_process_group()
     except BadInput as e:
