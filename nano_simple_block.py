@@ -427,49 +427,38 @@ def count_params(model):
 
 
 def param_formula(cfg: Config, block: str) -> int:
-    """Trainable parameters of GPT(cfg with block) (tested against the real model)."""
-    d, L, H, V, T, f = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, \
-        cfg.mlp_ratio
-    g = 1 if cfg.trainable_gains else 0
-    total = V * d + T * d + d  # tied embedding, positions, final norm
-    for i in range(L):
-        n = 2 * d * d + 2 * d + 2 * f * d * d  # W^Q, W^K, Q/K biases, W_in, W_out
-        if block == "preln":
-            n += 2 * d * d + 2 * d  # W^V, W^P, 2 norms
-        elif block == "parallel":
-            n += 2 * d * d + d  # W^V, W^P, 1 norm
-        else:
-            heads = H if cfg.gains == "head" else 1
-            n += g * heads * (3 if cfg.attn_matrix == "shaped" else 2)  # alpha_h, beta_h, gamma_h
-            n += g * 2  # beta_SA, beta_FF
-            if block == "vskip":
-                n += 2 * d * d + 2 * d + g * cfg.mlp_skip  # orthogonal W^V, W^P, 2 norms, alpha_FF
-            else:
-                if block == "sas":
-                    n += 2 * d + g * cfg.mlp_skip  # 2 norms, alpha_FF
-                elif block == "sasp" or i == 0:
-                    n += d  # 1 norm (sasp_nonorm: only in front of block 1)
-                if i == 0 and cfg.first_value:
-                    n += d * d + 2 * g  # dW, alpha_V, beta_V
-        total += n
-    return total
+    """Trainable parameters of GPT(cfg with block) (Sec. 4.1; tested against the real model)."""
+    d, g = cfg.n_embd, int(cfg.trainable_gains)
+    norms = {"preln": 2, "parallel": 1, "vskip": 2, "sas": 2, "sasp": 1, "sasp_nonorm": 0}[block]
+    n = 2 * d * d + 2 * d + 2 * cfg.mlp_ratio * d * d + norms * d  # W^Q,K + biases, MLP, norms
+    if block in ("preln", "parallel", "vskip"):
+        n += 2 * d * d  # W^V, W^P
+    if block in SHAPED_BLOCKS:
+        heads = cfg.n_head if cfg.gains == "head" else 1
+        n += g * (heads * (3 if cfg.attn_matrix == "shaped" else 2) + 2)  # a, b, (c), beta_SA, FF
+        n += g * cfg.mlp_skip * (block in ("sas", "vskip"))  # alpha_FF
+    first = d * (block == "sasp_nonorm")  # the norm kept in front of block 1
+    if block in ("sas", "sasp", "sasp_nonorm") and cfg.first_value:
+        first += d * d + 2 * g  # W_1^V: dW, alpha_V, beta_V
+    return (cfg.vocab_size + cfg.block_size + 1) * d + cfg.n_layer * n + first  # + wte, wpe, norm
 
 
 def param_table(cfg: Config):
     base = param_formula(cfg, "preln")
-    rows = []
-    for b in BLOCKS:
-        n = param_formula(cfg, b)
-        rows.append({"block": b, "params": n, "reduction_vs_preln": 1 - n / base})
-    return rows
+    return [{"block": b, "params": param_formula(cfg, b),
+             "reduction_vs_preln": 1 - param_formula(cfg, b) / base} for b in BLOCKS]
+
+
+def md_table(header, rows):
+    """A markdown table from a header and rows of cells."""
+    return "\n".join("| " + " | ".join(map(str, r)) + " |"
+                     for r in [header, ["---"] * len(header)] + rows)
 
 
 def format_param_table(rows):
-    lines = ["| block | params | vs Pre-LN |", "|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['block']} | {r['params'] / 1e6:.3f}M | "
-                     f"{-100 * r['reduction_vs_preln']:+.1f}% |")
-    return "\n".join(lines)
+    return md_table(["block", "params", "vs Pre-LN"], [
+        [r["block"], f"{r['params'] / 1e6:.3f}M", f"{-100 * r['reduction_vs_preln']:+.1f}%"]
+        for r in rows])
 
 
 def learned_gains(model):
@@ -478,9 +467,9 @@ def learned_gains(model):
     for b in model.blocks:
         row = {n: float(getattr(b, n).detach()) for n in ("beta_sa", "beta_ff", "alpha_ff")
                if hasattr(b, n)}
-        for name in ("alpha", "beta", "gamma", "alpha_v", "beta_v"):
-            if hasattr(b.attn, name):
-                row[name] = getattr(b.attn, name).detach().float().cpu().tolist()
+        for n in ("alpha", "beta", "gamma", "alpha_v", "beta_v"):
+            if hasattr(b.attn, n):
+                row[n] = getattr(b.attn, n).detach().float().cpu().tolist()
         out.append(row)
     return out
 
@@ -498,9 +487,7 @@ def plot_runs(runs, out_dir, prefix="loss"):
             pts = [(r[xkey], r["val_loss"]) for r in rows if r["step"] > 0]
             if pts:
                 ax.plot(*zip(*pts), label=label, marker=".")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"validation loss vs {name}")
+        ax.set(xlabel=xlabel, ylabel="validation loss", title=f"validation loss vs {name}")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
@@ -515,21 +502,17 @@ def run_compare(cfg, ds, device, ddp):
     for b in cfg.compare.split(","):
         sub = dataclasses.replace(cfg, block=b, out_dir=os.path.join(cfg.out_dir, b), compare="")
         os.makedirs(sub.out_dir, exist_ok=True)
-        res, rows = train(sub, ds, device, ddp)
-        runs[b] = rows
+        res, runs[b] = train(sub, ds, device, ddp)
         table.append({"block": b, **{k: res["final"][k] for k in (
             "params", "tokens_per_s", "train_loss", "val_loss", "train_s")}})
     if ddp[0] != 0:
         return
     base = next((r for r in table if r["block"] == "preln"), table[0])
-    lines = [f"| block | params | vs {base['block']} | tokens/s | speed vs {base['block']} | "
-             "final train loss | final val loss |", "|---|---|---|---|---|---|---|"]
-    for r in table:
-        lines.append(f"| {r['block']} | {r['params'] / 1e6:.3f}M | "
-                     f"{100 * (r['params'] / base['params'] - 1):+.1f}% | "
-                     f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
-                     f"{r['train_loss']:.4f} | {r['val_loss']:.4f} |")
-    text = "\n".join(lines)
+    text = md_table(["block", "params", f"vs {base['block']}", "tokens/s", "speed",
+                     "final train loss", "final val loss"], [
+        [r["block"], f"{r['params'] / 1e6:.3f}M", f"{100 * (r['params'] / base['params'] - 1):+.1f}%",
+         f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+         f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}"] for r in table])
     print(text)
     with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
         f.write(text + "\n")
@@ -538,23 +521,22 @@ def run_compare(cfg, ds, device, ddp):
     plot_runs(runs, cfg.out_dir, prefix="compare_loss")
 
 
-# ---- making it fast: the same functions as above, computed faster (each tested against its
-# plain form in tests/test_simple_block.py)
+# ---- making it fast: the same functions, computed faster (tests/test_simple_block.py checks
+# each against the plain form above, in float64)
 def cummean(v, how="cumsum"):
-    """C @ v along dim -2 (C = causal_uniform) without the (T, T) matrix. v: (..., T, C) ->
-    float32 (float64 stays float64). cumsum: a float32 scan; matmul: tril(ones) @ v on the
-    tensor cores (float32 accumulation, the sum rounded once to v.dtype)."""
+    """causal_uniform(T) @ v along dim -2, without the (T, T) matrix. v: (..., T, C) -> float32
+    (float64 stays float64). cumsum: a float32 scan; matmul: tril(ones) @ v on the tensor cores
+    (float32 accumulation, the sum rounded once to v.dtype)."""
     T = v.size(-2)
     acc = torch.promote_types(v.dtype, torch.float32)
     n = torch.arange(1, T + 1, device=v.device, dtype=acc).view(T, 1)  # (T, 1): i = 1..T
     if how == "matmul":
-        ones = torch.ones(T, T, device=v.device, dtype=v.dtype).tril()
-        return (ones @ v).to(acc) / n
+        return (torch.ones(T, T, device=v.device, dtype=v.dtype).tril() @ v).to(acc) / n
     return v.to(acc).cumsum(-2) / n
 
 
 def sdpa_attention(att, q, k, v, scale=None):
-    """Attention.attention_matrix(q, k, scale) @ v without the T x T matrix, on FlashAttention:
+    """att.attention_matrix(q, k, scale) @ v without the T x T matrix, on FlashAttention:
     (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma cummean(V).
     q, k, v: (B, H, T, dh) -> (B, H, T, dh)."""
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # A V
@@ -581,7 +563,7 @@ def fused_block_forward(blk, x):
         return blk.alpha_ff * x_hat + m if blk.mlp_skip else m
     h = blk.norm1(x)  # (B, T, d)
     n_in = blk.attn.n_in()
-    z = F.linear(h, torch.cat(blk.attn.in_weights() + [blk.mlp.c_fc.weight]))  # (B, T, n_in + 4d)
+    z = F.linear(h, torch.cat(blk.attn.in_weights() + [blk.mlp.c_fc.weight]))  # (B, T, n_in+4d)
     r = F.relu(z[..., n_in:])  # (B, T, 4d)
     if blk.kind == "parallel":
         return x + blk.attn.from_projections(z[..., :n_in], h) + F.linear(r, blk.mlp.c_proj.weight)
@@ -595,120 +577,100 @@ def fused_block_forward(blk, x):
 
 def parse_bench_entry(entry, cfg):
     """'sasp:cummean=matmul:gains=layer' -> (label, Config)."""
-    parts = entry.split(":")
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    over = {"block": parts[0]}
-    for p in parts[1:]:
+    block, *overrides = entry.split(":")
+    fields, over = {f.name: f.default for f in dataclasses.fields(Config)}, {"block": block}
+    for p in overrides:
         k, _, v = p.partition("=")
         if k not in fields or not v:
             raise BadInput(f"bad bench entry {entry!r}: use block[:field=value...], a Config field")
-        over[k] = _convert(fields[k], v)
+        typ = bool if fields[k] is None or isinstance(fields[k], bool) else type(fields[k])
+        if typ is bool and v.lower() not in ("true", "false"):
+            raise BadInput(f"bench entry {entry!r}: {k} takes true or false")
+        try:
+            over[k] = v.lower() == "true" if typ is bool else typ(v)
+        except ValueError:
+            raise BadInput(f"bench entry {entry!r}: {k} takes a {typ.__name__}") from None
     return entry, dataclasses.replace(cfg, **over)
 
 
-def _convert(f, v):
-    typ = type(f.default) if f.default is not None else bool
-    if typ is bool:
-        if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise BadInput(f"bench entry: {f.name} takes true/false, got {v!r}")
-        return v.lower() in ("1", "true", "yes")
-    try:
-        return typ(v)
-    except ValueError:
-        raise BadInput(f"bench entry: {f.name} takes a {typ.__name__}, got {v!r}") from None
-
-
-def run_bench(cfg, device):
-    """Time full training steps (forward, backward, clip, AdamW) of each entry in one process,
-    in interleaved rounds (clock drift hits every block alike)."""
-    dtype = resolve_dtype(cfg, device)
-    entries = [parse_bench_entry(e, cfg) for e in cfg.bench.split(",")]
-    if hasattr(torch, "_dynamo"):
-        for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    B, T = cfg.batch_size, cfg.block_size
-    x = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=gen).to(device)
-    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(step, n):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync()
-        return 1000 * (time.perf_counter() - t0) / n
-
-    models = {label: bench_model(c, label, x, y, device, dtype, cfg, timed) for label, c in entries}
-    for r in range(cfg.bench_rounds):
-        for m in models.values():
-            m["ms"].append(timed(m["step"], cfg.bench_iters))
-        print(f"round {r}: " + ", ".join(f"{lab} {m['ms'][-1]:.2f} ms"
-                                         for lab, m in models.items()), flush=True)
-        table = write_bench_table(cfg, models, device, dtype)
-    print(open(os.path.join(cfg.out_dir, "bench.md")).read())
-    return table
-
-
-def bench_model(c, label, x, y, device, dtype, cfg, timed):
-    """Build, compile and warm up one model; returns its training-step closure and metadata."""
-    torch.manual_seed(cfg.seed)
+def bench_step(c, x, y, device, dtype):
+    """One model of --bench: a closure running one full training step, and the model."""
+    torch.manual_seed(c.seed)
     model = GPT(c).to(device)
     opt = make_optimizer(model, c, device.type)
     cmodel, compiled = maybe_compile(model, c, device)
 
     def step():
         with autocast_ctx(device, dtype):
-            _, loss = cmodel(x, y)
+            loss = cmodel(x, y)[1]
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step, model, compiled
 
-    t0 = time.time()
-    for _ in range(cfg.bench_warmup):
-        step()
-    timed(lambda: None, 1)  # synchronise
-    m = {"step": step, "params": count_params(model), "warmup_s": time.time() - t0,
-         "compiled": compiled, "ms": [], "fpt": flops_per_token(model, c)}
-    print(f"bench {label}: {m['params'] / 1e6:.2f}M params, warm-up {m['warmup_s']:.1f}s, "
-          f"first timing {timed(step, cfg.bench_iters):.2f} ms/step", flush=True)
-    return m
+
+def run_bench(cfg, device):
+    """Time full training steps (forward, backward, clip, AdamW) of each --bench entry in one
+    process on random tokens, in interleaved rounds (clock drift hits every entry alike)."""
+    dtype = resolve_dtype(cfg, device)
+    for k in ("cache_size_limit", "recompile_limit"):  # one compiled graph per entry
+        if hasattr(torch, "_dynamo") and hasattr(torch._dynamo.config, k):
+            setattr(torch._dynamo.config, k, max(64, getattr(torch._dynamo.config, k)))
+    xy = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1),
+                       generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(step, n):  # seconds for n steps
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        return time.perf_counter() - t0
+
+    models = {}
+    for label, c in (parse_bench_entry(e, cfg) for e in cfg.bench.split(",")):
+        step, model, compiled = bench_step(c, x, y, device, dtype)
+        warm = timed(step, cfg.bench_warmup)  # (the first step compiles)
+        models[label] = {"step": step, "params": count_params(model), "warmup_s": warm,
+                         "fpt": flops_per_token(model, c), "compiled": compiled, "ms": []}
+        print(f"bench {label}: {models[label]['params'] / 1e6:.2f}M params, warm-up {warm:.1f}s")
+    for r in range(cfg.bench_rounds):
+        for m in models.values():
+            m["ms"].append(1000 * timed(m["step"], cfg.bench_iters) / cfg.bench_iters)
+        print(f"round {r}: " + ", ".join(f"{k} {m['ms'][-1]:.2f} ms" for k, m in models.items()))
+    return write_bench_table(cfg, models, device, dtype)
 
 
 def write_bench_table(cfg, models, device, dtype):
-    """bench.md / bench.json: ms/step (best round), tokens/s, speed and parameters relative to
-    preln (or the first entry)."""
-    B, T = cfg.batch_size, cfg.block_size
-    base_label = "preln" if "preln" in models else next(iter(models))
+    """bench.md / bench.json: ms/step (best round), tokens/s, MFU, speed and parameters relative
+    to preln (or the first entry)."""
     peak, table = peak_flops(device), []
     for label, m in models.items():
-        tps = B * T / (min(m["ms"]) / 1000)
+        tps = cfg.batch_size * cfg.block_size / (min(m["ms"]) / 1000)
         table.append({"block": label, "params": m["params"], "ms_per_step": min(m["ms"]),
-                      "ms_rounds": m["ms"], "tokens_per_s": tps,
-                      "mfu": tps * m["fpt"] / peak if peak else None,
-                      "warmup_s": m["warmup_s"], "compiled": m["compiled"]})
-    base = next(r for r in table if r["block"] == base_label)
+                      "ms_rounds": m["ms"], "tokens_per_s": tps, "warmup_s": m["warmup_s"],
+                      "mfu": tps * m["fpt"] / peak if peak else None, "compiled": m["compiled"]})
+    base = next((r for r in table if r["block"] == "preln"), table[0])
     for r in table:
         r["speed_vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["params_vs_base"] = r["params"] / base["params"] - 1
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    head = (f"device {dev}, torch {torch.__version__}, dtype {dtype}, compile "
-            f"{table[0]['compiled']} ({cfg.compile_mode}), L {cfg.n_layer}, d {cfg.n_embd}, "
-            f"H {cfg.n_head}, T {T}, B {B}, vocab {cfg.vocab_size}; best of "
-            f"{len(table[0]['ms_rounds'])} rounds x {cfg.bench_iters} steps")
-    lines = [head, "", f"| block | params | vs {base_label} | ms/step | tokens/s | "
-             f"speed vs {base_label} | MFU |", "|---|---|---|---|---|---|---|"]
-    for r in table:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        lines.append(f"| {r['block']} | {r['params'] / 1e6:.2f}M | "
-                     f"{100 * r['params_vs_base']:+.1f}% | {r['ms_per_step']:.2f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['speed_vs_base']:.3f}x | {mfu} |")
+    head = (f"device {dev}, torch {torch.__version__}, {dtype}, compile {table[0]['compiled']} "
+            f"({cfg.compile_mode}), L {cfg.n_layer}, d {cfg.n_embd}, H {cfg.n_head}, "
+            f"T {cfg.block_size}, B {cfg.batch_size}, vocab {cfg.vocab_size}; best of "
+            f"{cfg.bench_rounds} rounds x {cfg.bench_iters} steps")
+    text = head + "\n\n" + md_table(
+        ["block", "params", f"vs {base['block']}", "ms/step", "tokens/s", "speed", "MFU"],
+        [[r["block"], f"{r['params'] / 1e6:.2f}M", f"{100 * r['params_vs_base']:+.1f}%",
+          f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['speed_vs_base']:.3f}x",
+          f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"] for r in table])
+    print(text)
     with open(os.path.join(cfg.out_dir, "bench.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text + "\n")
     write_json({"script": SCRIPT + ".py", "header": head, "config": dataclasses.asdict(cfg),
                 "table": table}, os.path.join(cfg.out_dir, "bench.json"))
     return table
