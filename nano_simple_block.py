@@ -96,14 +96,11 @@ class Config:
     mlp_skip: bool = _f(True, "keep the MLP skip alpha_FF in sas/vskip (no: skipless MLP ablation)")
     first_value: bool = _f(True, "keep W_1^V = alpha_V I + beta_V dW in block 1 of sas/sasp")
     trainable_gains: bool = _f(True, "train the scalar gains (paper: yes)")
-    attn_matrix: str = _f("shaped", "skipless attention matrix: shaped (Eq. 5) or vskip (Eq. 4)",
-                          ("shaped", "vskip"))
+    attn_matrix: str = _f("shaped", "skipless attention: Eq. 5 or Eq. 4", ("shaped", "vskip"))
     gains: str = _f("head", "alpha, beta, gamma per head (paper) or per layer", ("head", "layer"))
     norm_eps: float = _f(1e-5, "RMSNorm epsilon (official code: 1e-5)")
-    attn_impl: str = _f("sdpa", "sdpa: FlashAttention + O(T) terms; explicit: the T x T matrix",
-                        ("sdpa", "explicit"))
-    cummean: str = _f("cumsum", "C @ V as a float32 cumsum or as tril(ones) @ V (tensor cores)",
-                      ("cumsum", "matmul"))
+    attn_impl: str = _f("sdpa", "explicit: the T x T matrix (plain)", ("sdpa", "explicit"))
+    cummean: str = _f("cumsum", "C @ V: float32 cumsum, or tril(ones) @ V", ("cumsum", "matmul"))
     fused: bool = _f(True, "fused block forms (one GEMM for both branches, gains in the weights)")
     # --- model
     n_layer: int = _f(6, "number of blocks L (paper: 18)")
@@ -135,8 +132,7 @@ class Config:
     log_interval: int = _f(10, "update the progress bar every this many steps")
     # --- system
     device: str = _f("auto", "auto: cuda > mps > cpu", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = _f("auto", "auto: bfloat16 on CUDA, float32 elsewhere",
-                    ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f("auto", "auto: bfloat16 on CUDA", ("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = _f(None, "torch.compile (default: on for CUDA, off elsewhere)")
     compile_mode: str = _f("default", "torch.compile mode", ("default", "reduce-overhead",
                            "max-autotune", "max-autotune-no-cudagraphs"))
@@ -147,9 +143,9 @@ class Config:
     progress: bool = _f(True, "show the tqdm progress bar")
     sample_tokens: int = _f(200, "tokens of text sampled at the end (0 = none)")
     # --- modes
-    preset: str = _f("auto", "cpu (laptop), gpu (paper shape), gpu_mini (12 x 512); auto = gpu if "
-                     "CUDA else cpu; explicit flags win", ("auto", "cpu", "gpu", "gpu_mini", "none"))
-    compare: str = _f("", "comma list of blocks to train in turn (same seed and data), e.g. preln,sasp")
+    preset: str = _f("auto", "cpu (laptop), gpu (paper shape), gpu_mini (12 x 512); auto: gpu if "
+                     "CUDA; explicit flags win", ("auto", "cpu", "gpu", "gpu_mini", "none"))
+    compare: str = _f("", "comma list of blocks to train in turn (same seed and data)")
     bench: str = _f("", "comma list of blocks to time side by side (random tokens); entries take "
                     "overrides, e.g. sasp:cummean=matmul:gains=layer")
     bench_warmup: int = _f(5, "bench: untimed steps per model (the first compiles)")
@@ -510,7 +506,8 @@ def run_compare(cfg, ds, device, ddp):
     base = next((r for r in table if r["block"] == "preln"), table[0])
     text = md_table(["block", "params", f"vs {base['block']}", "tokens/s", "speed",
                      "final train loss", "final val loss"], [
-        [r["block"], f"{r['params'] / 1e6:.3f}M", f"{100 * (r['params'] / base['params'] - 1):+.1f}%",
+        [r["block"], f"{r['params'] / 1e6:.3f}M",
+         f"{100 * (r['params'] / base['params'] - 1):+.1f}%",
          f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
          f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}"] for r in table])
     print(text)
@@ -807,7 +804,7 @@ def warmup_iters(cfg):
 
 
 def make_optimizer(model, cfg, device_type):
-    """AdamW; weight decay only on matrices and embeddings: gains, norms, biases (< 2-D) get none."""
+    """AdamW; weight decay only on matrices and embeddings, not on gains, norms, biases (< 2-D)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -841,14 +838,14 @@ LOG_COLUMNS = ["step", "tokens", "elapsed_s", "train_s", "lr", "train_loss", "va
                "tokens_per_s", "mfu", "block", "beta_sa_mean", "beta_ff_mean"]
 
 
-def train(cfg: Config, ds, device, ddp=(0, 1), ck=None, verbose=True):
+def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
     """Train GPT(cfg) on ds: config.json, log.csv, ckpt.pt, results.json, plots in cfg.out_dir."""
     from tqdm.auto import tqdm
 
     r = setup_run(cfg, ds, device, ddp, ck)
     master, step, loss, norm = ddp[0] == 0, r["step"], None, None
     bar = tqdm(total=cfg.max_iters, initial=step, desc=cfg.block, dynamic_ncols=True,
-               disable=not (master and verbose and cfg.progress))
+               disable=not (master and cfg.progress))
     r["t_start"] = time.time() - (r["log"][-1]["elapsed_s"] if r["log"] else 0.0)
     r["t_mark"], r["tokens_mark"] = time.time(), step * r["tokens_per_step"]
     try:
@@ -860,7 +857,7 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None, verbose=True):
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 check_finite(r, loss, norm, step)  # before the checkpoint is written
                 if not (r["log"] and r["log"][-1]["step"] == step):  # (resumed: logged already)
-                    log_eval(r, cfg, ds, device, ddp, step, lr, bar if verbose else None)
+                    log_eval(r, cfg, ds, device, ddp, step, lr, bar)
                 r["t_mark"], r["tokens_mark"] = time.time(), step * r["tokens_per_step"]
             elif stop and master:
                 check_finite(r, loss, norm, step)
@@ -872,7 +869,7 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None, verbose=True):
             bar.update(1)
             if device.type != "cuda" or step % cfg.log_interval == 0:
                 check_finite(r, loss, norm, step)  # every step on CPU, now and then on CUDA
-            if step % cfg.log_interval == 0 and master and verbose:
+            if step % cfg.log_interval == 0 and master:
                 tps = (step * r["tokens_per_step"] - r["tokens_mark"]) / (time.time() - r["t_mark"])
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
     except KeyboardInterrupt:
@@ -880,7 +877,7 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None, verbose=True):
                                 f"{kept_checkpoint(r)}") from None
     finally:
         bar.close()
-    return finish_run(r, cfg, ds, device, master, verbose)
+    return finish_run(r, cfg, ds, device, master)
 
 
 def setup_run(cfg, ds, device, ddp, ck):
@@ -958,9 +955,8 @@ def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
                      "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu,
                      "block": cfg.block, **gain_means(r["model"])})
     if ddp[0] == 0:
-        if bar is not None:
-            bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
-                      f"lr {lr:.2e}, {tps:,.0f} tok/s")
+        bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
+                  f"lr {lr:.2e}, {tps:,.0f} tok/s")
         write_log(r["log"], os.path.join(cfg.out_dir, "log.csv"))
         if step > 0 or cfg.max_iters == 0:
             save_checkpoint(r, cfg, step)
@@ -975,7 +971,7 @@ def gain_means(model):
     return out
 
 
-def finish_run(r, cfg, ds, device, master, verbose):
+def finish_run(r, cfg, ds, device, master):
     """results.json, the plots and a sample of text."""
     rows, model = r["log"], r["model"]
     tps = [x["tokens_per_s"] for x in rows[2:] if x["tokens_per_s"] == x["tokens_per_s"]] or \
@@ -991,7 +987,7 @@ def finish_run(r, cfg, ds, device, master, verbose):
     if master:
         write_json(results, os.path.join(cfg.out_dir, "results.json"))
         plot_runs({cfg.block: rows}, cfg.out_dir, prefix="loss")
-        if cfg.sample_tokens > 0 and verbose:
+        if cfg.sample_tokens > 0:
             idx = torch.tensor([ds.encode("def " if "pycode" in ds.name else "\n")], device=device)
             with autocast_ctx(device, r["dtype"]):
                 out = model.generate(idx, cfg.sample_tokens, ds.vocab_size)[0].tolist()

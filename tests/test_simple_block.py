@@ -340,21 +340,117 @@ def test_compare_and_bench_modes(tmp_path, tiny_text):
     assert table[0]["speed_vs_base"] == 1.0 and table[1]["params_vs_base"] < 0
 
 
-@pytest.mark.parametrize("args,needle", [
+BAD = [  # script-specific bad input (tests/test_cli.py has the common cases)
     (["--block", "foo"], "invalid choice"),
+    (["--block", "nope", "--compare", "preln,sasp"], "invalid choice"),
     (["--compare", "preln,bogus"], "unknown block"),
+    (["--compare", "preln,preln"], "twice"),
+    (["--compare", "preln,"], "unknown block"),
+    (["--bench", "nope"], "unknown block"),
+    (["--bench", "sasp:nosuch=1"], "bad bench entry"),
+    (["--bench", "sasp:n_layer=two"], "takes a int"),
+    (["--bench", "sasp:fused=maybe"], "true or false"),
+    (["--bench", "sasp:n_head=3"], "divisible"),
+    (["--bench", "preln", "--compare", "preln"], "separate modes"),
+    (["--resume", "--compare", "preln,sasp"], "separate modes"),
     (["--n_embd", "10", "--n_head", "3"], "divisible"),
     (["--block", "preln", "--gains", "layer"], "shaped attention"),
+    (["--block", "parallel", "--attn_matrix", "vskip"], "shaped attention"),
     (["--block", "sasp", "--no-mlp_skip"], "sas or vskip"),
+    (["--norm_eps", "-1"], "norm_eps"),
+    (["--norm_eps", "inf"], "norm_eps"),
+    (["--beta_ff", "nan"], "beta_ff"),
+    (["--beta_sa", "inf"], "beta_sa"),
+    (["--adam_eps", "0"], "adam_eps"),
+    (["--warmup_frac", "1.5"], "warmup_frac"),
+    (["--mlp_ratio", "0"], "mlp_ratio"),
+    (["--vocab_size", "-1"], "vocab_size"),
+    (["--sample_tokens", "-1"], "sample_tokens"),
+    (["--log_interval", "0"], "log_interval"),
+    (["--bench_iters", "0"], "bench_iters"),
+    (["--bench_rounds", "0"], "bench_rounds"),
+    (["--bench_warmup", "-1"], "bench_warmup"),
+    (["--attn_impl", "flash"], "invalid choice"),
+    (["--cummean", "scan"], "invalid choice"),
+    (["--schedule", "step"], "invalid choice"),
     (["--resume"], "no checkpoint"),
     (["--dataset", "/nonexistent/file.txt"], "not found"),
-    (["--bench", "sasp:nosuch=1"], "bad bench entry"),
-])
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, needle):
+    (["--block_size", "100000"], "block_size"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, needle, tiny_text):
     out = tmp_path / "never"
+    data = [] if "--dataset" in args else ["--dataset", tiny_text]
+    before = sorted(os.listdir(tmp_path))
     with pytest.raises(SystemExit) as e:
-        run_main(args, out)
+        run_main(data + args, out)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
-    assert not out.exists()
+    assert err[0].startswith("nano_simple_block.py: error: ")
+    assert "Traceback" not in captured.out
+    assert sorted(os.listdir(tmp_path)) == before and not out.exists()
+
+
+@pytest.mark.parametrize("block,variant", [(b, v) for b in S.BLOCKS for v in ({}, {"attn_impl":
+                                             "explicit"})] + [(b, {"gains": "layer"}) for b in SHAPED])
+def test_fused_forms_equal_plain_forms_float64(block, variant):
+    """Making it fast: fused_block_forward (one GEMM for both branches, gains folded into the
+    weights, addmm) against Block.forward's plain equations, forward and every gradient."""
+    torch.manual_seed(7)
+    cfg = tiny(block, n_layer=3, **variant)
+    fast = S.GPT(cfg).double()
+    perturb(fast)
+    plain = S.GPT(dataclasses.replace(cfg, fused=False)).double()
+    plain.load_state_dict(fast.state_dict())
+    idx = torch.randint(0, 64, (3, 6))
+    lf, loss_f = fast(idx, idx)
+    lp, loss_p = plain(idx, idx)
+    assert (lf - lp).abs().max().item() < 1e-10
+    loss_f.backward()
+    loss_p.backward()
+    for (n, pf), pp in zip(fast.named_parameters(), plain.parameters()):
+        assert (pf.grad - pp.grad).abs().max().item() < 1e-10, n
+
+
+def test_all_plain_equals_all_fast_float64():
+    """The whole plain model (T x T matrices, unfused blocks) against the default fast one."""
+    torch.manual_seed(8)
+    cfg = tiny("sasp", n_layer=3)
+    fast = S.GPT(cfg).double()
+    perturb(fast)
+    plain = S.GPT(dataclasses.replace(cfg, fused=False, attn_impl="explicit")).double()
+    plain.load_state_dict(fast.state_dict())
+    idx = torch.randint(0, 64, (3, 6))
+    assert (fast(idx, idx)[0] - plain(idx, idx)[0]).abs().max().item() < 1e-10
+
+
+def test_stop_at_between_evals_then_resume_is_exact(tmp_path, tiny_text):
+    """--stop_at 3 (not an eval step) leaves a step-3 checkpoint; resuming gives the same log."""
+    args = SMALL + ["--dataset", tiny_text, "--max_iters", "6", "--eval_interval", "2",
+                    "--block", "sasp", "--sample_tokens", "0"]
+    run_main(args, tmp_path / "a")
+    run_main(args + ["--stop_at", "3"], tmp_path / "b")
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 3
+    run_main(args + ["--resume"], tmp_path / "b")
+    ra = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
+    rb = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
+    assert [(r["step"], r["train_loss"], r["val_loss"]) for r in ra] == \
+        [(r["step"], r["train_loss"], r["val_loss"]) for r in rb]
+
+
+def test_resume_takes_architecture_from_checkpoint(tmp_path, tiny_text, capsys):
+    """Architecture flags not given on resume come from the checkpoint; given ones must match."""
+    args = SMALL + ["--dataset", tiny_text, "--max_iters", "4", "--eval_interval", "2",
+                    "--sample_tokens", "0"]
+    run_main(args + ["--block", "sas", "--stop_at", "2"], tmp_path / "a")
+    run_main(args + ["--resume"], tmp_path / "a")  # --block not given: sas from the checkpoint
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["config"]["block"] == "sas"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(args + ["--resume", "--block", "sasp"], tmp_path / "a")
+    assert e.value.code == 2
+    assert "checkpoint has block=sas but --block sasp was given" in capsys.readouterr().err
