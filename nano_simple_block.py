@@ -938,7 +938,8 @@ def check_finite(r, loss, norm, step):
     device: reading it syncs, so on CUDA it is read only now and then)."""
     if loss is not None and bool(r["bad"]):
         what = f"loss is {float(loss)}" if not torch.isfinite(loss) else f"grad norm is {norm}"
-        raise Diverged(f"step {step}: {what}; kept {kept_checkpoint(r)}")
+        kept = f"kept {kept_checkpoint(r)}" if r["ckpt_step"] is not None else "no checkpoint yet"
+        raise Diverged(f"step {step}: {what}; {kept}")
 
 
 def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
@@ -1008,7 +1009,7 @@ def save_checkpoint(r, cfg, step):
 
 
 def kept_checkpoint(r):
-    return f"{r['ckpt']} (step {r['ckpt_step']})" if r["ckpt_step"] is not None else "none"
+    return f"{r['ckpt']} (step {r['ckpt_step']})" if r["ckpt_step"] is not None else "none yet"
 
 
 def load_checkpoint(path, cfg, explicit=()):
