@@ -702,19 +702,16 @@ def build_parser(suppress_defaults=False):
     return p
 
 
-def explicit_flags(argv):
-    """The Config fields given on the command line (they win over presets and checkpoints)."""
-    return vars(build_parser(suppress_defaults=True).parse_args(argv))
-
-
 def parse_config(argv=None) -> Config:
-    """Config = defaults, then the preset, then the flags given explicitly."""
+    """Config = defaults, then the preset, then the flags given; cfg.explicit = their names."""
     args = build_parser().parse_args(argv)  # checks choices and types, handles --help
+    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
     preset = args.preset
     if preset == "auto":
         preset = "gpu" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    values = {**PRESETS.get(preset, {}), **explicit_flags(argv), "preset": preset}
-    return dataclasses.replace(Config(), **values)
+    cfg = dataclasses.replace(Config(), **{**PRESETS.get(preset, {}), **given, "preset": preset})
+    cfg.explicit = set(given)  # (they win over presets and checkpoints)
+    return cfg
 
 
 def validate(cfg: Config):
@@ -1012,9 +1009,9 @@ def kept_checkpoint(r):
     return f"{r['ckpt']} (step {r['ckpt_step']})" if r["ckpt_step"] is not None else "none yet"
 
 
-def load_checkpoint(path, cfg, explicit=()):
+def load_checkpoint(path, cfg):
     """-> (checkpoint, cfg with the checkpoint's architecture). BadInput if it is unreadable,
-    written by another script, or an architecture flag given in `explicit` differs."""
+    written by another script, or an architecture flag given on the command line differs."""
     if not os.path.isfile(path):
         raise BadInput(f"--resume: no checkpoint at {path}; run without --resume first")
     try:
@@ -1026,7 +1023,7 @@ def load_checkpoint(path, cfg, explicit=()):
     if ck.get("script") != SCRIPT:
         who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
         raise BadInput(f"{path} was written by {who}, not {SCRIPT}.py")
-    for k in explicit:
+    for k in getattr(cfg, "explicit", ()):
         if k in ARCH_FIELDS and k != "vocab_size" and ck["config"].get(k) != getattr(cfg, k):
             raise BadInput(f"checkpoint has {k}={ck['config'].get(k)} but --{k} "
                            f"{getattr(cfg, k)} was given")
@@ -1142,7 +1139,7 @@ def prepare(argv):
     validate(cfg)
     ck, ds = None, None
     if cfg.resume:
-        ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg, explicit_flags(argv))
+        ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
     if cfg.bench:
         cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 50257)
     else:
@@ -1193,7 +1190,7 @@ def main(argv=None):
         print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:
-        print(f"{SCRIPT}.py: diverged at {e}", file=sys.stderr)
+        print(f"{SCRIPT}.py: diverged: {e}", file=sys.stderr)
         sys.exit(3)
     except KeyboardInterrupt as e:
         print(f"{SCRIPT}.py: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
