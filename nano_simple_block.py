@@ -211,6 +211,15 @@ def causal_uniform(T, device=None, dtype=None):
     return torch.ones(T, T, device=device, dtype=dtype).tril() / n
 
 
+def skipless_matrix(A, alpha, beta, gamma):
+    """The attention matrix without an attention skip, from A of Eq. 2 (B, H, T, T):
+    Eq. 4 (V-SkipInit) alpha I + beta A with beta = 0 at init, or Eq. 5 (shaped attention)
+    alpha_h I + beta_h A - gamma_h C, = I at init when W^Q = 0. alpha, beta, gamma: (H, 1, 1)."""
+    T = A.size(-1)
+    eye = torch.eye(T, device=A.device, dtype=A.dtype)
+    return beta * A + alpha * eye - gamma * causal_uniform(T, A.device, A.dtype)
+
+
 def _gain(module, name, init, trainable):
     """Register a scalar gain: a parameter (no weight decay: it is < 2-D) or, frozen, a buffer."""
     if trainable:
@@ -305,12 +314,7 @@ class Attention(nn.Module):
 
     def attention_matrix(self, q, k, scale=None):  # (B, H, T, T), as the official code builds it
         A = causal_softmax(q, k)  # Eq. 2
-        if self.matrix == "softmax":
-            return A
-        a, b, c = self.coefficients(scale)
-        T = q.size(-2)
-        eye = torch.eye(T, device=q.device, dtype=q.dtype)
-        return b * A + a * eye - c * causal_uniform(T, q.device, q.dtype)  # Eq. 5 (Eq. 4: c = 0)
+        return A if self.matrix == "softmax" else skipless_matrix(A, *self.coefficients(scale))
 
 
 def default_beta_ff(cfg):
