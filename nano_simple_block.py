@@ -739,7 +739,7 @@ def validate(cfg: Config):
         if not ok:
             raise BadInput(f"--{n} must be {want} (got {getattr(cfg, n)})")
     validate_blocks(cfg)
-    if resolve_device(cfg).type == "cpu" and cfg.device != "cpu" and cfg.device != "auto":
+    if resolve_device(cfg).type == "cpu" and cfg.device not in ("cpu", "auto"):
         raise BadInput(f"--device {cfg.device} is not available here; use --device cpu")
     if cfg.dtype == "float16" and resolve_device(cfg).type == "cpu":
         raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
@@ -1189,7 +1189,7 @@ def main(argv=None):
         if ddp[1] > 1:
             torch.distributed.destroy_process_group()
     except BadInput as e:
-        if created:
+        if created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):  # (keep results)
             shutil.rmtree(created, ignore_errors=True)
         print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)
         sys.exit(2)

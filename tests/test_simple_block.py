@@ -454,3 +454,18 @@ def test_resume_takes_architecture_from_checkpoint(tmp_path, tiny_text, capsys):
         run_main(args + ["--resume", "--block", "sasp"], tmp_path / "a")
     assert e.value.code == 2
     assert "checkpoint has block=sas but --block sasp was given" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_line_and_removes_the_new_out_dir(tmp_path, tiny_text, capsys,
+                                                               monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(S, "train", oom)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_main(SMALL + ["--dataset", tiny_text], out)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0] and "--grad_accum" in err[0], err
+    assert not out.exists()
