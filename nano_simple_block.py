@@ -719,32 +719,14 @@ def parse_config(argv=None) -> Config:
 
 
 def validate(cfg: Config):
-    """Every check that can fail before anything is written."""
-    for n in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
-              "eval_interval", "eval_iters", "log_interval", "bench_iters", "bench_rounds"):
-        if getattr(cfg, n) < 1:
-            raise BadInput(f"--{n} must be >= 1 (got {getattr(cfg, n)})")
-    for n in ("max_iters", "warmup_iters", "stop_at", "sample_tokens", "bench_warmup", "vocab_size",
-              "min_lr", "weight_decay", "grad_clip", "norm_eps"):
-        if not 0 <= getattr(cfg, n) < math.inf:
-            raise BadInput(f"--{n} must be >= 0 (got {getattr(cfg, n)})")
-    for n, ok, want in [("lr", 0 < cfg.lr < math.inf, "> 0"), ("min_lr", cfg.min_lr <= cfg.lr,
-                         "<= --lr"), ("beta1", 0 <= cfg.beta1 < 1, "in [0, 1)"),
-                        ("beta2", 0 <= cfg.beta2 < 1, "in [0, 1)"),
-                        ("adam_eps", 0 < cfg.adam_eps < math.inf, "> 0"),
-                        ("warmup_frac", 0 <= cfg.warmup_frac <= 1, "in [0, 1]"),
-                        ("beta_sa", math.isfinite(cfg.beta_sa), "finite"),
-                        ("beta_ff", math.isfinite(cfg.beta_ff), "finite (< 0: the default)"),
-                        ("seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32)")]:
-        if not ok:
-            raise BadInput(f"--{n} must be {want} (got {getattr(cfg, n)})")
-    validate_blocks(cfg)
+    """Every check that can fail before anything is written (for each --compare/--bench entry)."""
+    for c in run_configs(cfg):
+        validate_numbers(c)
     if resolve_device(cfg).type == "cpu" and cfg.device not in ("cpu", "auto"):
         raise BadInput(f"--device {cfg.device} is not available here; use --device cpu")
     if cfg.dtype == "float16" and resolve_device(cfg).type == "cpu":
         raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
-    out = os.path.abspath(cfg.out_dir)
-    parent = out
+    parent = os.path.abspath(cfg.out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
@@ -753,28 +735,48 @@ def validate(cfg: Config):
         raise BadInput(f"--out_dir {cfg.out_dir}: {parent} is not writable")
 
 
-def validate_blocks(cfg: Config):
-    """--block, --compare and --bench entries, and the ablation flags."""
+def validate_numbers(c: Config):
+    for n in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
+              "eval_interval", "eval_iters", "log_interval", "bench_iters", "bench_rounds"):
+        if getattr(c, n) < 1:
+            raise BadInput(f"--{n} must be >= 1 (got {getattr(c, n)})")
+    for n in ("max_iters", "warmup_iters", "stop_at", "sample_tokens", "bench_warmup", "vocab_size",
+              "min_lr", "weight_decay", "grad_clip", "norm_eps"):
+        if not 0 <= getattr(c, n) < math.inf:
+            raise BadInput(f"--{n} must be >= 0 (got {getattr(c, n)})")
+    for n, ok, want in [("lr", 0 < c.lr < math.inf, "> 0"), ("min_lr", c.min_lr <= c.lr, "<= --lr"),
+                        ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"),
+                        ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
+                        ("adam_eps", 0 < c.adam_eps < math.inf, "> 0"),
+                        ("warmup_frac", 0 <= c.warmup_frac <= 1, "in [0, 1]"),
+                        ("beta_sa", math.isfinite(c.beta_sa), "finite"),
+                        ("beta_ff", math.isfinite(c.beta_ff), "finite (< 0: the default)"),
+                        ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)")]:
+        if not ok:
+            raise BadInput(f"--{n} must be {want} (got {getattr(c, n)})")
+    if c.n_embd % c.n_head:
+        raise BadInput(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
+    if c.block not in BLOCKS:
+        raise BadInput(f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
+
+
+def run_configs(cfg: Config):
+    """The Configs a run trains or times: cfg, or one per --compare / --bench entry."""
     if cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench):
         raise BadInput("--compare, --bench and --resume are separate modes; give one of them")
-    configs = [cfg]
     if cfg.compare:
         configs = [dataclasses.replace(cfg, block=b) for b in cfg.compare.split(",")]
         if len({c.block for c in configs}) < len(configs):
             raise BadInput(f"--compare {cfg.compare} lists a block twice")
+        return configs
     if cfg.bench:
-        configs = [parse_bench_entry(e, cfg)[1] for e in cfg.bench.split(",")]
-    for c in configs:
-        if c.block not in BLOCKS:
-            raise BadInput(f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
-        if c.n_embd < 1 or c.n_head < 1 or c.n_embd % c.n_head:
-            raise BadInput(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
-    if cfg.block not in SHAPED_BLOCKS and (cfg.attn_matrix, cfg.gains) != ("shaped", "head") \
-            and not (cfg.compare or cfg.bench):
+        return [parse_bench_entry(e, cfg)[1] for e in cfg.bench.split(",")]
+    if cfg.block not in SHAPED_BLOCKS and (cfg.attn_matrix, cfg.gains) != ("shaped", "head"):
         raise BadInput(f"--attn_matrix/--gains change shaped attention, which --block {cfg.block} "
                        f"does not have; use one of {', '.join(SHAPED_BLOCKS)}")
-    if not cfg.mlp_skip and cfg.block not in ("sas", "vskip") and not (cfg.compare or cfg.bench):
+    if not cfg.mlp_skip and cfg.block not in ("sas", "vskip"):
         raise BadInput("--no-mlp_skip (skipless MLP ablation) applies to --block sas or vskip")
+    return [cfg]
 
 
 def load_data(cfg):

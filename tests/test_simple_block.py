@@ -351,6 +351,8 @@ BAD = [  # script-specific bad input (tests/test_cli.py has the common cases)
     (["--bench", "sasp:n_layer=two"], "takes a int"),
     (["--bench", "sasp:fused=maybe"], "true or false"),
     (["--bench", "sasp:n_head=3"], "divisible"),
+    (["--bench", "preln,sasp:lr=-1"], "--lr"),
+    (["--compare", "preln,sasp", "--norm_eps", "-1"], "norm_eps"),
     (["--bench", "preln", "--compare", "preln"], "separate modes"),
     (["--resume", "--compare", "preln,sasp"], "separate modes"),
     (["--n_embd", "10", "--n_head", "3"], "divisible"),
