@@ -168,6 +168,11 @@ PRESETS = {
                      max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50, tokenizer="gpt2",
                      dataset="pycode_all"),
 }
+# The gpu preset's peak LR depends on the block, as in the paper (which tuned it per block): the
+# best of a factor-2 sweep at this shape, 1000 steps, one H200 (README; assets/
+# simple_block_gpu_runs.csv). Pre-LN diverges to a worse loss at 1e-3; SAS-P without norms gives
+# NaN from 5e-4. An explicit --lr wins.
+GPU_LR = dict(preln=5e-4, parallel=5e-4, vskip=2.5e-4, sas=2e-3, sasp=2e-3, sasp_nonorm=2.5e-4)
 ARCH_FIELDS = ("block", "n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "attn_matrix",
                "gains", "mlp_skip", "first_value", "trainable_gains", "vocab_size")
 
@@ -503,7 +508,8 @@ def run_compare(cfg, ds, device, ddp):
     """Train each block with the same seed and data order (Fig. 5); a table and the two plots."""
     runs, table = {}, []
     for b in cfg.compare.split(","):
-        sub = dataclasses.replace(cfg, block=b, out_dir=os.path.join(cfg.out_dir, b), compare="")
+        sub = dataclasses.replace(with_block(cfg, b), out_dir=os.path.join(cfg.out_dir, b),
+                                  compare="")
         os.makedirs(sub.out_dir, exist_ok=True)
         res, runs[b] = train(sub, ds, device, ddp)
         table.append({"block": b, **{k: res["final"][k] for k in (
@@ -718,7 +724,16 @@ def parse_config(argv=None) -> Config:
         preset = "gpu" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     cfg = dataclasses.replace(Config(), **{**PRESETS.get(preset, {}), **given, "preset": preset})
     cfg.explicit = set(given)  # (they win over presets and checkpoints)
-    return cfg
+    return with_block(cfg, cfg.block)
+
+
+def with_block(cfg: Config, block: str) -> Config:
+    """cfg for this block: the gpu preset takes the block's tuned LR unless --lr was given."""
+    explicit = getattr(cfg, "explicit", set())
+    lr = GPU_LR[block] if cfg.preset == "gpu" and "lr" not in explicit else cfg.lr
+    new = dataclasses.replace(cfg, block=block, lr=lr)
+    new.explicit = explicit
+    return new
 
 
 def validate(cfg: Config):
@@ -768,7 +783,7 @@ def run_configs(cfg: Config):
     if cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench):
         raise BadInput("--compare, --bench and --resume are separate modes; give one of them")
     if cfg.compare:
-        configs = [dataclasses.replace(cfg, block=b) for b in cfg.compare.split(",")]
+        configs = [with_block(cfg, b) for b in cfg.compare.split(",")]
         if len({c.block for c in configs}) < len(configs):
             raise BadInput(f"--compare {cfg.compare} lists a block twice")
         return configs

@@ -471,3 +471,17 @@ def test_out_of_memory_is_one_line_and_removes_the_new_out_dir(tmp_path, tiny_te
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory" in err[0] and "--grad_accum" in err[0], err
     assert not out.exists()
+
+
+def test_gpu_preset_takes_each_blocks_tuned_lr():
+    """The gpu preset's LR depends on --block (the sweep's best); an explicit --lr wins; each
+    --compare entry gets its own block's LR."""
+    for block, lr in S.GPU_LR.items():
+        assert S.parse_config(["--preset", "gpu", "--block", block]).lr == lr
+    assert S.GPU_LR["sasp"] == 4 * S.GPU_LR["preln"]
+    assert S.parse_config(["--preset", "gpu", "--block", "preln", "--lr", "1e-3"]).lr == 1e-3
+    assert S.parse_config(["--preset", "cpu", "--block", "preln"]).lr == S.PRESETS["cpu"]["lr"]
+    cfg = S.parse_config(["--preset", "gpu", "--compare", "preln,sasp"])
+    assert [c.lr for c in S.run_configs(cfg)] == [S.GPU_LR["preln"], S.GPU_LR["sasp"]]
+    cfg = S.parse_config(["--preset", "gpu", "--compare", "preln,sasp", "--lr", "1e-4"])
+    assert [c.lr for c in S.run_configs(cfg)] == [1e-4, 1e-4]
