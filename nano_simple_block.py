@@ -161,8 +161,9 @@ PRESETS = {
     "cpu": dict(n_layer=6, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=600,
                 lr=3e-3, eval_interval=100, eval_iters=10, tokenizer="char", dataset="pycode"),
     # the paper's CodeParrot shape (18 x 768, 12 heads, T 128, batch 128); 5000 steps = 82M tokens
+    # (its lr is GPU_LR[block], below)
     "gpu": dict(n_layer=18, n_head=12, n_embd=768, block_size=128, batch_size=128, max_iters=5000,
-                lr=1e-3, eval_interval=250, eval_iters=50, tokenizer="gpt2", dataset="pycode_all"),
+                eval_interval=250, eval_iters=50, tokenizer="gpt2", dataset="pycode_all"),
     # a miniature for quick GPU runs: 12 x 512, 8 heads
     "gpu_mini": dict(n_layer=12, n_head=8, n_embd=512, block_size=128, batch_size=128,
                      max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50, tokenizer="gpt2",
@@ -170,7 +171,7 @@ PRESETS = {
 }
 # The gpu preset's peak LR depends on the block, as in the paper (which tuned it per block): the
 # best of a factor-2 sweep at this shape, 1000 steps, one H200 (README; assets/
-# simple_block_gpu_runs.csv). Pre-LN diverges to a worse loss at 1e-3; SAS-P without norms gives
+# simple_block_gpu_runs.csv). Pre-LN is clearly worse at 1e-3; SAS-P without norms gives
 # NaN from 5e-4. An explicit --lr wins.
 GPU_LR = dict(preln=5e-4, parallel=5e-4, vskip=2.5e-4, sas=2e-3, sasp=2e-3, sasp_nonorm=2.5e-4)
 ARCH_FIELDS = ("block", "n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "attn_matrix",
