@@ -56,10 +56,11 @@ Run
     python nano_simple_block.py --preset gpu --bench preln,sasp,sasp:gains=layer  # tokens/s
     torchrun --nproc_per_node 8 nano_simple_block.py --preset gpu --block sas  # DDP
 
-Reading map: Config -> 1. Pre-LN pieces (RMSNorm, Eq. 2, MLP) -> 2. skipless attention (C,
-Eqs. 4-5) -> 3. identity values (Eq. 6), Attention -> 4-5. Block (Eqs. 1, 7, 12-13), GPT -> the
-experiment (parameters, compare, plots) -> making it fast (cummean, SDPA, fused blocks, --bench)
--> command line, training loop, checkpoints, main.
+Reading map: Config -> 1. Pre-LN pieces (RMSNorm, Eq. 2, MLP) -> 2. skipless attention (C, its
+running mean cummean, Eqs. 4-5) -> 3. identity values (Eq. 6), Attention -> 4-5. Block (Eqs. 1,
+7, 12-13), GPT -> the experiment (parameters, compare, plots) -> making it fast (cummean_fast,
+SDPA, fused blocks, --bench) -> command line, training loop, checkpoints, main. Classroom
+exercises are marked "BEGIN EXERCISE" (python tests/make_exercises.py --list).
 """
 
 import argparse
@@ -194,11 +195,14 @@ class RMSNorm(nn.Module):
 
 
 def causal_softmax(q, k):
-    """Eq. 2: A = softmax(Q K^T / sqrt(d_h) + M), M = -inf above the diagonal. (B, H, T, T)"""
+    """Eq. 2: A = softmax(Q K^T / sqrt(d_h) + M), M_ij = 0 for j <= i and -inf above the diagonal
+    (token i attends to tokens 1..i). q, k: (B, H, T, d_h) -> A: (B, H, T, T), rows sum to 1."""
+    # BEGIN EXERCISE sb_softmax: q k^T / sqrt(d_h), -inf above the diagonal, softmax over the keys
     T = q.size(-2)
     att = (q @ k.transpose(-2, -1)) * (q.size(-1) ** -0.5)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     return att.masked_fill(~causal, float("-inf")).softmax(-1)
+    # END EXERCISE sb_softmax
 
 
 class MLP(nn.Module):
@@ -220,13 +224,30 @@ def causal_uniform(T, device=None, dtype=None):
     return torch.ones(T, T, device=device, dtype=dtype).tril() / n
 
 
+def cummean(v):
+    """C V without the (T, T) matrix: row i is the mean of v_1..v_i, the causal running mean.
+    This is what makes shaped attention as fast as softmax attention ("making it fast" computes
+    it the same way, in cummean_fast). v: (..., T, C) -> (..., T, C), float32 for half-precision
+    v (float64 stays float64)."""
+    # BEGIN EXERCISE sb_cummean: divide the running sum (a float32 cumsum over T) by 1..T
+    T = v.size(-2)
+    acc = torch.promote_types(v.dtype, torch.float32)
+    n = torch.arange(1, T + 1, device=v.device, dtype=acc).view(T, 1)  # (T, 1): i = 1..T
+    return v.to(acc).cumsum(-2) / n
+    # END EXERCISE sb_cummean
+
+
 def skipless_matrix(A, alpha, beta, gamma):
     """The attention matrix without an attention skip, from A of Eq. 2 (B, H, T, T):
     Eq. 4 (V-SkipInit) alpha I + beta A with beta = 0 at init, or Eq. 5 (shaped attention)
-    alpha_h I + beta_h A - gamma_h C, = I at init when W^Q = 0. alpha, beta, gamma: (H, 1, 1)."""
+    alpha_h I + beta_h A - gamma_h C, = I at init when W^Q = 0 (then A = C).
+    alpha, beta, gamma: (H, 1, 1), one per head (or (1, 1, 1)); Eq. 4 is gamma = 0.
+    Returns (B, H, T, T) in A's dtype."""
+    # BEGIN EXERCISE sb_shaped: beta A + alpha I - gamma C; I and C of A's size, dtype, device
     T = A.size(-1)
     eye = torch.eye(T, device=A.device, dtype=A.dtype)
     return beta * A + alpha * eye - gamma * causal_uniform(T, A.device, A.dtype)
+    # END EXERCISE sb_shaped
 
 
 def _gain(module, name, init, trainable):
@@ -353,19 +374,30 @@ class Block(nn.Module):
                 _gain(self, "alpha_ff", torch.tensor(1.0), cfg.trainable_gains)
 
     def forward(self, x):  # (B, T, d) -> (B, T, d)
+        """The plain equations (self.attn is the attention sub-block MHA~, self.norm1/norm2 the
+        norms, self.mlp the MLP; beta_sa, beta_ff, alpha_ff the trainable gains):
+            SAS, vskip (Eqs. 12-13): x_hat = beta_SA MHA~(Norm_1(x)),
+                                     out = alpha_FF x_hat + beta_FF MLP(Norm_2(x_hat))
+                                     (--no-mlp_skip: no alpha_FF x_hat term)
+            SAS-P, SAS-P no-norm (Eq. 7, alpha_comb = 0, one norm for both branches):
+                                     out = beta_SA MHA~(Norm(x)) + beta_FF MLP(Norm(x))
+        (sasp_nonorm's norm1 is nn.Identity after block 1.)"""
         if self.fused and self.kind != "preln":
             return fused_block_forward(self, x)  # the same function, faster ("making it fast")
         if self.kind == "preln":  # Eq. 1, alpha = beta = 1: x_hat = x + MHA(Norm(x)), ...
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))  # ... out = x_hat + MLP(Norm(x_hat))
+        if self.kind == "parallel":  # Eq. 7, alpha_comb = beta_SA = beta_FF = 1, one norm
+            h = self.norm1(x)
+            return x + self.attn(h) + self.mlp(h)
+        # BEGIN EXERCISE sb_block: the SAS and SAS-P equations above, gains and mlp_skip included
         if self.kind in ("sas", "vskip"):  # Eqs. 12-13: no attention skip
             x_hat = self.beta_sa * self.attn(self.norm1(x))  # x_hat = beta_SA MHA~(Norm_1(x))
             m = self.beta_ff * self.mlp(self.norm2(x_hat))  # beta_FF MLP(Norm_2(x_hat))
             return self.alpha_ff * x_hat + m if self.mlp_skip else m  # + alpha_FF x_hat
         h = self.norm1(x)  # parallel blocks: one norm for both branches (Eq. 7)
-        if self.kind == "parallel":  # Eq. 7, alpha_comb = beta_SA = beta_FF = 1
-            return x + self.attn(h) + self.mlp(h)
         return self.beta_sa * self.attn(h) + self.beta_ff * self.mlp(h)  # SAS-P: alpha_comb = 0
+        # END EXERCISE sb_block
 
 
 class GPT(nn.Module):
@@ -436,7 +468,18 @@ def count_params(model):
 
 
 def param_formula(cfg: Config, block: str) -> int:
-    """Trainable parameters of GPT(cfg with block) (Sec. 4.1; tested against the real model)."""
+    """Trainable parameters of GPT(cfg with block), by hand: the arithmetic behind Sec. 4.1's
+    "167M -> 146M" (param_table counts the real models; tests check both agree).
+    Whole model: token embedding (vocab x d, tied with the LM head), positions (block_size x d),
+    the final norm (d), and in sasp_nonorm the norm kept in front of block 1 (d).
+    Per block: W^Q, W^K (d x d each) with biases (d each); the MLP (d x r d and r d x d, r =
+    mlp_ratio, no biases); a gain vector (d) per RMSNorm: 2 in preln, vskip, sas; 1 in parallel,
+    sasp; 0 in sasp_nonorm; W^V and W^P (d x d each) in preln, parallel, vskip only.
+    Shaped blocks, if trainable_gains: alpha, beta (and gamma in Eq. 5) per head (or one each
+    with gains=layer), beta_SA, beta_FF, and alpha_FF in sas/vskip with the MLP skip.
+    sas, sasp, sasp_nonorm with first_value: block 1's W_1^V = alpha_V I + beta_V dW adds dW
+    (d x d), and alpha_V, beta_V if trainable_gains."""
+    # BEGIN EXERCISE sb_params: add up the matrices, biases, norm gains and scalar gains above
     d, g = cfg.n_embd, int(cfg.trainable_gains)
     norms = {"preln": 2, "parallel": 1, "vskip": 2, "sas": 2, "sasp": 1, "sasp_nonorm": 0}[block]
     n = 2 * d * d + 2 * d + 2 * cfg.mlp_ratio * d * d + norms * d  # W^Q,K + biases, MLP, norms
@@ -450,12 +493,18 @@ def param_formula(cfg: Config, block: str) -> int:
     if block in ("sas", "sasp", "sasp_nonorm") and cfg.first_value:
         first += d * d + 2 * g  # W_1^V: dW, alpha_V, beta_V
     return (cfg.vocab_size + cfg.block_size + 1) * d + cfg.n_layer * n + first  # + wte, wpe, norm
+    # END EXERCISE sb_params
 
 
 def param_table(cfg: Config):
-    base = param_formula(cfg, "preln")
-    return [{"block": b, "params": param_formula(cfg, b),
-             "reduction_vs_preln": 1 - param_formula(cfg, b) / base} for b in BLOCKS]
+    """Trainable parameters of every block at cfg's shape, counted on models built on the meta
+    device (no memory, no compute); param_formula gives the same numbers by hand."""
+    counts = {}
+    for b in BLOCKS:
+        with torch.device("meta"):
+            counts[b] = count_params(GPT(with_block(cfg, b)))
+    return [{"block": b, "params": n, "reduction_vs_preln": 1 - n / counts["preln"]}
+            for b, n in counts.items()]
 
 
 def md_table(header, rows):
@@ -534,10 +583,11 @@ def run_compare(cfg, ds, device, ddp):
 
 # ---- making it fast: the same functions, computed faster (tests/test_simple_block.py checks
 # each against the plain form above, in float64)
-def cummean(v, how="cumsum"):
-    """causal_uniform(T) @ v along dim -2, without the (T, T) matrix. v: (..., T, C) -> float32
-    (float64 stays float64). cumsum: a float32 scan; matmul: tril(ones) @ v on the tensor cores
-    (float32 accumulation, the sum rounded once to v.dtype)."""
+def cummean_fast(v, how="cumsum"):
+    """cummean(v) (Sec. 2) as the training path computes it (--cummean): cumsum, the same float32
+    scan; matmul, tril(ones) @ v on the tensor cores (float32 accumulation, the sum rounded once
+    to v.dtype). v: (..., T, C) -> float32 (float64 stays float64). Its own copy of the scan, so
+    that a student copy with the exercise cummean blanked still trains."""
     T = v.size(-2)
     acc = torch.promote_types(v.dtype, torch.float32)
     n = torch.arange(1, T + 1, device=v.device, dtype=acc).view(T, 1)  # (T, 1): i = 1..T
@@ -548,7 +598,8 @@ def cummean(v, how="cumsum"):
 
 def sdpa_attention(att, q, k, v, scale=None):
     """att.attention_matrix(q, k, scale) @ v without the T x T matrix, on FlashAttention:
-    (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma cummean(V).
+    (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma C V, with C V the
+    causal running mean (cummean_fast).
     q, k, v: (B, H, T, dh) -> (B, H, T, dh)."""
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # A V
     if att.matrix == "softmax":
@@ -558,7 +609,7 @@ def sdpa_attention(att, q, k, v, scale=None):
     acc = torch.promote_types(v.dtype, torch.float32)
     y = b * o.to(acc) + a * v.to(acc)
     if att.matrix == "shaped":
-        y = y - c * cummean(v, att.cummean_how)
+        y = y - c * cummean_fast(v, att.cummean_how)
     return y.to(v.dtype)
 
 
