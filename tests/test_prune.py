@@ -2,15 +2,13 @@
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import nano_prune as npr  # noqa: E402
+import nano_prune as npr
 
 torch.set_num_threads(1)
 
@@ -153,7 +151,8 @@ def test_importance_batching_is_a_mean_over_prompts():
     assert np.allclose(one, batched, rtol=1e-9)
     off = npr.head_importance(m, X, Y, "cpu", 4, imp_norm="official")
     T = X.shape[1]
-    assert np.allclose(off[:-1], batched[:-1] / (T - 1)) and np.allclose(off[-1], batched[-1])
+    # the official code divides by all n*T tokens (the answer token counted too), last layer by n
+    assert np.allclose(off[:-1], batched[:-1] / T) and np.allclose(off[-1], batched[-1])
 
 
 def test_masking_a_head_equals_deleting_its_slice_of_W_O():
@@ -351,7 +350,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
             _run(argv + ["--out_dir", str(out), "--device", "cpu"])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error:"), err
+        assert len(err) == 1 and err[0].startswith("nano_prune.py: error:"), err
         assert not out.exists()
 
 
@@ -363,7 +362,7 @@ def test_resume_continues_exactly(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     common = SMOKE + ["--max_iters", "6", "--eval_interval", "2", "--no-analysis"]
     _run(common + ["--out_dir", a])
-    _run(common + ["--out_dir", b, "--stop_iter", "3"])
+    _run(common + ["--out_dir", b, "--stop_at", "3"])
     _run(common + ["--out_dir", b, "--resume"])
     ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)
     cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)
