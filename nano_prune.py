@@ -2,24 +2,19 @@
 
 Paper: H. Bansal, K. Gopalakrishnan, S. Dingliwal, S. Bodapati, K. Kirchhoff, D. Roth, "Rethinking
 the Role of Scale for In-Context Learning: An Interpretability-based Case Study at 66 Billion
-Scale", ACL 2023, arXiv 2212.09095. Builds on Michel, Levy & Neubig 2019 ("Are Sixteen Heads Really
-Better than One?", arXiv 1905.10650) and Olsson et al. 2022 ("In-context Learning and Induction
-Heads").
+Scale", ACL 2023, arXiv 2212.09095. Builds on Michel et al. 2019 ("Are Sixteen Heads Really Better
+than One?", arXiv 1905.10650) and Olsson et al. 2022 ("In-context Learning and Induction Heads").
 
-The idea. How much of OPT-66B does in-context learning (ICL: learning a task from demonstrations
-in the prompt) actually use? Give every attention head a gradient importance score and every FFN
-an oracle (knock-out) score, prune the least important components, and measure accuracy at 0, 1
-and 5 shots. About 70% of the heads and 20% of the FFNs can go with little loss; the important
-heads overlap across tasks and shots; many look like induction heads (attend to the token after an
-earlier copy of the current token, and copy it).
-
-This file redoes the study in miniature on a small GPT trained on in-context tasks generated here
-(copy, successor, associative recall, in-context cluster classification, plus repeated random
-sequences so that induction heads form), with the controls the paper lacks: random and reverse
-pruning orders, FFN scores on a dev split disjoint from the test prompts, and an ablation of the
-top induction heads against random heads. One training choice is ours, not the paper's (it studies
-a pretrained model): repeated sequences fill 80% of each batch for the first 30% of training, so
-induction heads form within CPU minutes (--rep_frac_early).
+How much of OPT-66B does in-context learning (learning a task from demonstrations in the prompt)
+use? Give every head a gradient importance score and every FFN an oracle (knock-out) score, prune
+the least important, and measure accuracy at 0, 1 and 5 shots: ~70% of the heads and ~20% of the
+FFNs can go; the important heads overlap across tasks and shots; many are induction heads (attend
+to the token after an earlier copy of the current token, and copy it). We redo the study on a
+small GPT trained on in-context tasks generated here (copy, successor, associative recall,
+in-context cluster classification, and repeated random sequences so that induction heads form;
+these fill 80% of each batch for the first 30% of training, our choice: --rep_frac_early), with
+the controls the paper lacks: random and reverse orders, FFN scores on dev prompts kept apart from
+the test prompts, and an ablation of the top induction heads against random heads.
 
 Key equations
 -------------
@@ -27,9 +22,9 @@ A gate xi_h on every head's output, before W_O (Sec. 3; Michel Eq. 1), 1 = keep,
     MHA(x) = sum_h xi_h A_h(x) W_O^h,   A_h(x) = softmax(q_h k_h^T / sqrt(d_h)) v_h     (T x d_h)
 Head importance (Eq. 8), the loss on the answer tokens only (Eq. 9):
     IS_h = E_(x,y) |A_h^T dL(y|x)/dA_h| = E_(x,y) |dL(y|x)/d xi_h|    (at xi = 1)
-    (the official code takes |.| per token: --abs_per token, our default; Eq. 8 per example)
+    (|.| per token as in the official code: --abs_per token, our default; Eq. 8: per example)
 Task aggregate (Eq. 10): the mean of the per-task score matrices, per shot.
-FFN importance (Eq. 7), an oracle on a dev split; the whole sublayer goes, its LayerNorm too:
+FFN importance (Eq. 7), an oracle on dev prompts; the whole sublayer goes, its LayerNorm too:
     IS_FFN_l = acc(model) - acc(model without FFN l)
 Induction heads (Sec. 6.3, App. A.4 Alg. 1-2): prefix matching = attention from a token of a
 repeated random sequence to the tokens that followed its earlier copies; copying = how much a
@@ -40,7 +35,7 @@ head's output raises the logit of the token it attends to.
             v
     accuracy per task x shot --> IS_h per (task, shot) --> aggregate --> prune 0..90% of heads
             |                    (task / aggregate / random / reverse order; --rescore)
-            +--> FFN oracle on the dev split --> cumulative FFN pruning --> heads x FFNs grid
+            +--> FFN oracle on dev prompts --> cumulative FFN pruning --> heads x FFNs grid
             +--> Spearman + top-30% overlap across tasks and shots; cross-task transfer
             +--> prefix matching + copying --> induction heads --> retained capacity, ablation
             v
@@ -55,15 +50,10 @@ Run
     torchrun --standalone --nproc_per_node 2 nano_prune.py --preset gpu        # DDP training
     python -m pytest -q tests/test_prune.py  # CPU, under a minute
 
-Reading map (file order)
-------------------------
-Config, PRESETS -> ICLTasks (the in-context tasks) -> CausalSelfAttention with head gates, MLP,
-Block with an FFN gate, GPT (Sec. 3) -> head_importance (Eq. 8-10), ffn_oracle (Eq. 7) ->
-pruning orders and masks -> agreement (Spearman, top-k overlap) -> induction heads (prefix
-matching, copying, capacity) -> the experiment: Study, one function per paper section or figure,
-analyse(), plots, --compare -> making it fast: physically_prune, bench_physical_pruning ->
-skeleton: BadInput, Diverged, build_parser, parse_config, validate, get_lr, make_optimizer,
-evaluate, train, save_checkpoint, load_checkpoint, main.
+Reading map: Config -> ICLTasks (the tasks) -> GPT with head and FFN gates (Sec. 3) ->
+head_importance (Eq. 8-10), ffn_oracle (Eq. 7) -> pruning orders, agreement -> induction heads ->
+the experiment (Study; one function per section or figure; analyse; plots; --compare) -> making
+it fast (physically_prune, --bench) -> skeleton (BadInput ... train, checkpoints, main).
 """
 from __future__ import annotations
 
@@ -1016,8 +1006,8 @@ def fig10_induction_heads(st: Study):
         "previous_token": prev.tolist(), "prefix_len": Lp,
         "copying": {c: v.tolist() for c, v in copying.items()}, "copy_impl_shown": cfg.copy_impl,
         "induction_heads_top10pct_both": ind,
-        "spearman_copying_variants": {f"{a}-{b}": spearman(copying[a], copying[b])
-                                      for i, a in enumerate(COPY_IMPLS) for b in COPY_IMPLS[i + 1:]}}
+        "spearman_copying_variants": {f"{a}-{b}": spearman(copying[a], copying[b]) for i, a
+                                      in enumerate(COPY_IMPLS) for b in COPY_IMPLS[i + 1:]}}
     print("top prefix-matching heads: " + ", ".join(
         f"L{i // H}H{i % H}={prefix.ravel()[i]:.2f}" for i in st.top_prefix[:5]) +
         f" (uniform floor {floor:.3f})")
@@ -1465,7 +1455,7 @@ def parse_bench(spec: str, L: int) -> list[tuple[int, int]]:
             raise BadInput(f"bad --bench item {item!r}: use p or p:n_ffn with 0 <= p <= 100 "
                            f"(heads %) and 0 <= n_ffn <= n_layer ({L})")
         out.append((p, nf))
-    if not out:
+    if spec.strip() and not out:
         raise BadInput("--bench is empty; give head-prune percentages, e.g. 50,70,90")
     return out
 
@@ -1478,7 +1468,7 @@ class BadInput(Exception):
 
 
 class Diverged(Exception):
-    """A non-finite loss or gradient norm (or loaded weights): one line, exit status 3."""
+    """A non-finite loss or gradient norm, or loaded weights: one line, exit status 3."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1491,8 +1481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nano_prune.py", description="Bansal et al. 2023 in miniature: head/FFN "
                 "importance, pruning curves and induction heads (defaults: the cpu preset's).")
     for f in dataclasses.fields(Config):
-        help = f.metadata["help"].replace("%", "%%") + f" (default: {f.default})"
-        kw = dict(default=None, help=help, choices=f.metadata["choices"])
+        kw = dict(default=None, choices=f.metadata["choices"],
+                  help=f.metadata["help"].replace("%", "%%") + f" (default: {f.default})")
         if f.default is None or isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -1515,86 +1505,72 @@ def resolve_device(cfg: Config) -> str:
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda but no CUDA GPU is visible; use --device cpu (or auto)")
-    if cfg.device == "mps" and not mps:
-        raise BadInput("--device mps but MPS is not available; use --device cpu (or auto)")
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}[cfg.device]:
+        raise BadInput(f"--device {cfg.device} is not available here; use --device cpu (or auto)")
     return cfg.device
-
-
-def _check_out_dir(path: str):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise BadInput(f"--out_dir {path} is a file; pick a directory")
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out_dir {path} cannot be created or written ({parent} is "
-                       f"{'a file' if not os.path.isdir(parent) else 'not writable'})")
 
 
 def validate(cfg: Config):
     """Every check that can fail runs here, before anything is read or written."""
     c = cfg
-    if not (math.isfinite(c.lr) and c.lr > 0):
-        raise BadInput(f"--lr must be a positive finite number, got {c.lr}")
-    checks = [(0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}]"),
+    sizes = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
+             "eval_interval", "eval_iters", "n_eval", "n_imp", "n_dev", "n_random", "n_prefix_seq",
+             "prefix_len", "analysis_batch", "speed_batch", "n_labels", "n_clusters",
+             "recall_max_keys")
+    text = c.text_frac if c.dataset != "none" else 0.0
+    checks = [(math.isfinite(c.lr) and c.lr > 0, f"--lr must be positive and finite, not {c.lr}"),
+              (0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}]"),
               (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
-              (c.weight_decay >= 0, "--weight_decay must be >= 0"),
-              (c.grad_clip >= 0, "--grad_clip must be >= 0 (0 = off)"),
+              (c.weight_decay >= 0 and c.grad_clip >= 0,
+               "--weight_decay and --grad_clip must be >= 0"),
               (0 <= c.seed < 2 ** 32 and 0 <= c.task_seed < 2 ** 32,
                "--seed and --task_seed must be in [0, 2**32)"),
-              (c.max_iters >= 0 and c.warmup_iters >= 0 and c.stop_at >= 0,
+              (min(c.max_iters, c.warmup_iters, c.stop_at) >= 0,
                "--max_iters, --warmup_iters and --stop_at must be >= 0"),
-              (c.max_iters >= 1 or c.skip_train, "--max_iters must be at least 1 (or --skip_train)"),
+              (c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)"),
               (0 <= c.dropout < 1, "--dropout must be in [0, 1)"),
               (0 < c.topk_frac <= 1, "--topk_frac must be in (0, 1]"),
               (0 <= c.grid_max_heads <= 100, "--grid_max_heads must be in [0, 100]"),
               (0 <= c.rep_early <= 1, "--rep_early must be in [0, 1]"),
+              (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
+               and max(c.rep_frac, c.rep_frac_early) + text < 1,
+               f"--rep_frac / --rep_frac_early plus --text_frac ({text} with --dataset) must stay "
+               f"below 1, each in [0, 1)"),
               (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other")]
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                 "eval_interval", "eval_iters", "n_eval", "n_imp", "n_dev", "n_random",
-                 "n_prefix_seq", "prefix_len", "analysis_batch", "speed_batch", "n_labels",
-                 "n_clusters", "recall_max_keys"):
-        checks.append((getattr(c, name) >= 1, f"--{name} must be at least 1"))
+    checks += [(getattr(c, name) >= 1, f"--{name} must be at least 1") for name in sizes]
+    checks += [(c.n_embd % c.n_head == 0, f"--n_embd {c.n_embd} must be a multiple of --n_head "
+                f"{c.n_head}"), (c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters")]
     for ok, msg in checks:
         if not ok:
             raise BadInput(msg)
-    if c.n_embd % c.n_head:
-        raise BadInput(f"--n_embd {c.n_embd} must be a multiple of --n_head {c.n_head}")
-    text = c.text_frac if c.dataset != "none" else 0.0
-    if not (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
-            and max(c.rep_frac, c.rep_frac_early) + text < 1):
-        raise BadInput(f"--rep_frac {c.rep_frac} / --rep_frac_early {c.rep_frac_early} plus "
-                       f"--text_frac {text} must stay below 1, each fraction in [0, 1)")
-    shots = parse_ints(c.shots, "shots")
-    parse_ints(c.ablate_n, "ablate_n")
-    need = 3 + 2 * max(shots)
-    if c.block_size < max(need, 18):
-        raise BadInput(f"--block_size {c.block_size} is too short: a {max(shots)}-shot prompt "
-                       f"needs {need} tokens and prefix matching 18; raise it or lower --shots")
-    n_min = max(2 * c.n_clusters, 8, need - 1)
-    if c.n_content < n_min:
+    k, _ = max(parse_ints(c.shots, "shots")), parse_ints(c.ablate_n, "ablate_n")
+    if c.block_size < max(3 + 2 * k, 18):
+        raise BadInput(f"--block_size {c.block_size} is too short: a {k}-shot prompt needs "
+                       f"{3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots")
+    if c.n_content < max(2 * c.n_clusters, 8, 2 * k + 2):
         raise BadInput(f"--n_content {c.n_content} is too small for {c.n_clusters} clusters and "
-                       f"{max(shots)} shots; use at least {n_min}")
-    if c.n_labels < c.n_clusters:
-        raise BadInput(f"--n_labels {c.n_labels} must be >= --n_clusters {c.n_clusters}")
-    parse_compare(c.compare)
-    if c.bench:
-        parse_bench(c.bench, c.n_layer)
+                       f"{k} shots; use at least {max(2 * c.n_clusters, 8, 2 * k + 2)}")
+    parse_compare(c.compare), parse_bench(c.bench, c.n_layer)
     if c.dtype == "float16" and resolve_device(c) not in ("cuda", "mps"):
         raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
     _check_out_dir(c.out_dir)
-    path = ckpt_path(c)
-    if (c.skip_train or c.resume) and not os.path.isfile(path):
-        raise BadInput(f"checkpoint {path} not found; train first or pass --ckpt PATH"
-                       if c.skip_train else f"--resume but {path} does not exist; drop --resume")
+    if (c.skip_train or c.resume) and not os.path.isfile(ckpt_path(c)):
+        raise BadInput(f"checkpoint {ckpt_path(c)} not found; train first or pass --ckpt PATH"
+                       if c.skip_train else f"--resume but {ckpt_path(c)} does not exist")
+
+
+def _check_out_dir(path: str):
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise BadInput(f"--out_dir {path}: {parent} is a file; pick a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out_dir {path}: {parent} is not writable; pick another directory")
 
 
 def ckpt_path(cfg: Config) -> str:
-    if cfg.skip_train and cfg.ckpt:
-        return cfg.ckpt
-    return os.path.join(cfg.out_dir, "ckpt.pt")
+    return cfg.ckpt if cfg.skip_train and cfg.ckpt else os.path.join(cfg.out_dir, "ckpt.pt")
 
 
 def load_text(cfg: Config):
@@ -1602,11 +1578,10 @@ def load_text(cfg: Config):
     if cfg.dataset == "none":
         return None
     try:
-        ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
-                               data_dir=cfg.data_dir or None)
+        ds = data.load_dataset(cfg.dataset, cfg.tokenizer, data_dir=cfg.data_dir or None)
         ds.check_block_size(cfg.block_size)
     except data.DataError as e:
-        raise BadInput(str(e))
+        raise BadInput(str(e)) from None
     return ds
 
 
@@ -1629,15 +1604,19 @@ def make_optimizer(model: nn.Module, cfg: Config, device_type: str):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
-PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
-              ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12),
-              ("V100", 125e12), ("T4", 65e12)]
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12,
+              "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
 def peak_flops(device_type: str) -> float | None:
-    if device_type != "cuda":
-        return None
-    return next((v for k, v in PEAK_FLOPS if k in torch.cuda.get_device_name()), None)
+    name = torch.cuda.get_device_name() if device_type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def autocast_ctx(device_type: str, ptdtype):
+    if ptdtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=ptdtype)
 
 
 @torch.no_grad()
@@ -1658,53 +1637,58 @@ def evaluate(model: GPT, batcher: Batcher, quick: dict, tasks: ICLTasks, cfg: Co
     return float(np.mean(losses)), accs
 
 
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+class EvalLog:
+    """log.csv: one row per evaluation, with the accuracy of every (task, shot) on 128 prompts."""
+
+    def __init__(self, cfg: Config, tasks: ICLTasks, master: bool):
+        self.path, self.shots = os.path.join(cfg.out_dir, "log.csv"), parse_ints(cfg.shots, "")
+        geval = torch.Generator().manual_seed(cfg.seed + 7)
+        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in self.shots}
+        self.cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
+                     "tokens_per_s", "mfu"] + [f"acc_{t}_{k}" for t, k in self.quick]
+        if master and not (cfg.resume and os.path.exists(self.path)):
+            with open(self.path, "w") as f:
+                f.write(",".join(self.cols) + "\n")
+
+    def write(self, **row):
+        with open(self.path, "a") as f:
+            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                             for c in self.cols) + "\n")
+        tqdm.write(f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
+                   "| " + " ".join(f"{t[:4]}{k}={row[f'acc_{t}_{k}']:.2f}" for t, k in self.quick))
+
+
+def _check_finite(loss, norm, step, path, kept, ptdtype):
+    bad = [] if math.isfinite(float(loss)) else [f"loss is {float(loss)}"]
+    if norm is not None and ptdtype != torch.float16 and not math.isfinite(float(norm)):
+        bad.append(f"grad norm is {float(norm)}")  # (fp16: the GradScaler skips such steps)
+    if bad:
+        where = f"kept {path} (step {kept})" if kept else "no checkpoint was written yet"
+        raise Diverged(f"step {step}: {' and '.join(bad)}; {where}")
 
 
 def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: str, ptdtype,
           ddp: dict, ck: dict | None = None) -> dict:
     """nanoGPT's loop: AdamW, warmup + cosine, clipping, accumulation, autocast, compile, DDP.
-    Stops at once on a non-finite loss or gradient norm (Diverged), before any checkpoint."""
+    A non-finite loss or gradient norm stops it at once (Diverged), before any checkpoint."""
     master, device_type = ddp["rank"] == 0, device.split(":")[0]
-    ctx = (torch.autocast(device_type=device_type, dtype=ptdtype)
-           if ptdtype != torch.float32 else contextlib.nullcontext())
+    ctx, path = autocast_ctx(device_type, ptdtype), ckpt_path(cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=(ptdtype == torch.float16))
     optimizer = make_optimizer(model, cfg, device_type)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * ddp["rank"])  # batches (checkpointed)
-    path, log_path = ckpt_path(cfg), os.path.join(cfg.out_dir, "log.csv")
-    step, t_before, kept = 0, 0.0, None
-    if ck is not None:  # --resume: weights, optimizer, step, every RNG
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step, t_before, kept = ck["step"], ck.get("elapsed_s", 0.0), ck["step"]
-        gen.set_state(ck["gen_state"])
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
-        if ck.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-        print(f"resumed from {path} at step {step}") if master else None
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
+    step, t_before = restore(ck, model, optimizer, gen) if ck else (0, 0.0)
+    raw_model, kept = model, step or None
+    model = torch.compile(model) if cfg.compile else model
     if ddp["world"] > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[ddp["local_rank"]] if device_type == "cuda" else None)
-    shots = parse_ints(cfg.shots, "shots")  # small fixed prompt sets for log.csv's accuracies
-    geval = torch.Generator().manual_seed(cfg.seed + 7)
-    quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in shots}
-    cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "tokens_per_s",
-            "mfu"] + [f"acc_{t}_{k}" for t in TASKS for k in shots]
-    if master and not (cfg.resume and os.path.exists(log_path)):
-        with open(log_path, "w") as f:
-            f.write(",".join(cols) + "\n")
+    log = EvalLog(cfg, tasks, master)
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp["world"]
     fpt = 6 * raw_model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM
-    peak = peak_flops(device_type)
-    end = min(cfg.max_iters, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_iters
-    model.train()
+    peak, end = peak_flops(device_type), min(cfg.max_iters, cfg.stop_at or cfg.max_iters)
     t0 = t_last = time.time()
-    step_last, last_loss, tok_s, mfu, val_loss, accs = step, float("nan"), 0.0, None, math.nan, {}
+    step_last, last_loss, tok_s, mfu, val_loss = step, math.nan, 0.0, None, math.nan
+    model.train()
     bar = tqdm(range(step, end), initial=step, total=end, desc="train", dynamic_ncols=True,
                disable=not (master and cfg.progress))
     try:
@@ -1719,8 +1703,7 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
                 sync = ddp["world"] == 1 or micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else model.no_sync():
                     with ctx:
-                        _, loss = model(x, y)
-                        loss = loss / cfg.grad_accum
+                        loss = model(x, y)[1] / cfg.grad_accum
                     scaler.scale(loss).backward()
                 loss_acc += loss.detach()
             norm = None
@@ -1728,65 +1711,63 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
                 scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             step = it + 1
-            log = step % 10 == 0 or step == end or step % cfg.eval_interval == 0
-            if device_type != "cuda" or log:  # CUDA: no extra host sync per step
+            logged = step % 10 == 0 or step == end or step % cfg.eval_interval == 0
+            if device_type != "cuda" or logged:  # on CUDA, no extra host sync per step
                 _check_finite(loss_acc, norm, step, path, kept, ptdtype)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if log:
-                last_loss = float(loss_acc)
-                now = time.time()
+            if logged:
+                last_loss, now = float(loss_acc), time.time()
                 tok_s = tokens_per_iter * (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                mfu = fpt * tok_s / peak if peak else None
+                t_last, step_last, mfu = now, step, fpt * tok_s / peak if peak else None
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}",
                                 mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a")
             if master and (step % cfg.eval_interval == 0 or step == end):
-                val_loss, accs = evaluate(raw_model, batcher, quick, tasks, cfg, device, ctx)
-                row = dict(step=step, tokens=step * tokens_per_iter, lr=lr, val_loss=val_loss,
-                           elapsed_s=t_before + time.time() - t0, train_loss=last_loss,
-                           tokens_per_s=tok_s, mfu=mfu if mfu is not None else "n/a", **accs)
-                with open(log_path, "a") as f:
-                    f.write(",".join(_fmt(row[c]) for c in cols) + "\n")
-                tqdm.write(f"step {step}: train {last_loss:.4f} val {val_loss:.4f} | " + " ".join(
-                    f"{t[:4]}{k}={accs[f'acc_{t}_{k}']:.2f}" for t in TASKS for k in shots))
+                val_loss, accs = evaluate(raw_model, batcher, log.quick, tasks, cfg, device, ctx)
+                elapsed = t_before + time.time() - t0
+                log.write(step=step, tokens=step * tokens_per_iter, elapsed_s=elapsed, lr=lr,
+                          train_loss=last_loss, val_loss=val_loss, tokens_per_s=tok_s,
+                          mfu=mfu if mfu is not None else "n/a", **accs)
+                final = {"train_loss": last_loss, "val_loss": val_loss, "tokens_per_s": tok_s,
+                         "mfu": mfu, "steps": step, "elapsed_s": elapsed}
                 save_checkpoint(path, raw_model, optimizer, cfg, step, gen,
-                                {"elapsed_s": t_before + time.time() - t0})
+                                {"elapsed_s": elapsed, "final": final})
                 kept, t_last = step, time.time()  # tokens/s counts training time only
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted at step {step}; last checkpoint: "
                                 f"{path if kept else 'none'} (step {kept or 0})") from None
     finally:
         bar.close()
-    if master and not math.isfinite(val_loss):
-        val_loss, accs = evaluate(raw_model, batcher, quick, tasks, cfg, device, ctx)
-    return {"train_loss": last_loss, "val_loss": val_loss,
-            "val_ppl": math.exp(val_loss) if math.isfinite(val_loss) else float("nan"),
+    if master and not math.isfinite(val_loss):  # nothing left to train (resumed at the end)
+        val_loss, _ = evaluate(raw_model, batcher, log.quick, tasks, cfg, device, ctx)
+    return {"train_loss": last_loss, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
             "tokens_per_s": tok_s, "params": raw_model.num_params(), "mfu": mfu, "steps": step,
             "elapsed_s": t_before + time.time() - t0}
-
-
-def _check_finite(loss, norm, step, path, kept, ptdtype):
-    bad = [f"loss is {float(loss)}"] if not math.isfinite(float(loss)) else []
-    if norm is not None and ptdtype != torch.float16 and not math.isfinite(float(norm)):
-        bad.append(f"grad norm is {float(norm)}")  # (fp16: the GradScaler skips such steps)
-    if bad:
-        where = f"kept {path} (step {kept})" if kept else "no checkpoint was written yet"
-        raise Diverged(f"step {step}: {' and '.join(bad)}; {where}")
 
 
 def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int,
                     gen: torch.Generator, extra: dict | None = None):
     obj = {"script": "nano_prune", "model": raw_model.state_dict(),
-           "optimizer": optimizer.state_dict() if optimizer else None,
-           "config": dataclasses.asdict(cfg), "step": step, "gen_state": gen.get_state(),
-           "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+           "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg), "step": step,
+           "gen_state": gen.get_state(), "torch_rng": torch.get_rng_state(),
+           "numpy_rng": np.random.get_state(),
            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    obj.update(extra or {})
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a broken checkpoint
+    torch.save({**obj, **(extra or {})}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a broken checkpoint
+
+
+def restore(ck: dict, model: GPT, optimizer, gen: torch.Generator) -> tuple[int, float]:
+    """--resume: weights, optimizer, every RNG. -> step, elapsed seconds so far."""
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    gen.set_state(ck["gen_state"])
+    torch.set_rng_state(ck["torch_rng"])
+    np.random.set_state(ck["numpy_rng"])
+    if ck.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    print(f"resumed at step {ck['step']}")
+    return ck["step"], ck.get("elapsed_s", 0.0)
 
 
 def load_checkpoint(path: str, cfg: Config) -> dict:
@@ -1799,16 +1780,14 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
                        f"pass another --ckpt") from None
     if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or "model" not in ck:
         raise BadInput(f"cannot read checkpoint {path}: not a checkpoint dict; train again")
-    script = ck.get("script")
-    if script != "nano_prune":
-        raise BadInput(f"{path} was written by {script + '.py' if script else 'another script'}"
-                       f", not nano_prune.py")
-    saved = ck["config"]
+    if ck.get("script") != "nano_prune":
+        who = ck["script"] + ".py" if ck.get("script") else "another script"
+        raise BadInput(f"{path} was written by {who}, not nano_prune.py")
     for name in MODEL_FIELDS:
-        if name in getattr(cfg, "_given", ()) and getattr(cfg, name) != saved[name]:
-            raise BadInput(f"checkpoint has {name}={saved[name]} but --{name} "
+        if name in cfg._given and getattr(cfg, name) != ck["config"][name]:
+            raise BadInput(f"checkpoint has {name}={ck['config'][name]} but --{name} "
                            f"{getattr(cfg, name)} was given")
-        setattr(cfg, name, saved[name])
+        setattr(cfg, name, ck["config"][name])
     return ck
 
 
@@ -1823,72 +1802,62 @@ def git_commit() -> str | None:
 
 def write_json(path: str, obj):
     def default(o):
-        if isinstance(o, (np.floating, np.integer)):
-            return o.item()
-        return o.tolist() if isinstance(o, np.ndarray) else str(o)
+        return o.item() if isinstance(o, np.generic) else o.tolist() if isinstance(
+            o, np.ndarray) else str(o)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=default)
 
 
 def setup(cfg: Config):
-    """Device, DDP, dtype and autocast. -> device, ddp, ptdtype, ctx."""
-    ddp = {"rank": 0, "local_rank": 0, "world": 1}
-    device = resolve_device(cfg)
+    """Device, DDP (torchrun), compile and dtype. -> device, ddp."""
+    device, ddp = resolve_device(cfg), {"rank": 0, "local_rank": 0, "world": 1}
     if int(os.environ.get("RANK", -1)) != -1:
-        import torch.distributed as dist
         ddp = {"rank": int(os.environ["RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),
                "world": int(os.environ["WORLD_SIZE"])}
         if device == "cuda":
             torch.cuda.set_device(ddp["local_rank"])
             device = f"cuda:{ddp['local_rank']}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
     device_type = device.split(":")[0]
-    if cfg.compile is None:
-        cfg.compile = device_type == "cuda"
-    if cfg.compile and (device_type != "cuda" or not hasattr(torch, "compile")):
+    if cfg.compile and device_type != "cuda":
         print(f"note: torch.compile is not used on {device_type} here (--no-compile)")
-        cfg.compile = False
+    cfg.compile = device_type == "cuda" and cfg.compile is not False
     if cfg.dtype == "auto":
         bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
         cfg.dtype = "bfloat16" if bf16 else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-               "float16": torch.float16}[cfg.dtype]
-    ctx = torch.autocast(device_type=device_type, dtype=ptdtype) \
-        if ptdtype != torch.float32 else contextlib.nullcontext()
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return device, ddp, ptdtype, ctx
+    return device, ddp
 
 
 def run(cfg: Config, ck: dict | None, text_ds):
     """Everything after validation: build, train (or load), then the analysis or a mode."""
-    device, ddp, ptdtype, ctx = setup(cfg)
-    master = ddp["rank"] == 0
+    device, ddp = setup(cfg)
+    ptdtype = getattr(torch, cfg.dtype)
+    ctx, master = autocast_ctx(device.split(":")[0], ptdtype), ddp["rank"] == 0
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), {
             "config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": device,
-            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+            "device_name": torch.cuda.get_device_name() if device != "cpu" else device,
             "git_commit": git_commit(), "world_size": ddp["world"]})
     tasks = ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed,
                      text_ds.vocab_size if text_ds is not None else 0, cfg.recall_max_keys)
     model = GPT(cfg, tasks.vocab_size).to(device)
     if master:
         print(f"model: {cfg.n_layer} layers x {cfg.n_head} heads, d {cfg.n_embd}, T "
-              f"{cfg.block_size}, {model.num_params():,} parameters, vocab {tasks.vocab_size} "
-              f"(padded {model.vocab_size}); device {device}, dtype {cfg.dtype}, "
-              f"preset {cfg.preset}")
+              f"{cfg.block_size}, {model.num_params():,} parameters, vocab {tasks.vocab_size}; "
+              f"device {device}, dtype {cfg.dtype}, preset {cfg.preset}")
     t0 = time.time()
     if cfg.skip_train:
         model.load_state_dict(ck["model"])
-        if not all(torch.isfinite(p).all() for p in model.state_dict().values()):
-            raise Diverged(f"{ckpt_path(cfg)} has non-finite weights (step {ck.get('step')}); "
-                           f"nothing to analyse")
+        if not all(torch.isfinite(v).all() for v in model.state_dict().values()):
+            raise Diverged(f"{ckpt_path(cfg)} has non-finite weights (step {ck['step']}); "
+                           "nothing to analyse")
         final = {**ck.get("final", {}), "params": model.num_params()}
-        print(f"loaded {ckpt_path(cfg)} (step {ck.get('step')})")
     else:
         final = train(cfg, model, tasks, Batcher(tasks, cfg, text_ds), device, ptdtype, ddp,
                       ck if cfg.resume else None)
@@ -1896,11 +1865,6 @@ def run(cfg: Config, ck: dict | None, text_ds):
         torch.distributed.destroy_process_group()
     if not master:
         return
-    if not cfg.skip_train:  # the final numbers go with the checkpoint (for --skip_train)
-        ck2 = torch.load(ckpt_path(cfg), map_location="cpu", weights_only=False)
-        ck2["final"] = final
-        torch.save(ck2, ckpt_path(cfg) + ".tmp")
-        os.replace(ckpt_path(cfg) + ".tmp", ckpt_path(cfg))
     res = {"script": "nano_prune.py", "config": dataclasses.asdict(cfg), "final": final,
            "device": device, "torch": torch.__version__}
     if cfg.stop_at and not cfg.skip_train and final["steps"] < cfg.max_iters:
@@ -1911,27 +1875,11 @@ def run(cfg: Config, ck: dict | None, text_ds):
         res["compare"] = run_compare(model, tasks, cfg, device, ctx)
     elif cfg.analysis:
         res.update(analyse(model, tasks, cfg, device, ctx))
-        try:
-            paths = plot_all(res, cfg.out_dir)
-            print("figures: " + ", ".join(os.path.basename(p) for p in paths))
-        except ImportError:
-            print("note: matplotlib is not installed, no figures (pip install matplotlib)")
+        paths = plot_all(res, cfg.out_dir)
+        print("figures: " + ", ".join(os.path.basename(p) for p in paths))
     res["total_elapsed_s"] = time.time() - t0
     write_json(os.path.join(cfg.out_dir, "results.json"), res)
-    g = torch.Generator().manual_seed(cfg.seed + 3)  # a short sample: a prompt and the answer
-    k = min(3, max(parse_ints(cfg.shots, "shots")))
-    for t in ("recall", "cluster"):
-        X, Y = tasks.prompts(t, k, 1, g)
-        pred = int(accuracy_logits(model, X.to(device)).argmax())
-        print(f"sample ({t}, {k}-shot): {tasks.decode(X[0])} -> {tasks.decode([pred])} "
-              f"(gold {tasks.decode([int(Y[0])])})")
     print(f"done in {time.time() - t0:.0f}s; results in {cfg.out_dir}/results.json")
-
-
-@torch.no_grad()
-def accuracy_logits(model: GPT, X: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(X)[0][0, -1]
 
 
 def main(argv=None):
@@ -1946,10 +1894,9 @@ def main(argv=None):
         run(cfg, ck, text_ds)
     except (BadInput, torch.cuda.OutOfMemoryError) as e:
         if isinstance(e, torch.cuda.OutOfMemoryError):
-            e = ("out of memory; lower --batch_size, --block_size, --n_embd, --n_layer or "
-                 "--analysis_batch")
+            e = "out of memory; lower --batch_size, --block_size, --n_embd or --analysis_batch"
         print(f"nano_prune.py: error: {e}", file=sys.stderr)
-        if created and cfg is not None:
+        if created:
             shutil.rmtree(cfg.out_dir, ignore_errors=True)
         sys.exit(2)
     except Diverged as e:
