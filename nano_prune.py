@@ -306,14 +306,6 @@ class ICLTasks:
         head = torch.tensor([self.BOS, self.REP]).expand(n, 2)
         return torch.cat([head, perm.repeat(1, reps)], 1)
 
-    def decode(self, ids) -> str:
-        names = ["<pad>", "<bos>", "<rep>"] + [f"<{t}>" for t in TASKS]
-        out = []
-        for i in (int(v) for v in ids):
-            out.append(names[i] if i < self.C0 else f"c{i - self.C0}" if i < self.L0 else
-                       f"L{i - self.L0}" if i < self.T0 else f"t{i - self.T0}")
-        return " ".join(out)
-
 
 class Batcher:
     """Training mixture: equal shares of the four tasks, rep_frac repeated sequences, text."""

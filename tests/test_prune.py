@@ -395,3 +395,138 @@ def test_smoke_main_end_to_end(tmp_path):
     _run(["--skip_train", "--ckpt", os.path.join(out, "ckpt.pt"), "--out_dir", out2, "--device", "cpu",
           "--no-analysis"])
     assert json.load(open(os.path.join(out2, "results.json")))["final"]["params"] == res["final"]["params"]
+
+
+# --- bad input specific to nano_prune: one line, exit 2, nothing written (with tests/test_cli.py's
+# common table, nano_prune gets well over 20 cases)
+TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--batch_size",
+        "4", "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--no-progress"]
+BAD = [
+    ("text_frac above 1", ["--dataset", "pycode", "--text_frac", "2"]),
+    ("text_frac + rep_frac_early >= 1", ["--dataset", "pycode", "--text_frac", "0.5"]),
+    ("rep_frac negative", ["--rep_frac", "-0.1"]),
+    ("rep_frac_early 1", ["--rep_frac_early", "1"]),
+    ("rep_early above 1", ["--rep_early", "2"]),
+    ("shots negative", ["--shots", "-1"]),
+    ("shots not integers", ["--shots", "0,x"]),
+    ("shots too long for the context", ["--shots", "40"]),
+    ("ablate_n not integers", ["--ablate_n", "a"]),
+    ("topk_frac zero", ["--topk_frac", "0"]),
+    ("grid_max_heads above 100", ["--grid_max_heads", "101"]),
+    ("n_content too small", ["--n_content", "4"]),
+    ("n_labels below n_clusters", ["--n_labels", "2"]),
+    ("n_eval zero", ["--n_eval", "0"]),
+    ("prefix_len zero", ["--prefix_len", "0"]),
+    ("dropout 1", ["--dropout", "1"]),
+    ("task_seed negative", ["--task_seed", "-1"]),
+    ("unknown abs_per", ["--abs_per", "row"]),
+    ("unknown imp_norm", ["--imp_norm", "nope"]),
+    ("unknown copy_impl", ["--copy_impl", "nope"]),
+    ("unknown compare item", ["--compare", "nope"]),
+    ("bad compare value", ["--compare", "abs_per=row"]),
+    ("bench not a number", ["--bench", "x"]),
+    ("bench above 100", ["--bench", "150"]),
+    ("bench too many ffns", ["--bench", "50:9"]),
+    ("skip_train and resume", ["--skip_train", "--resume"]),
+    ("skip_train without a checkpoint", ["--skip_train", "--ckpt", "{tmp}/nope.pt"]),
+    ("unknown dataset", ["--dataset", "nope"]),
+]
+
+
+def _main(argv, capsys):
+    try:
+        npr.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _files(path):
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.mark.parametrize("case,extra", BAD, ids=[c for c, _ in BAD])
+def test_bad_input_table(case, extra, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in TINY + extra]
+    code, out, err = _main(argv + ["--out_dir", str(tmp_path / "o")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("nano_prune.py: error:"), err
+    assert "Traceback" not in out + err
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("dataset", ["none", "shakespeare", "pycode", "pycode_all", "{text}"])
+def test_every_documented_dataset_trains(dataset, tiny_text, tmp_path, capsys):
+    """--dataset shakespeare used to fail on its own defaults (rep_frac_early + text_frac = 1)."""
+    out = tmp_path / "run"
+    code, _, err = _main(TINY + ["--no-analysis", "--block_size", "24", "--out_dir", str(out),
+                                 "--dataset", dataset.replace("{text}", tiny_text)], capsys)
+    assert code == 0, err
+    res = json.load(open(out / "results.json"))
+    assert math.isfinite(res["final"]["val_loss"])
+
+
+def test_dev_and_importance_prompts_kept_apart_from_eval(capsys):
+    """Audit fix (b): the FFN oracle's dev prompts (and the importance prompts) share no prompt
+    with the eval prompts where the prompt space allows; where it does not, a note says so."""
+    cfg = tiny_cfg(n_eval=300, n_imp=64, n_dev=200, shots="0,1", seed=3)
+    tasks = npr.ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed)
+    sets, shared = npr.prompt_sets(tasks, cfg, [0, 1])
+    rows = {key: {s: {r.tobytes() for r in v[0].numpy()} for s, v in d.items()}
+            for key, d in sets.items()}
+    for t in npr.TASKS:
+        assert rows[t, 1]["dev"].isdisjoint(rows[t, 1]["eval"]), t
+        assert rows[t, 1]["imp"].isdisjoint(rows[t, 1]["eval"]), t
+        assert len(sets[t, 1]["dev"][0]) == cfg.n_dev  # topped up to the full size
+        assert f"{t}/0" in shared and f"{t}/1" not in shared  # 16 content tokens: 0-shot overlaps
+    assert "note:" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    npr.main(TINY + ["--max_iters", "4", "--no-analysis", "--out_dir", str(out)])
+    return out / "ckpt.pt"
+
+
+def test_bench_and_compare_run_alone_on_a_checkpoint(trained, tmp_path, capsys):
+    small = ["--skip_train", "--ckpt", str(trained), "--device", "cpu", "--n_eval", "16",
+             "--n_imp", "8", "--n_dev", "8", "--speed_batch", "2", "--no-progress"]
+    _main(small + ["--bench", "50,75:1", "--out_dir", str(tmp_path / "b")], capsys)
+    res = json.load(open(tmp_path / "b" / "results.json"))
+    assert [(r["heads_pruned_pct"], r["ffns_pruned"]) for r in res["bench"]] == [(50, 0), (75, 1)]
+    assert all(r["max_abs_logit_diff"] < 1e-4 and r["speedup_measured"] > 0 for r in res["bench"])
+    assert "head_pruning" not in res and not any(f.endswith(".png") for f in _files(tmp_path))
+    _main(small + ["--compare", "abs_per=example,layer_norm_imp", "--out_dir", str(tmp_path / "c")],
+          capsys)
+    cmp = json.load(open(tmp_path / "c" / "results.json"))["compare"]
+    assert list(cmp) == ["default", "abs_per=example", "layer_norm_imp=True"]
+    assert cmp["default"]["5"]["spearman_vs_default"] == 1.0
+
+
+def test_non_finite_checkpoint_is_not_analysed(trained, tmp_path, capsys):
+    ck = torch.load(trained, weights_only=False)
+    ck["model"]["wte.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(ck, bad)
+    code, out, err = _main(["--skip_train", "--ckpt", str(bad), "--device", "cpu",
+                            "--out_dir", str(tmp_path / "o")], capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1 and "non-finite" in err
+    assert not os.path.exists(tmp_path / "o" / "results.json")
+
+
+def test_divergence_stops_before_the_analysis(tmp_path, capsys, monkeypatch):
+    real = F.cross_entropy
+
+    def nan_from_step_3(*a, **k):
+        loss = real(*a, **k)
+        nan_from_step_3.n += torch.is_grad_enabled()
+        return loss * float("nan") if nan_from_step_3.n >= 3 else loss
+    nan_from_step_3.n = 0
+    monkeypatch.setattr(F, "cross_entropy", nan_from_step_3)
+    out = tmp_path / "run"
+    code, _, err = _main(TINY + ["--max_iters", "4", "--out_dir", str(out)], capsys)
+    assert code == 3 and "step 3: loss is nan" in err and "(step 2)" in err
+    assert not any(f.endswith((".png", "results.json")) for f in _files(out))
