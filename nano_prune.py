@@ -180,9 +180,7 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "n_content", "n_lab
                 "n_clusters", "task_seed", "dataset", "tokenizer")
 
 
-# ------------------------------------------------------------------------------------------------
-# The in-context tasks (the paper uses 14 lm-eval tasks; we generate exactly scorable ones)
-# ------------------------------------------------------------------------------------------------
+# ---- The in-context tasks (the paper uses 14 lm-eval tasks; we generate exactly scorable ones)
 class ICLTasks:
     """Vocabulary and episode generators.
 
@@ -334,9 +332,7 @@ class Batcher:
         return torch.cat(xs), torch.cat(ys)
 
 
-# ------------------------------------------------------------------------------------------------
-# The model (Sec. 3): nanoGPT with a gate xi_h on every head (before W_O) and one on every FFN
-# ------------------------------------------------------------------------------------------------
+# ---- The model (Sec. 3): nanoGPT with a gate xi_h on every head (before W_O) and one on every FFN
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with per-head gates. Any n_head (physically pruned layers too)."""
 
@@ -488,9 +484,7 @@ def accuracy(model: GPT, X: torch.Tensor, Y: torch.Tensor, cand: torch.Tensor, d
     return correct / len(X)
 
 
-# ------------------------------------------------------------------------------------------------
-# Head importance (Sec. 3, Eq. 8-10; official lm_eval/base.py::calculate_importance), FFN oracle
-# ------------------------------------------------------------------------------------------------
+# ---- Head importance (Eq. 8-10; official lm_eval/base.py calculate_importance), FFN oracle ---
 def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch: int,
                     abs_per: str = "token", imp_norm: str = "example") -> np.ndarray:
     """IS_h of every head, (L, H). X: (n, T) prompts ending at the query, Y: (n,) gold answers.
@@ -548,9 +542,7 @@ def ffn_oracle(acc_with, L: int) -> np.ndarray:
     return np.array([base - acc_with(np.eye(L)[l] * -1 + 1) for l in range(L)])
 
 
-# ------------------------------------------------------------------------------------------------
-# Pruning (Sec. 4-5): one global ranking, least important first; and agreement (Sec. 6.1)
-# ------------------------------------------------------------------------------------------------
+# ---- Pruning (Sec. 4-5): one global ranking, least important first; and agreement (Sec. 6.1) -----
 def order_heads(imp: np.ndarray) -> np.ndarray:
     """Global ranking over all L*H heads, least important first (official: argsort ascending)."""
     return np.argsort(imp.ravel(), kind="stable")
@@ -600,9 +592,7 @@ def topk_overlap(a, b, frac: float) -> float:
     return len(ta & tb) / k
 
 
-# ------------------------------------------------------------------------------------------------
-# Induction heads (Sec. 6.3 and App. A.4, Alg. 1-2; Olsson et al. 2022)
-# ------------------------------------------------------------------------------------------------
+# ---- Induction heads (Sec. 6.3 and App. A.4, Alg. 1-2; Olsson et al. 2022) -----------------------
 def induction_targets(ids: torch.Tensor) -> torch.Tensor:
     """(n, T) -> (n, T, T) bool P[j, i]: key i follows an earlier occurrence (i-1 < j) of ids[j]."""
     n, T = ids.shape
@@ -731,9 +721,7 @@ def retained_capacity(score: np.ndarray, order: np.ndarray) -> np.ndarray:
     return tail / tot if tot > 0 else tail
 
 
-# ------------------------------------------------------------------------------------------------
-# The experiment: one function per paper section or figure; analyse() runs them in order
-# ------------------------------------------------------------------------------------------------
+# ---- The experiment: one function per paper section or figure; analyse() runs them in order ------
 def parse_ints(s: str, name: str) -> list[int]:
     try:
         vals = [int(v) for v in s.split(",") if v.strip() != ""]
@@ -1305,9 +1293,9 @@ def parse_compare(spec: str) -> list[dict]:
 def run_compare(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
     """Head-score variants side by side on one model: Spearman of each variant's aggregate with
     the default's, and mean accuracy over tasks at 50/70/90% heads pruned in aggregate order."""
-    out, pcts = {}, (50, 70, 90)
+    out, pcts, st = {}, (50, 70, 90), Study(model, tasks, cfg, device, ctx)
     for var in [{}] + parse_compare(cfg.compare):
-        st = Study(model, tasks, dataclasses.replace(cfg, **var), device, ctx)
+        st.cfg = dataclasses.replace(cfg, **var)
         fig3_head_importance(st)
         name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
         row = {}
@@ -1324,9 +1312,7 @@ def run_compare(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> d
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Making it fast: physical pruning (slice the weights), tested against the gates (test_prune.py)
-# ------------------------------------------------------------------------------------------------
+# ---- Making it fast: physical pruning (slice the weights), tested against the gates -------------
 def physically_prune(model: GPT, cfg: Config, head_mask, ffn_mask) -> GPT:
     """Slice the pruned heads (rows of W_Q/W_K/W_V, columns of W_O) and the pruned FFNs out of
     the weights: a smaller GPT computing what `model` computes with these gates (a layer with no
@@ -1452,9 +1438,7 @@ def parse_bench(spec: str, L: int) -> list[tuple[int, int]]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# The skeleton: command line, training loop, checkpoints, main (same names in all three scripts)
-# ------------------------------------------------------------------------------------------------
+# ---- The skeleton: command line, training loop, checkpoints, main (same in all three scripts) ---
 class BadInput(Exception):
     """Bad input: one line on stderr, exit status 2, nothing written."""
 
