@@ -1411,9 +1411,10 @@ def bench_physical_pruning(model: GPT, cfg: Config, head_imp, ffn_order, device,
 
 
 def run_bench(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> list:
-    """--bench p[:n_ffn],...: the physical-pruning speed test alone, heads ranked by the 
-    aggregate IS_h and FFNs by the oracle, both at the largest shot."""
-    st = Study(model, tasks, dataclasses.replace(cfg, shots=cfg.shots.split(",")[-1]), device, ctx)
+    """--bench p[:n_ffn],...: the physical-pruning speed test alone, heads ranked by the
+    aggregate IS_h and FFNs by the oracle, both at the last --shots value."""
+    last = str(parse_ints(cfg.shots, "shots")[-1])
+    st = Study(model, tasks, dataclasses.replace(cfg, shots=last), device, ctx)
     fig3_head_importance(st)
     fig4_ffn_importance(st)
     k = st.shots[-1]
@@ -1512,7 +1513,9 @@ def validate(cfg: Config):
                and max(c.rep_frac, c.rep_frac_early) + text < 1,
                f"--rep_frac / --rep_frac_early plus --text_frac ({text} with --dataset) must stay "
                f"below 1, each in [0, 1)"),
-              (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other")]
+              (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other"),
+              (not (c.bench and c.compare), "--bench and --compare each replace the analysis; "
+               "pick one")]
     checks += [(getattr(c, name) >= 1, f"--{name} must be at least 1") for name in sizes]
     checks += [(c.n_embd % c.n_head == 0, f"--n_embd {c.n_embd} must be a multiple of --n_head "
                 f"{c.n_head}"), (c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters")]
@@ -1643,6 +1646,22 @@ def _check_finite(loss, norm, step, path, kept, ptdtype):
         raise Diverged(f"step {step}: {' and '.join(bad)}; {where}")
 
 
+def backward(model, batcher: Batcher, gen, it: int, cfg: Config, device, ctx, scaler, ddp):
+    """The gradient of one optimizer step, over grad_accum micro-batches (DDP syncs on the last).
+    -> the summed loss, a tensor (no host sync)."""
+    loss_acc = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = batcher.get(cfg.batch_size, gen, it=it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sync = ddp["world"] == 1 or micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with ctx:
+                loss = model(x, y)[1] / cfg.grad_accum
+            scaler.scale(loss).backward()
+        loss_acc += loss.detach()
+    return loss_acc
+
+
 def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: str, ptdtype,
           ddp: dict, ck: dict | None = None) -> dict:
     """nanoGPT's loop: AdamW, warmup + cosine, clipping, accumulation, autocast, compile, DDP.
@@ -1672,17 +1691,7 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
             lr = get_lr(it, cfg)
             for grp in optimizer.param_groups:
                 grp["lr"] = lr
-            loss_acc = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = batcher.get(cfg.batch_size, gen, it=it)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = ddp["world"] == 1 or micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with ctx:
-                        loss = model(x, y)[1] / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                loss_acc += loss.detach()
-            norm = None
+            loss_acc, norm = backward(model, batcher, gen, it, cfg, device, ctx, scaler, ddp), None
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1760,7 +1769,7 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
         who = ck["script"] + ".py" if ck.get("script") else "another script"
         raise BadInput(f"{path} was written by {who}, not nano_prune.py")
     for name in MODEL_FIELDS:
-        if name in cfg._given and getattr(cfg, name) != ck["config"][name]:
+        if name in getattr(cfg, "_given", ()) and getattr(cfg, name) != ck["config"][name]:
             raise BadInput(f"checkpoint has {name}={ck['config'][name]} but --{name} "
                            f"{getattr(cfg, name)} was given")
         setattr(cfg, name, ck["config"][name])
@@ -1792,7 +1801,7 @@ def setup(cfg: Config):
                "world": int(os.environ["WORLD_SIZE"])}
         if device == "cuda":
             torch.cuda.set_device(ddp["local_rank"])
-            device = f"cuda:{ddp['local_rank']}"
+        device = f"cuda:{ddp['local_rank']}" if device == "cuda" else "cpu"
         torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
     device_type = device.split(":")[0]
     if cfg.compile and device_type != "cuda":
@@ -1872,7 +1881,7 @@ def main(argv=None):
         if isinstance(e, torch.cuda.OutOfMemoryError):
             e = "out of memory; lower --batch_size, --block_size, --n_embd or --analysis_batch"
         print(f"nano_prune.py: error: {e}", file=sys.stderr)
-        if created:
+        if created and not os.path.exists(ckpt_path(cfg)):  # never lose a trained model
             shutil.rmtree(cfg.out_dir, ignore_errors=True)
         sys.exit(2)
     except Diverged as e:
