@@ -1511,8 +1511,8 @@ def validate(cfg: Config):
               (0 <= c.rep_early <= 1, "--rep_early must be in [0, 1]"),
               (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
                and max(c.rep_frac, c.rep_frac_early) + text < 1,
-               f"--rep_frac / --rep_frac_early plus --text_frac ({text} with --dataset) must stay "
-               f"below 1, each in [0, 1)"),
+               f"--rep_frac {c.rep_frac} and --rep_frac_early {c.rep_frac_early} plus --text_frac "
+               f"{text} (with --dataset) must each stay below 1, all in [0, 1)"),
               (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other"),
               (not (c.bench and c.compare), "--bench and --compare each replace the analysis; "
                "pick one")]
