@@ -18,13 +18,13 @@ the test prompts, and an ablation of the top induction heads against random head
 
 Key equations
 -------------
-A gate xi_h on every head's output, before W_O (Sec. 3; Michel Eq. 1), 1 = keep, 0 = pruned:
+A gate xi_h on every head's output, before W_O (Sec. 2.2; Michel Eq. 1), 1 = keep, 0 = pruned:
     MHA(x) = sum_h xi_h A_h(x) W_O^h,   A_h(x) = softmax(q_h k_h^T / sqrt(d_h)) v_h     (T x d_h)
-Head importance (Eq. 8), the loss on the answer tokens only (Eq. 9):
+Head importance (Sec. 2.3.2, Eq. 8), the loss on the answer tokens only (Eq. 9):
     IS_h = E_(x,y) |A_h^T dL(y|x)/dA_h| = E_(x,y) |dL(y|x)/d xi_h|    (at xi = 1)
     (|.| per token as in the official code: --abs_per token, our default; Eq. 8: per example)
 Task aggregate (Eq. 10): the mean of the per-task score matrices, per shot.
-FFN importance (Eq. 7), an oracle on dev prompts; the whole sublayer goes, its LayerNorm too:
+FFN importance (Sec. 2.3.1, Eq. 7), an oracle; the whole sublayer goes, its LayerNorm too:
     IS_FFN_l = acc(model) - acc(model without FFN l)
 Induction heads (Sec. 6.3, App. A.4 Alg. 1-2): prefix matching = attention from a token of a
 repeated random sequence to the tokens that followed its earlier copies; copying = how much a
@@ -50,7 +50,7 @@ Run
     torchrun --standalone --nproc_per_node 2 nano_prune.py --preset gpu        # DDP training
     python -m pytest -q tests/test_prune.py  # CPU, under a minute
 
-Reading map: Config -> ICLTasks (the tasks) -> GPT with head and FFN gates (Sec. 3) ->
+Reading map: Config -> ICLTasks (the tasks, Sec. 3) -> GPT with head and FFN gates (Sec. 2) ->
 head_importance (Eq. 8-10), ffn_oracle (Eq. 7) -> pruning orders, agreement -> induction heads ->
 the experiment (Study; one function per section or figure; analyse; plots; --compare) -> making
 it fast (physically_prune, --bench) -> skeleton (BadInput ... train, checkpoints, main).
@@ -180,7 +180,7 @@ MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "n_content", "n_lab
                 "n_clusters", "task_seed", "dataset", "tokenizer")
 
 
-# ---- The in-context tasks (the paper uses 14 lm-eval tasks; we generate exactly scorable ones)
+# ---- The in-context tasks (Sec. 3 uses 14 lm-eval tasks; we generate exactly scorable ones) ----
 class ICLTasks:
     """Vocabulary and episode generators.
 
@@ -332,7 +332,7 @@ class Batcher:
         return torch.cat(xs), torch.cat(ys)
 
 
-# ---- The model (Sec. 3): nanoGPT with a gate xi_h on every head (before W_O) and one on every FFN
+# ---- The model (Sec. 2.2-2.3): nanoGPT with a gate xi_h on every head (before W_O) and every FFN
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with per-head gates. Any n_head (physically pruned layers too)."""
 
@@ -362,7 +362,7 @@ class CausalSelfAttention(nn.Module):
         else:  # training path: the fused kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        y = y * self.head_mask.view(1, H, 1, 1).to(y.dtype)  # xi_h * A_h (Sec. 3; Michel Eq. 1)
+        y = y * self.head_mask.view(1, H, 1, 1).to(y.dtype)  # xi_h * A_h (Sec. 2.2; Michel Eq. 1)
         if self.keep:
             self.att = att.detach() if att is not None else None
             self.y = y
@@ -398,7 +398,7 @@ class Block(nn.Module):
         if self.attn is not None:
             x = x + self.attn(self.ln_1(x))
         if self.mlp is not None:
-            # removing an FFN = skipping LN, W1, W2 and the residual add (Sec. 3, official fc_mask)
+            # removing an FFN = skipping LN, W1, W2 and the residual add (Sec. 2.3.1, fc_mask)
             x = x + self.ffn_mask.to(x.dtype) * self.mlp(self.ln_2(x))
         return x
 
@@ -484,7 +484,7 @@ def accuracy(model: GPT, X: torch.Tensor, Y: torch.Tensor, cand: torch.Tensor, d
     return correct / len(X)
 
 
-# ---- Head importance (Eq. 8-10; official lm_eval/base.py calculate_importance), FFN oracle ---
+# ---- Head importance (Sec. 2.3.2, Eq. 8-10; official calculate_importance), FFN oracle (Eq. 7)
 def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch: int,
                     abs_per: str = "token", imp_norm: str = "example") -> np.ndarray:
     """IS_h of every head, (L, H). X: (n, T) prompts ending at the query, Y: (n,) gold answers.
@@ -542,7 +542,7 @@ def ffn_oracle(acc_with, L: int) -> np.ndarray:
     return np.array([base - acc_with(np.eye(L)[l] * -1 + 1) for l in range(L)])
 
 
-# ---- Pruning (Sec. 4-5): one global ranking, least important first; and agreement (Sec. 6.1) -----
+# ---- Pruning (Sec. 5): one global ranking, least important first; and agreement (Sec. 6.1) -------
 def order_heads(imp: np.ndarray) -> np.ndarray:
     """Global ranking over all L*H heads, least important first (official: argsort ascending)."""
     return np.argsort(imp.ravel(), kind="stable")
@@ -807,7 +807,7 @@ class Study:
 
 
 def sec_full_accuracy(st: Study):
-    """Full-model accuracy per task and shot, with warnings near chance (printed first)."""
+    """Sec. 3: full-model accuracy per task and shot, with warnings near chance (printed first)."""
     n, tasks = st.cfg.n_eval, st.tasks
     full = {t: {k: st.acc(t, k) for k in st.shots} for t in TASKS}
     print(f"\nfull-model accuracy (n={n} per cell, +- binomial s.e.)")
@@ -833,8 +833,8 @@ def sec_full_accuracy(st: Study):
 
 
 def fig3_head_importance(st: Study):
-    """IS_h per (task, shot) (Eq. 8), the aggregate per shot (Eq. 10), and how much the choice
-    of where |.| is taken (Eq. 8 vs the official code) changes the ranking."""
+    """Fig. 3 (Sec. 4): IS_h per (task, shot) (Eq. 8), the aggregate per shot (Eq. 10), and how
+    much the choice of where |.| is taken (Eq. 8 vs the official code) changes the ranking."""
     st.imp = {k: {t: st.score(t, k) for t in TASKS} for k in st.shots}
     st.agg = {k: aggregate([st.imp[k][t] for t in TASKS], st.cfg.agg_norm) for k in st.shots}
     other = "example" if st.cfg.abs_per == "token" else "token"
@@ -851,7 +851,7 @@ def fig3_head_importance(st: Study):
 
 
 def fig4_ffn_importance(st: Study):
-    """FFN oracle scores (Eq. 7) on the dev prompts, per (task, shot), and their task mean."""
+    """Fig. 4 (Sec. 4): FFN oracle scores (Eq. 7) on the dev prompts per (task, shot); task mean."""
     st.ffn = {k: {t: ffn_oracle(lambda fm, t=t, k=k: st.acc(t, k, fm=fm, split="dev"), st.L)
                   for t in TASKS} for k in st.shots}
     st.ffn_agg = {k: np.mean([st.ffn[k][t] for t in TASKS], 0) for k in st.shots}
@@ -874,8 +874,8 @@ def _rescored_curve(st: Study, t, k, pcts):
 
 
 def fig5_head_pruning(st: Study):
-    """Accuracy vs % heads pruned (Fig. 5), one global ranking from the unpruned model, in task,
-    aggregate, random (n_random seeds) and reverse order."""
+    """Fig. 5 (Sec. 5.1): accuracy vs % heads pruned, one global ranking from the unpruned
+    model, in task, aggregate, random (n_random seeds) and reverse order."""
     L, H, pcts = st.L, st.H, list(range(0, 100, 10))
     rand_orders = [st.rng.permutation(L * H) for _ in range(st.cfg.n_random)]
     curves = {}
@@ -908,7 +908,7 @@ def sec6_cross_task_transfer(st: Study):
 
 
 def fig6_ffn_pruning(st: Study):
-    """Accuracy vs FFNs pruned cumulatively in oracle order (Fig. 6), and a random order."""
+    """Fig. 6 (Sec. 5.2): accuracy vs FFNs pruned cumulatively in oracle order, and random order."""
     L, out = st.L, {}
     for t in TASKS:
         for k in st.shots:
@@ -923,7 +923,7 @@ def fig6_ffn_pruning(st: Study):
 
 
 def fig7_combined_pruning(st: Study):
-    """Heads x FFNs grid with the shot-specific task-aggregate orders (Fig. 7 caption)."""
+    """Fig. 7 (Sec. 5.3): heads x FFNs grid, shot-specific task-aggregate orders (its caption)."""
     L, H, gp, grids = st.L, st.H, list(range(0, st.cfg.grid_max_heads + 1, 10)), {}
     for k in st.shots:
         oh, of = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
@@ -939,7 +939,7 @@ def fig7_combined_pruning(st: Study):
 
 
 def fig8_agreement(st: Study):
-    """Cross-task Spearman and top-30% overlap (Fig. 8) and cross-shot Spearman (Table 1)."""
+    """Fig. 8 (Sec. 6.1): cross-task Spearman and top-30% overlap; cross-shot Spearman (Table 1)."""
     mats = {}
     for k in st.shots:
         v = [st.imp[k][t] for t in TASKS] + [st.agg[k]]
@@ -956,8 +956,9 @@ def fig8_agreement(st: Study):
 
 
 def fig10_induction_heads(st: Study):
-    """Prefix matching (Alg. 1, with the uniform-attention floor and a previous-token score) and
-    copying (Alg. 2 / Olsson / OV eigenvalues); heads in the top 10% of both are induction heads."""
+    """Fig. 10 (Sec. 6.3): prefix matching (Alg. 1, with the uniform-attention floor and a
+    previous-token score) and copying (Alg. 2 / Olsson / OV eigenvalues); heads in the top 10% of
+    both are induction heads."""
     cfg, tasks, L, H = st.cfg, st.tasks, st.L, st.H
     Lp = min(cfg.prefix_len, (cfg.block_size - 2) // 4, tasks.N)
     gi = torch.Generator().manual_seed(cfg.seed + 4242)
@@ -994,7 +995,8 @@ def fig10_induction_heads(st: Study):
 
 
 def fig11_retained_capacity(st: Study):
-    """Prefix-matching and copying capacity left after pruning in aggregate order (Fig. 11)."""
+    """Fig. 11 (Sec. 6.3): prefix-matching and copying capacity left after pruning in aggregate
+    order."""
     floor = st.res["induction"]["prefix_floor_uniform_attention"]
     cap = {str(k): {"prefix": retained_capacity(st.prefix, order_heads(st.agg[k])).tolist(),
                     "prefix_minus_floor": retained_capacity(st.prefix - floor,
