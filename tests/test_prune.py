@@ -252,11 +252,10 @@ def test_copying_scores_on_a_hand_built_copying_head(sign):
     ids = torch.cat([torch.tensor([tasks.BOS, tasks.REP]).expand(4, 2), uniq], 1)
     ols = npr.copying_score_olsson(m, ids, 2, "cpu")[0, 0]
     off = npr.copying_score_official(m, ids, "cpu")[0, 0]
-    eig = npr.copying_score_eigen(m, tasks)[0, 0]
     if sign > 0:
-        assert ols > 0.95 and off > 0.95 and eig > 0.99
+        assert ols > 0.95 and off > 0.95
     else:  # an anti-copying head lowers the attended token
-        assert ols < 0.05 and off < 0.05 and eig < -0.99
+        assert ols < 0.05 and off < 0.05
 
 
 @pytest.mark.parametrize("k", [0, 1, 5])
@@ -331,7 +330,8 @@ def test_orders_masks_and_capacity():
     imp = np.array([[3.0, 1.0], [2.0, 4.0]])
     o = npr.order_heads(imp)
     assert o.tolist() == [1, 2, 0, 3]
-    assert npr.mask_from_order(o, 2, 2, 2).tolist() == [[1, 0], [0, 1]]
+    assert npr.prune_mask(o, 2, (2, 2)).tolist() == [[1, 0], [0, 1]]
+    assert npr.prune_mask([2, 0], 1, 3).tolist() == [1, 1, 0]
     cap = npr.retained_capacity(imp, o)
     assert cap.tolist() == pytest.approx([1.0, 0.9, 0.7, 0.4, 0.0])
     assert npr.aggregate([imp, 2 * imp], "sum1") == pytest.approx(imp / imp.sum())
@@ -378,17 +378,17 @@ def test_smoke_main_end_to_end(tmp_path):
     out = str(tmp_path / "run")
     _run(SMOKE + ["--max_iters", "4", "--eval_interval", "2", "--out_dir", out, "--n_eval", "16",
                   "--n_imp", "8", "--n_dev", "8", "--n_random", "1", "--n_prefix_seq", "3", "--speed_batch", "2",
-                  "--rescore", "--ablate_n", "1"])
+                  ])
     res = json.load(open(os.path.join(out, "results.json")))
     for key in ("train_loss", "val_loss", "val_ppl", "tokens_per_s", "params", "elapsed_s"):
         assert key in res["final"]
     assert res["script"] == "nano_prune.py"
     assert np.array(res["head_importance"]["5"]["recall"]).shape == (2, 2)
-    assert len(res["head_pruning"]["curves"]["copy/1"]["task_rescored"]) == 10
+    assert len(res["head_pruning"]["curves"]["copy/1"]["task"]) == 10
     assert all(p["max_abs_logit_diff"] < 1e-4 for p in res["physical_pruning"])
     assert set(res["transfer_pruning"]["acc"]["recall/5"]) == set(npr.TASKS) | {"aggregate"}
     for f in ("config.json", "log.csv", "ckpt.pt", "importance.png", "head_pruning.png", "ffn.png", "grid.png",
-              "spearman.png", "induction.png", "ablation.png", "transfer.png"):
+              "spearman.png", "induction.png", "transfer.png"):
         assert os.path.exists(os.path.join(out, f)), f
     # analyse the saved checkpoint again without training
     out2 = str(tmp_path / "again")
@@ -410,7 +410,6 @@ BAD = [
     ("shots negative", ["--shots", "-1"]),
     ("shots not integers", ["--shots", "0,x"]),
     ("shots too long for the context", ["--shots", "40"]),
-    ("ablate_n not integers", ["--ablate_n", "a"]),
     ("topk_frac zero", ["--topk_frac", "0"]),
     ("grid_max_heads above 100", ["--grid_max_heads", "101"]),
     ("n_content too small", ["--n_content", "4"]),
