@@ -377,8 +377,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_smoke_main_end_to_end(tmp_path):
     out = str(tmp_path / "run")
     _run(SMOKE + ["--max_iters", "4", "--eval_interval", "2", "--out_dir", out, "--n_eval", "16",
-                  "--n_imp", "8", "--n_dev", "8", "--n_random", "1", "--n_prefix_seq", "3", "--speed_batch", "2",
-                  ])
+                  "--n_imp", "8", "--n_dev", "8", "--n_random", "1", "--n_prefix_seq", "3", "--speed_batch", "2"])
     res = json.load(open(os.path.join(out, "results.json")))
     for key in ("train_loss", "val_loss", "val_ppl", "tokens_per_s", "params", "elapsed_s"):
         assert key in res["final"]
