@@ -13,8 +13,8 @@ to the token after an earlier copy of the current token, and copy it). We redo t
 small GPT trained on in-context tasks generated here (copy, successor, associative recall,
 in-context cluster classification, and repeated random sequences so that induction heads form;
 these fill 80% of each batch for the first 30% of training, our choice: --rep_frac_early), with
-the controls the paper lacks: random and reverse orders, FFN scores on dev prompts kept apart from
-the test prompts, and an ablation of the top induction heads against random heads.
+the controls the paper lacks: random and reverse orders, and FFN scores on dev prompts kept apart
+from the test prompts.
 
 Key equations
 -------------
@@ -34,10 +34,10 @@ head's output raises the logit of the token it attends to.
             |  train a GPT with gates xi_h (heads) and xi_l (FFNs), all = 1
             v
     accuracy per task x shot --> IS_h per (task, shot) --> aggregate --> prune 0..90% of heads
-            |                    (task / aggregate / random / reverse order; --rescore)
+            |                    (task / aggregate / random / reverse order)
             +--> FFN oracle on dev prompts --> cumulative FFN pruning --> heads x FFNs grid
             +--> Spearman + top-30% overlap across tasks and shots; cross-task transfer
-            +--> prefix matching + copying --> induction heads --> retained capacity, ablation
+            +--> prefix matching + copying --> induction heads --> retained capacity
             v
     physical pruning (slice W_qkv, W_O, drop FFNs) == the masked model; measured speed-up
 
@@ -701,18 +701,16 @@ def fresh_prompts(tasks: ICLTasks, t: str, k: int, n: int, g, seen: set, top_up:
     """n prompts drawn from g, none of them in `seen` (eval prompts as bytes), topped up from
     further draws if top_up. Where the prompt space is too small (under n/4 unseen, e.g. 0-shot
     prompts), the plain draw. -> X, Y, fraction of the first draw that was in `seen`."""
-    X, Y = tasks.prompts(t, k, n, g)
-    keep = torch.tensor([r.tobytes() not in seen for r in X.numpy()])
-    overlap = 1.0 - float(keep.float().mean())
-    if keep.sum() < n // 4:
-        return X, Y, overlap
-    Xs, Ys = [X[keep]], [Y[keep]]
-    for _ in range(8 if top_up else 0):
-        if sum(len(x) for x in Xs) >= n:
-            break
+    Xs, Ys, overlap = [], [], None
+    for _ in range(9 if top_up else 1):
         X, Y = tasks.prompts(t, k, n, g)
         keep = torch.tensor([r.tobytes() not in seen for r in X.numpy()])
+        if overlap is None and keep.sum() < n // 4:
+            return X, Y, 1.0 - float(keep.float().mean())
+        overlap = 1.0 - float(keep.float().mean()) if overlap is None else overlap
         Xs.append(X[keep]), Ys.append(Y[keep])
+        if sum(len(x) for x in Xs) >= n:
+            break
     return torch.cat(Xs)[:n], torch.cat(Ys)[:n], overlap
 
 
@@ -1372,20 +1370,15 @@ def validate(cfg: Config):
     parse_compare(c.compare), parse_bench(c.bench, c.n_layer)
     if c.dtype == "float16" and resolve_device(c) not in ("cuda", "mps"):
         raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
-    _check_out_dir(c.out_dir)
+    parent = os.path.abspath(c.out_dir)  # the out_dir: its nearest existing parent is writable
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out_dir {c.out_dir}: {parent} is " + ("not writable" if os.path.isdir(
+            parent) else "a file") + "; pick another directory")
     if (c.skip_train or c.resume) and not os.path.isfile(ckpt_path(c)):
         raise BadInput(f"checkpoint {ckpt_path(c)} not found; train first or pass --ckpt PATH"
                        if c.skip_train else f"--resume but {ckpt_path(c)} does not exist")
-
-
-def _check_out_dir(path: str):
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise BadInput(f"--out_dir {path}: {parent} is a file; pick a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out_dir {path}: {parent} is not writable; pick another directory")
 
 
 def ckpt_path(cfg: Config) -> str:
@@ -1423,13 +1416,12 @@ def make_optimizer(model: nn.Module, cfg: Config, device_type: str):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12,
-              "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
 def peak_flops(device_type: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU, for the MFU (None: unknown, or not a GPU)."""
     name = torch.cuda.get_device_name() if device_type == "cuda" else ""
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return next((v for k, v in {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12,
+                                "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12,
+                                "V100": 125e12, "T4": 65e12}.items() if k in name), None)
 
 
 def autocast_ctx(device_type: str, ptdtype):
@@ -1626,11 +1618,9 @@ def git_commit() -> str | None:
 
 
 def write_json(path: str, obj):
-    def default(o):
-        return o.item() if isinstance(o, np.generic) else o.tolist() if isinstance(
-            o, np.ndarray) else str(o)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, default=default)
+    with open(path, "w") as f:  # numpy scalars and arrays as numbers and lists
+        json.dump(obj, f, indent=1,
+                  default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
 def setup(cfg: Config):
