@@ -331,6 +331,21 @@ class Batcher:
 
 
 # ---- The model (Sec. 2.2-2.3): nanoGPT with a gate xi_h on every head (before W_O) and every FFN
+def gated_attention(q, k, v, gate):
+    """xi_h * A_h for every head, written out (Sec. 2.2; Michel Eq. 1), the probabilities in hand:
+        A_h = softmax(q_h k_h^T / sqrt(d_h) + causal mask) v_h,   out_h = xi_h * A_h
+    q, k, v: (B, H, T, d_h); gate: (H,) the xi_h (1 = keep, 0 = pruned; any real value works, it
+    is differentiable). -> out (B, H, T, d_h) (what W_O sees), att (B, H, T, T) (rows sum to 1)."""
+    # BEGIN EXERCISE prune_head_gate: causal softmax(q k^T / sqrt(d_h)) v, times each head's gate
+    T, hs = q.shape[-2], q.shape[-1]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+    y = att @ v  # (B, H, T, hs) = A_h
+    return y * gate.view(1, -1, 1, 1).to(y.dtype), att
+    # END EXERCISE prune_head_gate
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with per-head gates. Any n_head (physically pruned layers too)."""
 
@@ -351,16 +366,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, hs).transpose(1, 2)  # (B, H, T, hs)
         k = k.view(B, T, H, hs).transpose(1, 2)
         v = v.view(B, T, H, hs).transpose(1, 2)
-        att = None
         if self.explicit:  # analysis path: the same function, with the probabilities in hand
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, H, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-            y = att @ v  # (B, H, T, hs) = A_h
-        else:  # training path: the fused kernel
+            y, att = gated_attention(q, k, v, self.head_mask)
+        else:  # training path: the fused kernel, then the same gates
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        y = y * self.head_mask.view(1, H, 1, 1).to(y.dtype)  # xi_h * A_h (Sec. 2.2; Michel Eq. 1)
+            y, att = y * self.head_mask.view(1, H, 1, 1).to(y.dtype), None  # xi_h * A_h
         if self.keep:
             self.att = att.detach() if att is not None else None
             self.y = y
@@ -496,6 +507,10 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
     L, H = len(model.blocks), model.n_head
     imp = torch.zeros(L, H, dtype=torch.float64)
     n = len(X)
+    # per batch: model(xb) -> logits (b, 1, V) at the query; after backward, every block's
+    # attn.y (b, H, T, d_h) holds xi_h A_h (gates at 1: A_h) and attn.y.grad holds dL/dA_h;
+    # imp[l] (H,) collects the sum over prompts (the normalisers come after the loop)
+    # BEGIN EXERCISE prune_head_importance: summed answer loss, backward, imp[l] += |<A_h, dL/dA_h>|
     for i in range(0, n, batch):
         xb, yb = X[i:i + batch].to(device), Y[i:i + batch].to(device)
         logits, _ = model(xb)  # (b, 1, V) at the query position
@@ -511,6 +526,7 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
             else:  # Eq. 8: |sum_t <A_t, g_t>| = |dL/dxi_h| per example
                 s = dot.sum(2).abs().sum(0)
             imp[l] += s.double().cpu()
+    # END EXERCISE prune_head_importance
     model.zero_grad(set_to_none=True)
     model.set_analysis(explicit=False, keep=False)
     model.train(was)
@@ -553,20 +569,23 @@ def prune_mask(order, n: int, shape) -> np.ndarray:
     return m.reshape(shape)
 
 
-def rankdata(a) -> np.ndarray:
-    """Ranks 0..n-1 with ties given their average rank."""
-    _, inv, count = np.unique(np.asarray(a, dtype=np.float64).ravel(), return_inverse=True,
-                              return_counts=True)
-    first = np.cumsum(count) - count  # rank of the first of each group of equal values
-    return (first + 0.5 * (count - 1))[inv]
-
-
 def spearman(a, b) -> float:
-    """Spearman rank correlation = Pearson correlation of the (average-tied) ranks."""
+    """Spearman rank correlation (Sec. 6.1, Fig. 8, Table 1) of two score arrays of the same size
+    (flattened, e.g. two (L, H) importance maps) = the Pearson correlation of their ranks:
+        rho = sum_i (ra_i - mean ra)(rb_i - mean rb) / sqrt(sum_i (ra_i - mean ra)^2 sum_i (...)^2)
+    Ranks 0..n-1, ties given their average rank ([5, 1, 5] -> [1.5, 0, 1.5]). nan where one side
+    is constant (no ranking to compare). -> a float in [-1, 1]."""
+    # BEGIN EXERCISE prune_spearman: average-tied ranks of a and b, then the Pearson correlation
+    def rankdata(v) -> np.ndarray:
+        _, inv, count = np.unique(np.asarray(v, dtype=np.float64).ravel(), return_inverse=True,
+                                  return_counts=True)
+        first = np.cumsum(count) - count  # rank of the first of each group of equal values
+        return (first + 0.5 * (count - 1))[inv]
     ra, rb = rankdata(a), rankdata(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
+    # END EXERCISE prune_spearman
 
 
 def topk_overlap(a, b, frac: float) -> float:
@@ -579,7 +598,12 @@ def topk_overlap(a, b, frac: float) -> float:
 
 # ---- Induction heads (Sec. 6.3 and App. A.4, Alg. 1-2; Olsson et al. 2022) -----------------------
 def induction_targets(ids: torch.Tensor) -> torch.Tensor:
-    """(n, T) -> (n, T, T) bool P[j, i]: key i follows an earlier occurrence (i-1 < j) of ids[j]."""
+    """Where an induction head at query j should look (Alg. 1): the keys right AFTER the earlier
+    occurrences of the current token.  ids: (n, T) -> P: (n, T_query, T_key) bool,
+        P[j, i] = True  iff  ids[i - 1] == ids[j]  and  i - 1 < j   (i >= 1)
+    e.g. ids = [BOS, REP, a, b, a, b]: P[4] (query a) is True at key 3 (the b after the first a);
+    P[5] (query b) at key 4; rows 0..3 are all False (their tokens have not occurred before)."""
+    # BEGIN EXERCISE prune_prefix_matching: mark key i where ids[i-1] equals ids[j] and i-1 < j
     n, T = ids.shape
     same = ids[:, :, None] == ids[:, None, :]  # (n, T_query, T_key): ids[j] == ids[m]
     P = torch.zeros(n, T, T, dtype=torch.bool)
@@ -587,6 +611,7 @@ def induction_targets(ids: torch.Tensor) -> torch.Tensor:
     j = torch.arange(T)
     P &= (j[None, :] - 1 < j[:, None])[None]  # the earlier occurrence m = i-1 is before j
     return P
+    # END EXERCISE prune_prefix_matching
 
 
 def prefix_matching_score(att: torch.Tensor, ids: torch.Tensor, first_query: int):
@@ -1181,6 +1206,10 @@ def physically_prune(model: GPT, cfg: Config, head_mask, ffn_mask) -> GPT:
         for name in ("wte", "wpe", "ln_f"):
             getattr(small, name).load_state_dict(getattr(model, name).state_dict())
         for l, (big, sb) in enumerate(zip(model.blocks, small.blocks)):
+            # big.attn.c_attn.weight (3*H*hs, C) = [W_Q; W_K; W_V], head h in rows h*hs..h*hs+hs-1
+            # of each third; big.attn.c_proj.weight (C, H*hs) = W_O, head h in those columns;
+            # sb (the small block): attn None if no head is kept, else h = hm[l].sum() heads
+            # BEGIN EXERCISE prune_physical: kept heads: W_Q/W_K/W_V rows, W_O columns, gates; ln_1
             keep = hm[l].nonzero().flatten()
             if sb.attn is not None:
                 sb.ln_1.load_state_dict(big.ln_1.state_dict())
@@ -1190,6 +1219,7 @@ def physically_prune(model: GPT, cfg: Config, head_mask, ffn_mask) -> GPT:
                                                        for i in range(3)]))
                 sb.attn.c_proj.weight.copy_(big.attn.c_proj.weight[:, rows])  # (C, h*hs)
                 sb.attn.head_mask.copy_(big.attn.head_mask[keep])
+            # END EXERCISE prune_physical
             if sb.mlp is not None:
                 sb.ln_2.load_state_dict(big.ln_2.state_dict())
                 sb.mlp.load_state_dict(big.mlp.state_dict())
