@@ -29,7 +29,7 @@ def layer_cfg(selector, g=4, d=8, d_m=16, d_ff=8, impl="masked", **kw):
         d_ff = g
     cfg = S.Config(selector=selector, n_embd=d, n_head=2, n_layer=2, d_ff=d_ff, d_m=d_m, g=g, impl=impl,
                    pkm_heads=2, pkm_knn=2, pkm_dq=4, **kw)
-    return S.finalize_config(cfg)
+    return S.validate(cfg)
 
 
 def make_layer(selector, dtype=torch.float64, vocab=11, **kw):
@@ -48,7 +48,7 @@ def expected_params(selector):
 @pytest.mark.parametrize("selector", S.SELECTORS)
 def test_model_shapes_loss_and_gradients(selector):
     torch.manual_seed(0)
-    cfg = S.finalize_config(S.Config(selector=selector, n_layer=2, n_head=2, n_embd=16, block_size=8, d_ff=16,
+    cfg = S.validate(S.Config(selector=selector, n_layer=2, n_head=2, n_embd=16, block_size=8, d_ff=16,
                                      d_m=64, g=16 if selector == "switch" else 4, sffn_every=1,
                                      pkm_heads=2, pkm_knn=4, pkm_dq=8))
     model = S.GPT(cfg, 64)
@@ -239,7 +239,7 @@ def test_base_training_assignment_is_balanced():
 
 def test_pkm_topk_equals_brute_force():
     torch.manual_seed(11)
-    cfg = S.finalize_config(S.Config(selector="pkm", n_embd=16, n_layer=2, d_m=256, pkm_heads=3, pkm_knn=5, pkm_dq=8))
+    cfg = S.validate(S.Config(selector="pkm", n_embd=16, n_layer=2, d_m=256, pkm_heads=3, pkm_knn=5, pkm_dq=8))
     pkm = S.ProductKeyMemory(cfg).double().eval()
     x = torch.randn(20, 16, dtype=torch.float64)
     ids, w, _, _ = pkm.route(x)
@@ -275,7 +275,7 @@ def test_bad_input_exits_2(argv, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run_main(argv + ["--out_dir", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:")
+    assert len(err) == 1 and err[0].startswith("nano_sffn.py: error:")
     assert not out.exists()
 
 
@@ -284,7 +284,7 @@ def test_grouped_cuda_shape_check():
     if S.native_grouped_mm() is None:
         pytest.skip("no grouped GEMM in this torch")
     with pytest.raises(S.BadInput):
-        S.finalize_config(cfg, "cuda")
+        S.validate(cfg, "cuda")
 
 
 TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--d_ff", "32",
@@ -342,7 +342,7 @@ def test_compare_mode(tiny_text, tmp_path):
 
 
 def test_flop_table_matches_formulas():
-    cfg = S.finalize_config(S.Config(selector="avgk", n_embd=512, n_head=8, n_layer=8, d_ff=2048, d_m=16384, g=256))
+    cfg = S.validate(S.Config(selector="avgk", n_embd=512, n_head=8, n_layer=8, d_ff=2048, d_m=16384, g=256))
     cells, over, params = S.layer_flops(cfg, "avgk")
     assert cells == 4 * 512 * 2048 and over == 2 * 512 * 64 and params == 2 * 512 * 16384
     assert over / cells == pytest.approx((16384 / 2048) / (2 * 256))   # (d_m/c)/(2g) = 1.6%
