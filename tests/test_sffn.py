@@ -259,24 +259,55 @@ def _run_main(argv):
     return e.value.code
 
 
-@pytest.mark.parametrize("argv", [
+BAD = [  # script-specific bad inputs (tests/test_cli.py has the common ones)
     ["--selector", "nope"],
-    ["--selector", "avgk", "--d_m", "64", "--g", "8", "--b", "9"],        # b > B
-    ["--selector", "avgk", "--d_m", "100", "--g", "8"],                   # d_m % g
-    ["--selector", "pkm", "--d_m", "1000"],                               # N not a square
-    ["--selector", "switch", "--g", "64", "--d_ff", "512"],               # switch with b > 1
+    ["--selector", "avgk", "--d_m", "64", "--g", "8", "--b", "9"],       # b > B
+    ["--b", "-1"],
+    ["--selector", "avgk", "--d_m", "100", "--g", "8"],                  # d_m % g
+    ["--g", "7"],                                                        # g does not divide d_m
+    ["--g", "-4"],
+    ["--d_m", "-1"],
+    ["--d_ff", "-1"],
+    ["--selector", "pkm", "--d_m", "1000"],                              # N not a square
+    ["--selector", "pkm", "--d_m", "256", "--pkm_dq", "3"],              # odd query dim
+    ["--selector", "pkm", "--d_m", "256", "--pkm_knn", "17"],            # k > sqrt(N)
+    ["--pkm_heads", "0"],
+    ["--selector", "switch", "--g", "64", "--d_ff", "512"],              # switch with b > 1
+    ["--aux_alpha", "-1"],
+    ["--aux_alpha", "nan"],
+    ["--capacity_factor", "-0.5"],
+    ["--key_init_std", "0"],
+    ["--key_init_std", "inf"],
+    ["--hash_seed", "-1"],
+    ["--sffn_every", "0"],
+    ["--base_iters", "-1"],
+    ["--sample_tokens", "-1"],
     ["--impl", "fast"],
-    ["--preset", "huge"],
-    ["--dataset", "/nonexistent/file.txt"],
-    ["--no_such_flag"],
+    ["--activation", "tanh"],
+    ["--avgk_weight", "sigmoid"],
+    ["--vanillam_agg", "median"],
+    ["--compare", "dense,nope:64"],                                      # unknown selector
+    ["--compare", "avgk:x"],                                             # g not an int
+    ["--compare", ","],                                                  # empty
+    ["--compare", "avgk:7"],                                             # g does not divide d_m
+    ["--bench", "nope"],
+    ["--bench", "64,7"],                                                 # 7 does not divide d_m
+    ["--bench", "64", "--bench_iters", "0"],
+    ["--bench_tokens", "0"],
+    ["--compare", "dense,avgk", "--resume"],
     ["--g", "notanint"],
-])
+]
+
+
+@pytest.mark.parametrize("argv", BAD, ids=[" ".join(a) for a in BAD])
 def test_bad_input_exits_2(argv, tmp_path, capsys):
+    """One line on stderr, exit 2, nothing written (main(argv) in-process)."""
     out = tmp_path / "out"
     assert _run_main(argv + ["--out_dir", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("nano_sffn.py: error:")
-    assert not out.exists()
+    assert len(err) == 1 and err[0].startswith("nano_sffn.py: error:"), err
+    assert "Traceback" not in err[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_grouped_cuda_shape_check():
@@ -346,3 +377,48 @@ def test_flop_table_matches_formulas():
     cells, over, params = S.layer_flops(cfg, "avgk")
     assert cells == 4 * 512 * 2048 and over == 2 * 512 * 64 and params == 2 * 512 * 16384
     assert over / cells == pytest.approx((16384 / 2048) / (2 * 256))   # (d_m/c)/(2g) = 1.6%
+
+
+def test_select_fp32_scores_and_selection():
+    """--select_fp32: Avg-K scores in float32 under bf16 autocast-free bf16 weights, and the same
+    blocks as scoring in float64."""
+    torch.manual_seed(15)
+    layer, _ = make_layer("avgk", dtype=torch.bfloat16, d_m=64, g=4, d_ff=16, select_fp32=True)
+    x = torch.randn(40, 8, dtype=torch.bfloat16)
+    s = layer.avgk_scores(x)
+    assert s.dtype == torch.float32
+    e = layer.K.double().view(layer.B, layer.g, -1).mean(1)
+    ref = (x.double() @ e.t()).topk(layer.b, -1).indices.sort(-1).values
+    assert torch.equal(layer.route(x)[0].sort(-1).values, ref)
+    layer.select_fp32 = False
+    assert layer.avgk_scores(x).dtype == torch.bfloat16
+
+
+def test_key_init_std_sets_the_std_of_K():
+    torch.manual_seed(16)
+    for std in (0.02, 0.5):
+        layer, _ = make_layer("avgk", dtype=torch.float32, d=64, d_m=1024, g=16, d_ff=64,
+                              key_init_std=std)
+        assert layer.K.std().item() == pytest.approx(std, rel=0.02)
+        assert layer.V.std().item() == pytest.approx(0.02 / math.sqrt(4), rel=0.05)
+
+
+def test_bench_writes_tables(tmp_path):
+    out = tmp_path / "bench"
+    rows = S.main(["--device", "cpu", "--n_embd", "16", "--n_head", "2", "--d_ff", "32",
+                   "--d_m", "128", "--g", "8", "--bench", "16,8", "--bench_tokens", "64", "--bench_iters", "1",
+                   "--out_dir", str(out)])
+    assert [r["g"] for r in rows] == ["dense", 16, 8]
+    assert all(r["masked_ms"] > 0 and r["grouped_ms"] > 0 for r in rows[1:])
+    assert sorted(os.listdir(out)) == ["bench.csv", "bench.md"]
+
+
+def test_resume_takes_unset_settings_from_the_checkpoint(tiny_text, tmp_path):
+    """--resume with only --out_dir continues the run with the checkpoint's settings."""
+    out = tmp_path / "run"
+    base = TINY + ["--dataset", tiny_text, "--selector", "hash", "--eval_interval", "2",
+                   "--sample_tokens", "0", "--max_iters", "4"]
+    S.main(base + ["--out_dir", str(out), "--stop_at", "2"])
+    res = S.main(["--resume", "--out_dir", str(out), "--no-progress", "--sample_tokens", "0"])
+    assert res["config"]["selector"] == "hash" and res["config"]["n_embd"] == 16
+    assert [int(r["step"]) for r in _log(out)] == [0, 2, 4]
