@@ -841,10 +841,8 @@ def resolve_device(name):
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda but no CUDA device is visible; use --device cpu or auto")
-    if name == "mps" and not mps:
-        raise BadInput("--device mps but MPS is not available; use --device cpu or auto")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+        raise BadInput(f"--device {name} is not available here; use --device cpu or auto")
     return name
 
 
@@ -861,73 +859,63 @@ def check_out_dir(path):
         raise BadInput(f"--out_dir {path}: {parent} is not writable; choose another --out_dir")
 
 
-def _check_ranges(cfg):
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise BadInput(f"--lr must be a finite number > 0 (got {cfg.lr})")
-    if not 0 <= cfg.min_lr <= cfg.lr:
-        raise BadInput(f"--min_lr must be in [0, lr={cfg.lr}] (got {cfg.min_lr})")
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise BadInput(f"--{name} must be in [0, 1) (got {getattr(cfg, name)})")
-    for name in ("weight_decay", "grad_clip", "aux_alpha", "capacity_factor"):
-        v = getattr(cfg, name)
-        if not (math.isfinite(v) and v >= 0):
-            raise BadInput(f"--{name} must be a finite number >= 0 (got {v})")
-    if not (math.isfinite(cfg.key_init_std) and cfg.key_init_std > 0):
-        raise BadInput(f"--key_init_std must be a finite number > 0 (got {cfg.key_init_std})")
-    for name in ("seed", "hash_seed"):
-        if not 0 <= getattr(cfg, name) < 2 ** 32:
-            raise BadInput(f"--{name} must be in [0, 2**32) (got {getattr(cfg, name)})")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                 "eval_interval", "eval_iters", "sffn_every", "bench_tokens", "bench_iters",
-                 "pkm_heads", "pkm_knn", "pkm_dq"):
-        if getattr(cfg, name) < 1:
-            raise BadInput(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
-    for name in ("max_iters", "warmup_iters", "stop_at", "d_ff", "d_m", "g", "b", "base_iters",
-                 "sample_tokens"):
-        if getattr(cfg, name) < 0:
-            raise BadInput(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
+            "eval_interval", "eval_iters", "sffn_every", "bench_tokens", "bench_iters",
+            "pkm_heads", "pkm_knn", "pkm_dq")
+NON_NEGATIVE = ("max_iters", "warmup_iters", "stop_at", "d_ff", "d_m", "g", "b", "base_iters",
+                "sample_tokens", "weight_decay", "grad_clip", "aux_alpha", "capacity_factor")
+
+
+def check_ranges(cfg):
+    rules = [(n, "an integer >= 1", getattr(cfg, n) >= 1) for n in POSITIVE]
+    rules += [(n, "a finite number >= 0", 0 <= getattr(cfg, n) < math.inf) for n in NON_NEGATIVE]
+    rules += [("lr", "a finite number > 0", 0 < cfg.lr < math.inf),
+              ("min_lr", f"in [0, lr={cfg.lr}]", 0 <= cfg.min_lr <= cfg.lr),
+              ("beta1", "in [0, 1)", 0 <= cfg.beta1 < 1), ("beta2", "in [0, 1)", 0 <= cfg.beta2 < 1),
+              ("key_init_std", "a finite number > 0", 0 < cfg.key_init_std < math.inf),
+              ("seed", "in [0, 2**32)", 0 <= cfg.seed < 2 ** 32),
+              ("hash_seed", "in [0, 2**32)", 0 <= cfg.hash_seed < 2 ** 32)]
+    for name, want, ok in rules:
+        if not ok:
+            raise BadInput(f"--{name} must be {want} (got {getattr(cfg, name)})")
     if cfg.n_embd % cfg.n_head:
         raise BadInput(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
 
 
-def _check_blocks(cfg, device):
+def check_blocks(cfg, device):
     """Fill g and b, and check that the blocks tile the memory: B = d_m/g, c = b*g."""
-    if cfg.g == 0:
-        cfg.g = cfg.d_ff
+    cfg.g = cfg.g or cfg.d_ff
     if cfg.d_m % cfg.g:
         raise BadInput(f"--d_m {cfg.d_m} is not divisible by --g {cfg.g}; choose g dividing d_m")
     B = cfg.d_m // cfg.g
-    if cfg.b == 0:
-        if cfg.d_ff % cfg.g:
-            raise BadInput(f"--d_ff (active cells c) {cfg.d_ff} is not divisible by --g {cfg.g};"
-                           " choose g dividing c or set --b")
-        cfg.b = cfg.d_ff // cfg.g
+    if cfg.b == 0 and cfg.d_ff % cfg.g:
+        raise BadInput(f"--d_ff (active cells c) {cfg.d_ff} is not divisible by --g {cfg.g}; "
+                       "choose g dividing c or set --b")
+    cfg.b = cfg.b or cfg.d_ff // cfg.g
     if cfg.b > B:
         raise BadInput(f"--b {cfg.b} blocks per token exceeds B = d_m/g = {B} blocks; "
                        "lower --b or raise --d_m")
     if cfg.selector == "switch" and cfg.b != 1:
         raise BadInput(f"--selector switch routes to one block (b=1), got b={cfg.b}; "
                        f"set --g {cfg.d_ff} or use --selector topk")
-    if cfg.impl == "grouped" and device == "cuda" and native_grouped_mm() is not None:
-        if cfg.n_embd % 8 or cfg.g % 8 or B > 1023:
-            raise BadInput(f"--impl grouped on CUDA needs n_embd and g multiples of 8 and "
-                           f"B=d_m/g <= 1023 (got d={cfg.n_embd}, g={cfg.g}, B={B}); "
-                           "use --impl masked or a larger g")
+    if cfg.impl == "grouped" and device == "cuda" and native_grouped_mm() is not None \
+            and (cfg.n_embd % 8 or cfg.g % 8 or B > 1023):
+        raise BadInput(f"--impl grouped on CUDA needs n_embd and g multiples of 8 and "
+                       f"B=d_m/g <= 1023 (got d={cfg.n_embd}, g={cfg.g}, B={B}); "
+                       "use --impl masked or a larger g")
 
 
 def validate(cfg: Config, device: str = "cpu") -> Config:
     """Reject bad settings (BadInput) and fill the derived sizes d_ff, d_m, g, b. Writes nothing."""
-    _check_ranges(cfg)
+    check_ranges(cfg)
     if cfg.dtype == "float16" and device not in ("cuda", "mps"):
         raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
     cfg.d_ff = cfg.d_ff or 4 * cfg.n_embd
     cfg.d_m = cfg.d_m or 8 * cfg.d_ff
-    if cfg.bench:
-        for s in cfg.bench.split(","):
-            if not s.strip().isdigit() or int(s) < 1 or cfg.d_m % int(s) or cfg.d_ff % int(s):
-                raise BadInput(f"--bench {s.strip()!r}: give block sizes g dividing "
-                               f"d_m={cfg.d_m} and d_ff={cfg.d_ff}, e.g. --bench 256,64")
+    for s in cfg.bench.split(",") if cfg.bench else []:
+        if not s.strip().isdigit() or int(s) < 1 or cfg.d_m % int(s) or cfg.d_ff % int(s):
+            raise BadInput(f"--bench {s.strip()!r}: give block sizes g dividing "
+                           f"d_m={cfg.d_m} and d_ff={cfg.d_ff}, e.g. --bench 256,64")
     if cfg.selector == "dense":
         cfg.g, cfg.b = cfg.d_ff, 1
     elif cfg.selector == "pkm":
@@ -940,7 +928,7 @@ def validate(cfg: Config, device: str = "cpu") -> Config:
                            f"sqrt(d_m)={n} (got {cfg.pkm_knn})")
         cfg.g, cfg.b = 1, cfg.pkm_heads * cfg.pkm_knn
     else:
-        _check_blocks(cfg, device)
+        check_blocks(cfg, device)
     check_out_dir(cfg.out_dir)
     return cfg
 
@@ -994,9 +982,8 @@ def evaluate(raw, ds, cfg, run):
 
 
 def setup_run(cfg, device):
-    """DDP (torchrun), device, dtype, autocast: the facts a run is made of."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = 0, 1
+    """DDP (torchrun), device, dtype, autocast, compile: what a run is made of."""
+    ddp, rank, world = int(os.environ.get("RANK", -1)) != -1, 0, 1
     if ddp:
         import torch.distributed as dist
         if not dist.is_initialized():
@@ -1012,50 +999,10 @@ def setup_run(cfg, device):
     if use_compile and device == "mps":
         note("note: torch.compile is not used on MPS; running eagerly")
         use_compile = False
-    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", 0))) if (device == "cuda" and ddp) \
-        else torch.device(device)
+    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None)
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
                            dev=dev, dtype=dtype, ptdtype=ptdtype, autocast=autocast,
                            compile=use_compile)
-
-
-def write_run_info(cfg, ds, run, rows, total, vocab):
-    """flops.txt (the paper's cost side) and config.json; the FLOPs table on stdout."""
-    text = format_flop_table(cfg, rows, total)
-    print(text)
-    with open(os.path.join(cfg.out_dir, "flops.txt"), "w") as f:
-        f.write(text + "\n")
-    meta = dict(config=asdict(cfg), torch=torch.__version__, device=run.device,
-                device_name=torch.cuda.get_device_name() if run.device == "cuda" else run.device,
-                git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
-                vocab_size=ds.vocab_size, vocab_padded=vocab)
-    write_json(os.path.join(cfg.out_dir, "config.json"), meta)
-
-
-def train_step(model, raw, opt, scaler, ds, cfg, run, gen, step):
-    """One optimizer step; returns (last micro-step's CE, finite flags [loss, grad norm])."""
-    for group in opt.param_groups:
-        group["lr"] = get_lr(step, cfg)
-    ok = torch.ones(2, dtype=torch.bool, device=run.dev)
-    for micro in range(cfg.grad_accum):
-        x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=run.dev,
-                            generator=gen, rank=run.rank, world_size=run.world)
-        if run.ddp:
-            model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-        with run.autocast:
-            _, ce, aux = model(x, y)
-            loss = (ce + aux) / cfg.grad_accum
-        ok[0] &= torch.isfinite(loss.detach())
-        scaler.scale(loss).backward()
-    if cfg.grad_clip > 0:
-        scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        if not scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
-            ok[1] &= torch.isfinite(norm)
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return ce, ok
 
 
 def train(cfg: Config, ds, device, ck=None):
@@ -1065,12 +1012,11 @@ def train(cfg: Config, ds, device, ck=None):
     torch.manual_seed(cfg.seed)
     vocab = ((ds.vocab_size + 63) // 64) * 64                        # padded to a multiple of 64
     raw = GPT(cfg, vocab).to(run.dev)
-    opt = make_optimizer(raw, cfg, device)
-    scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and device == "cuda"))
-    gen = torch.Generator().manual_seed(cfg.seed + run.rank)          # data order (in ckpt)
-    step, log_rows, t_prev = 0, [], 0.0
+    st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
+                         elapsed=0.0, ckpt=None, path=os.path.join(cfg.out_dir, "ckpt.pt"),
+                         gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
     if ck is not None:
-        step, log_rows, t_prev = restore(ck, raw, opt, gen, device)
+        restore(ck, st, device)
     rows, total = flop_table(cfg, raw)
     if run.master:
         write_run_info(cfg, ds, run, rows, total, vocab)
@@ -1078,71 +1024,94 @@ def train(cfg: Config, ds, device, ck=None):
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    state = SimpleNamespace(step=step, ckpt=(path, step) if ck else None, log=log_rows)
     try:
-        train_loop(model, raw, opt, scaler, ds, cfg, run, gen, state, t_prev, total)
+        train_loop(model, ds, cfg, run, st, total)
     except KeyboardInterrupt:
-        kept = f"{state.ckpt[0]} (step {state.ckpt[1]})" if state.ckpt else "none"
-        raise KeyboardInterrupt(f"interrupted at step {state.step}; last checkpoint: {kept}") \
+        kept = f"{st.path} (step {st.ckpt})" if st.ckpt is not None else "none"
+        raise KeyboardInterrupt(f"interrupted at step {st.step}; last checkpoint: {kept}") \
             from None
-    return finish_run(cfg, ds, raw, run, state.log, total, rows, t_prev + time.time() - state.t0)
+    return finish_run(cfg, ds, run, st, total, rows)
 
 
-def train_loop(model, raw, opt, scaler, ds, cfg, run, gen, st, t_prev, total):
+def train_step(model, ds, cfg, run, st, scaler):
+    """One optimizer step; returns (last micro-step's CE, finite flags [loss, grad norm])."""
+    for group in st.opt.param_groups:
+        group["lr"] = get_lr(st.step, cfg)
+    ok = torch.ones(2, dtype=torch.bool, device=run.dev)
+    for micro in range(cfg.grad_accum):
+        x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=run.dev,
+                            generator=st.gen, rank=run.rank, world_size=run.world)
+        if run.ddp:
+            model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+        with run.autocast:
+            _, ce, aux = model(x, y)
+            loss = (ce + aux) / cfg.grad_accum
+        ok[0] &= torch.isfinite(loss.detach())
+        scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(st.opt)
+        norm = torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip)
+        if not scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
+            ok[1] &= torch.isfinite(norm)
+    scaler.step(st.opt)
+    scaler.update()
+    st.opt.zero_grad(set_to_none=True)
+    return ce, ok
+
+
+def train_loop(model, ds, cfg, run, st, total):
     """nanoGPT's loop: eval + checkpoint every eval_interval steps (not at a resumed step)."""
+    scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and run.device == "cuda"))
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * run.world
-    peak, first, last_loss = peak_flops(run.device), st.step, float("nan")
-    warm = 3 if cfg.max_iters - first > 6 else 0       # compile/warm-up steps not timed
-    st.t0 = t_mark = time.time()
-    n_mark, timing, train_time, train_tokens = st.step, warm == 0, 0.0, 0
-    bad = torch.zeros(2, dtype=torch.bool, device=run.dev)    # [loss, grad norm] non-finite
-    pbar = tqdm(total=cfg.max_iters, initial=st.step, dynamic_ncols=True, desc=cfg.selector) \
+    first, last_loss, t0, peak = st.step, float("nan"), time.time(), peak_flops(run.device)
+    warm = 3 if cfg.max_iters - first > 6 else 0      # compile/warm-up steps are not timed
+    clock = SimpleNamespace(mark=t0, n=first, secs=0.0, tokens=0)
+    bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
+    pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector) \
         if run.master and cfg.progress else None
     while True:
         stop = st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
         if (st.step % cfg.eval_interval == 0 or stop) and not (cfg.resume and st.step == first):
-            check_finite(bad, st, run)                                # never save bad weights
-            if timing and st.step > n_mark:
+            check_finite(bad, st)                                     # never save bad weights
+            if st.step - first >= warm and st.step > clock.n:
                 sync(run.device)
-                train_time += time.time() - t_mark
-                train_tokens += (st.step - n_mark) * tokens_per_step
-            tps = train_tokens / train_time if train_time > 0 else float("nan")
-            log_eval(model, raw, opt, ds, cfg, run, gen, st, tps, tokens_per_step,
-                     t_prev + time.time() - st.t0, tps * 3 * total["fwd_flops"] / peak
-                     if peak and tps == tps else None, pbar)
-            t_mark, n_mark = time.time(), st.step
+                clock.secs += time.time() - clock.mark
+                clock.tokens += (st.step - clock.n) * tokens_per_step
+            tps = clock.tokens / clock.secs if clock.secs > 0 else float("nan")
+            log_eval(cfg, ds, run, st, tps, tps * 3 * total["fwd_flops"] / peak
+                     if peak and tps == tps else None, tokens_per_step, time.time() - t0, pbar)
+            clock.mark, clock.n = time.time(), st.step
         if stop:
             break
-        ce, ok = train_step(model, raw, opt, scaler, ds, cfg, run, gen, st.step)
+        ce, ok = train_step(model, ds, cfg, run, st, scaler)
         bad, st.step = bad | ~ok, st.step + 1
         if st.step % 10 == 0 or st.step == cfg.max_iters or st.step - first <= 2:
             last_loss = ce.item()                     # the only host sync on CUDA: every 10 steps
         if run.device != "cuda" or st.step % 10 == 0:
-            check_finite(bad, st, run)                # CPU: every step; CUDA: at the sync
-        if not timing and st.step - first == warm:   # compile and warm-up done: start the clock
+            check_finite(bad, st)                     # CPU: every step; CUDA: at the sync
+        if st.step - first == warm:                   # compile and warm-up done: start the clock
             sync(run.device)
-            t_mark, n_mark, timing = time.time(), st.step, True
+            clock.mark, clock.n = time.time(), st.step
         if pbar is not None:
-            tt = train_time + (time.time() - t_mark if timing else 0)
-            tk = train_tokens + ((st.step - n_mark) * tokens_per_step if timing else 0)
-            pbar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tk / tt if tt > 0 else 0:,.0f}")
+            pbar.set_postfix(loss=f"{last_loss:.3f}")
             pbar.update(1)
+    st.elapsed += time.time() - t0
     if pbar is not None:
         pbar.close()
 
 
-def check_finite(bad, st, run):
+def check_finite(bad, st):
     if bool(bad.any()):
         what = "loss" if bool(bad[0]) else "gradient norm"
-        kept = f"kept {st.ckpt[0]} (step {st.ckpt[1]})" if st.ckpt else "no checkpoint yet"
+        kept = f"kept {st.path} (step {st.ckpt})" if st.ckpt is not None else "no checkpoint yet"
         raise Diverged(f"step {st.step}: {what} is not finite; {kept}")
 
 
-def log_eval(model, raw, opt, ds, cfg, run, gen, st, tps, tokens_per_step, elapsed, mfu, pbar):
-    losses, health = evaluate(raw, ds, cfg, run)
+def log_eval(cfg, ds, run, st, tps, mfu, tokens_per_step, elapsed, pbar):
+    """Evaluate, append a row to log.csv, print it, save the checkpoint."""
+    losses, health = evaluate(st.raw, ds, cfg, run)
     st.log.append(dict(step=st.step, tokens=st.step * tokens_per_step,
-                       elapsed_s=round(elapsed, 3), lr=get_lr(st.step, cfg),
+                       elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step, cfg),
                        train_loss=losses["train"], val_loss=losses["val"], tokens_per_s=tps,
                        mfu=mfu, **health))
     if not run.master:
@@ -1153,42 +1122,37 @@ def log_eval(model, raw, opt, ds, cfg, run, gen, st, tps, tokens_per_step, elaps
         ents = [v for k, v in health.items() if k.endswith("_entropy")]
         deads = [v for k, v in health.items() if k.endswith("_dead")]
         msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
-    pbar.write(msg) if pbar is not None else print(msg)
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
-    save_checkpoint(path, raw, opt, cfg, st.step, st.log, elapsed, gen, run.device)
-    st.ckpt = (path, st.step)
+    (pbar.write if pbar is not None else print)(msg)
+    save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
+    st.ckpt = st.step
 
 
-def finish_run(cfg, ds, raw, run, log_rows, total, rows, elapsed):
+def finish_run(cfg, ds, run, st, total, rows):
     """results.json, the plots and a sample."""
-    final = log_rows[-1]
-    results = dict(script="nano_sffn.py", config=asdict(cfg), log=log_rows,
-                   final=dict(train_loss=final["train_loss"], val_loss=final["val_loss"],
-                              val_ppl=math.exp(final["val_loss"]),
-                              tokens_per_s=final["tokens_per_s"], params=total["params"],
-                              elapsed_s=elapsed),
-                   paper=dict(selector=cfg.selector, g=cfg.g, b=cfg.b, B=cfg.d_m // max(cfg.g, 1),
-                              d_m=cfg.d_m, c=cfg.d_ff, active_fwd_flops_per_token=total["fwd_flops"],
-                              selection_flops_per_token=total["select_flops"],
-                              ffn_params=total["params_ffn"], flop_table=rows,
-                              routing_health={k: v for k, v in final.items() if k[0] == "L"},
-                              impl={i: "grouped" if use_grouped(layer, run.device, run.ptdtype,
-                                                                cfg.n_embd) else "masked"
-                                    for i, layer in raw.sparse_layers()}))
+    f = st.log[-1]
+    impl = {i: "grouped" if use_grouped(layer, run.device, run.ptdtype, cfg.n_embd) else "masked"
+            for i, layer in st.raw.sparse_layers()}
+    results = dict(script="nano_sffn.py", config=asdict(cfg), final=dict(
+        train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(f["val_loss"]),
+        tokens_per_s=f["tokens_per_s"], params=total["params"], elapsed_s=st.elapsed),
+        paper=dict(selector=cfg.selector, g=cfg.g, b=cfg.b, B=cfg.d_m // max(cfg.g, 1),
+                   d_m=cfg.d_m, c=cfg.d_ff, active_fwd_flops_per_token=total["fwd_flops"],
+                   selection_flops_per_token=total["select_flops"], ffn_params=total["params_ffn"],
+                   flop_table=rows, routing_health={k: v for k, v in f.items() if k[0] == "L"},
+                   impl=impl))
     if run.master:
-        write_json(os.path.join(cfg.out_dir, "results.json"), {k: v for k, v in results.items()
-                                                                 if k != "log"})
-        plot_run(cfg.out_dir, log_rows, cfg.selector)
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        plot_run(cfg.out_dir, st.log, cfg.selector)
         if cfg.sample_tokens > 0:
-            raw.eval()
+            st.raw.eval()
             start = torch.tensor([ds.encode("\n")], dtype=torch.long, device=run.dev)
             with run.autocast:
-                out = raw.generate(start, cfg.sample_tokens, vocab_size=ds.vocab_size,
-                                   generator=torch.Generator().manual_seed(cfg.seed))
+                out = st.raw.generate(start, cfg.sample_tokens, vocab_size=ds.vocab_size,
+                                      generator=torch.Generator().manual_seed(cfg.seed))
             print(f"---- sample ----\n{ds.decode(out[0].tolist())}\n----------------")
     if run.ddp:
         torch.distributed.destroy_process_group()
-    return results
+    return dict(results, log=st.log)
 
 
 # ---------------------------------------------------------------- files and checkpoints
@@ -1203,10 +1167,8 @@ PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e
 
 
 def peak_flops(device):
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        return next((val for key, val in PEAK_BF16 if key in name), None)
-    return None
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    return next((val for key, val in PEAK_BF16 if key in name), None) if name else None
 
 
 def git_commit():
@@ -1224,15 +1186,26 @@ def write_json(path, obj):
 
 
 def write_log(out_dir, rows):
-    keys = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     path = os.path.join(out_dir, "log.csv")
     with open(path + ".tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
     os.replace(path + ".tmp", path)
+
+
+def write_run_info(cfg, ds, run, rows, total, vocab):
+    """flops.txt (the paper's cost side) and config.json; the FLOPs table on stdout."""
+    text = format_flop_table(cfg, rows, total)
+    print(text)
+    with open(os.path.join(cfg.out_dir, "flops.txt"), "w") as f:
+        f.write(text + "\n")
+    write_json(os.path.join(cfg.out_dir, "config.json"), dict(
+        config=asdict(cfg), torch=torch.__version__, device=run.device,
+        device_name=torch.cuda.get_device_name() if run.device == "cuda" else run.device,
+        git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
+        vocab_size=ds.vocab_size, vocab_padded=vocab))
 
 
 def load_data(cfg):
@@ -1245,21 +1218,21 @@ def load_data(cfg):
     return ds
 
 
-def save_checkpoint(path, raw, opt, cfg, step, log_rows, elapsed, gen, device):
-    """Model, optimizer, config, step, RNG states: to path.tmp, then renamed (atomic)."""
-    ck = dict(script="nano_sffn", model=raw.state_dict(), optimizer=opt.state_dict(),
-              config=asdict(cfg), step=step, log_rows=log_rows, elapsed_s=elapsed,
-              rng=dict(data=gen.get_state(), torch=torch.get_rng_state(),
+def save_checkpoint(st, cfg, device, elapsed):
+    """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
+    ck = dict(script="nano_sffn", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
+              config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
+              rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
-    torch.save(ck, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    torch.save(ck, st.path + ".tmp")
+    os.replace(st.path + ".tmp", st.path)
 
 
 ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
         "sffn_every", "activation", "pkm_heads", "pkm_knn", "pkm_dq", "hash_seed", "dataset",
         "tokenizer")
 OWN = ("out_dir", "resume", "stop_at", "progress", "device", "compile", "preset", "compare",
-       "bench", "bench_tokens", "bench_iters", "sample_tokens", "data_dir")
+       "bench", "bench_tokens", "bench_iters", "sample_tokens", "data_dir")   # never from a ckpt
 
 
 def load_checkpoint(path, cfg):
@@ -1269,7 +1242,7 @@ def load_checkpoint(path, cfg):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BadInput(f"cannot read checkpoint {path}: {msg}; delete it or drop --resume")
     if not isinstance(ck, dict) or not {"model", "optimizer", "step", "config"} <= set(ck):
         raise BadInput(f"cannot read checkpoint {path}: not a training checkpoint; "
@@ -1288,14 +1261,14 @@ def load_checkpoint(path, cfg):
     return ck
 
 
-def restore(ck, raw, opt, gen, device):
-    raw.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    gen.set_state(ck["rng"]["data"])
+def restore(ck, st, device):
+    st.raw.load_state_dict(ck["model"])
+    st.opt.load_state_dict(ck["optimizer"])
+    st.step, st.log, st.elapsed, st.ckpt = ck["step"], ck["log_rows"], ck["elapsed_s"], ck["step"]
+    st.gen.set_state(ck["rng"]["data"])
     torch.set_rng_state(ck["rng"]["torch"])
     if device == "cuda" and ck["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
-    return ck["step"], ck["log_rows"], ck["elapsed_s"]
 
 
 def main(argv=None):
@@ -1317,9 +1290,8 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.bench:
             return run_bench(cfg, device)
-        if int(os.environ.get("RANK", 0)) == 0:
-            for n in ds.notes:
-                note(n)
+        for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
+            note(n)
         if cfg.compare:
             return run_compare(cfg, runs, ds, device)
         return train(cfg, ds, device, ck)
