@@ -51,9 +51,10 @@ Run it
     python -m pytest -q tests/test_sffn.py
 
 Reading map: Config -> the FFN as a memory (DenseFFN, (1)) -> the S-FFN (SparseFFN, (2)) and its
-selectors in the paper's order: VanillaM, PKM, Switch, top-k, BASE, Hash, Avg-K -> the model
-(GPT) -> the experiment (FLOPs table, routing health, --compare, plots) -> making it fast
-(grouped GEMM, --bench) -> command line, training loop, checkpoints, main().
+selectors in the paper's order: sparse memory (VanillaM; PKM in its own module after the class),
+then the gates (Switch, top-k, BASE), Hash, and Avg-K -> the model (GPT) -> the experiment (FLOPs
+table, routing health, --compare, plots) -> making it fast (grouped GEMM, --bench) -> command
+line, validation, training loop, checkpoints, main().
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class Config:
     b: int = _f(0, "blocks selected per token; 0 -> d_ff // g (keeps c = d_ff)")
     sffn_every: int = _f(2, "sparse FFN in layers i % sffn_every == sffn_every-1 (2 = every other)")
     activation: str = _f("gelu", "f, the FFN nonlinearity", ("gelu", "relu"))
-    impl: str = _f("auto", "masked (reference), grouped (fast) or auto", ("auto", "masked", "grouped"))
+    impl: str = _f("auto", "masked (the reference), grouped (fast) or auto",
+                   ("auto", "masked", "grouped"))
     avgk_weight: str = _f("none", "Avg-K output weight: none (paper) or softmax of the kept scores",
                           ("none", "softmax"))
     key_init_std: float = _f(0.02, "std of the N(0, s^2) init of the keys K")
@@ -238,37 +240,24 @@ class SparseFFN(nn.Module):
         return (h.view(N, B, g) * mask.unsqueeze(-1)).view(N, -1) @ self.V.to(h.dtype)
 
     def route(self, x, idx=None, ids=None):
-        sel = self.selector
-        if sel == "vanillam":
-            return self.select_vanillam(x, ids)
-        if sel in ("switch", "topk"):
-            return self.select_gate(x, ids)
-        if sel == "base":
-            return self.select_base(x, ids)
-        if sel == "hash":
-            return self.select_hash(x, idx, ids)
-        return self.select_avgk(x, ids)
+        name = "gate" if self.selector in ("switch", "topk") else self.selector
+        return getattr(self, "select_" + name)(x, idx, ids)
 
     # ---- direct selection, sparse memory: VanillaM scores every cell with the FFN's own keys
-    def select_vanillam(self, x, ids):
-        N, B, g = x.shape[0], self.B, self.g
+    def select_vanillam(self, x, idx, ids):
         pre = x @ self.K.t()                                          # (N, d_m) all x . k_i
         if ids is None:
-            p3 = pre.detach().view(N, B, g)
-            if self.agg == "pre_mean":                                # = Avg-K's score (4)
-                score = p3.mean(-1)
-            elif self.agg == "post_mean":
-                score = self.act(p3).mean(-1)
-            elif self.agg == "post_sum":
-                score = self.act(p3).sum(-1)
-            else:
-                score = self.act(p3).amax(-1)
+            p3 = pre.detach().view(x.shape[0], self.B, self.g)      # pre_mean = Avg-K's (4)
+            score = p3.mean(-1) if self.agg == "pre_mean" else getattr(
+                self.act(p3), dict(post_mean="mean", post_sum="sum", max="amax")[self.agg])(-1)
             ids = score.topk(self.b, dim=-1).indices                  # (N, b)
         return ids, None, x.new_zeros(()), pre       # pre is reused by the compute (no 2nd GEMM)
 
+    # ---- the other sparse memory, PKM, has its own query and product keys: ProductKeyMemory
+
     # ---- indirect selection through a learned gate: Switch (Fedus et al. 2021, eqs. 1-2)
     #      and GShard top-k (Lepikhin et al. 2020): p = softmax(W_g x) in float32
-    def select_gate(self, x, ids):
+    def select_gate(self, x, idx, ids):
         N, b, B = x.shape[0], self.b, self.B
         p = torch.softmax(f32(x @ self.W_g.t().to(x.dtype)), -1)     # (N, B)
         if ids is None:
@@ -291,7 +280,7 @@ class SparseFFN(nn.Module):
         return ids, w, aux, None
 
     # ---- BASE (Lewis et al. 2021): balanced assignment in training, greedy at evaluation
-    def select_base(self, x, ids):
+    def select_base(self, x, idx, ids):
         N, B = x.shape[0], self.B
         s = f32(x @ self.C.t().to(x.dtype))                           # (N, B) s_te = x_t . c_e
         if ids is None and self.training:
@@ -321,7 +310,7 @@ class SparseFFN(nn.Module):
                 return f32(x) @ f32(e).t()                            # (N, B) (4) in float32
         return x @ e.t().to(x.dtype)                                  # (N, B) s_beta(x) (4)
 
-    def select_avgk(self, x, ids):
+    def select_avgk(self, x, idx, ids):
         s = self.avgk_scores(x)
         if ids is None:
             ids = s.detach().topk(self.b, dim=-1).indices             # (N, b) TopK_b (5)
@@ -871,7 +860,8 @@ def check_ranges(cfg):
     rules += [(n, "a finite number >= 0", 0 <= getattr(cfg, n) < math.inf) for n in NON_NEGATIVE]
     rules += [("lr", "a finite number > 0", 0 < cfg.lr < math.inf),
               ("min_lr", f"in [0, lr={cfg.lr}]", 0 <= cfg.min_lr <= cfg.lr),
-              ("beta1", "in [0, 1)", 0 <= cfg.beta1 < 1), ("beta2", "in [0, 1)", 0 <= cfg.beta2 < 1),
+              ("beta1", "in [0, 1)", 0 <= cfg.beta1 < 1),
+              ("beta2", "in [0, 1)", 0 <= cfg.beta2 < 1),
               ("key_init_std", "a finite number > 0", 0 < cfg.key_init_std < math.inf),
               ("seed", "in [0, 2**32)", 0 <= cfg.seed < 2 ** 32),
               ("hash_seed", "in [0, 2**32)", 0 <= cfg.hash_seed < 2 ** 32)]
