@@ -602,39 +602,40 @@ def plot_run(out_dir, rows, title):
         return
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(steps, [r["train_loss"] for r in rows], label="train")
-    ax.plot(steps, [r["val_loss"] for r in rows], label="val")
+    for split in ("train", "val"):
+        ax.plot(steps, [r[f"{split}_loss"] for r in rows], label=split)
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend()
-    fig.tight_layout(), fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120), plt.close(fig)
-    layers = sorted({k.split("_")[0] for r in rows for k in r
-                     if k.startswith("L") and k.endswith("_entropy")})
-    if not layers:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
-    names = ("block-usage entropy / log B", "fraction of blocks never selected",
-             "max load / mean load")
-    for L in layers:
-        for ax, key, name in zip(axes, ("entropy", "dead", "maxload"), names):
-            ax.plot(steps, [r.get(f"{L}_{key}", float("nan")) for r in rows],
-                    label=f"layer {L[1:]}")
-            ax.set_title(name, fontsize=9), ax.set_xlabel("step")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"routing health: {title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "routing_health.png"), dpi=120), plt.close(fig)
+    _save(plt, fig, out_dir, "loss.png")
+    layers = sorted({k.split("_")[0] for k in rows[0] if k[0] == "L" and k.endswith("_entropy")})
+    if layers:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+        names = ("block-usage entropy / log B", "fraction of blocks never selected",
+                 "max load / mean load")
+        for L in layers:
+            for ax, key, name in zip(axes, ("entropy", "dead", "maxload"), names):
+                ax.plot(steps, [r.get(f"{L}_{key}", math.nan) for r in rows],
+                        label=f"layer {L[1:]}")
+                ax.set_title(name, fontsize=9), ax.set_xlabel("step")
+        axes[0].legend(fontsize=8), fig.suptitle(f"routing health: {title}", fontsize=10)
+        _save(plt, fig, out_dir, "routing_health.png")
 
 
 def plot_compare(out_dir, runs):
     plt = _pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in runs:
-        ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label=name, marker=".")
-    ax.set_xlabel("step"), ax.set_ylabel("val loss"), ax.legend(fontsize=8)
-    ax.set_title("val loss (same seed, same data order)")
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rows in runs:
+            ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label=name,
+                    marker=".")
+        ax.set_xlabel("step"), ax.set_ylabel("val loss"), ax.legend(fontsize=8)
+        ax.set_title("val loss (same seed, same data order)")
+        _save(plt, fig, out_dir, "compare_val_loss.png")
+
+
+def _save(plt, fig, out_dir, name):
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "compare_val_loss.png"), dpi=120), plt.close(fig)
+    fig.savefig(os.path.join(out_dir, name), dpi=120)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- making it fast
@@ -1098,7 +1099,7 @@ def check_finite(bad, st):
 
 
 def log_eval(cfg, ds, run, st, tps, mfu, tokens_per_step, elapsed, pbar):
-    """Evaluate, append a row to log.csv, print it, save the checkpoint."""
+    """Evaluate, append a row to log.csv, print it, save the checkpoint (not at step 0)."""
     losses, health = evaluate(st.raw, ds, cfg, run)
     st.log.append(dict(step=st.step, tokens=st.step * tokens_per_step,
                        elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step, cfg),
@@ -1113,8 +1114,9 @@ def log_eval(cfg, ds, run, st, tps, mfu, tokens_per_step, elapsed, pbar):
         deads = [v for k, v in health.items() if k.endswith("_dead")]
         msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
     (pbar.write if pbar is not None else print)(msg)
-    save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
-    st.ckpt = st.step
+    if st.step > 0:                                   # nanoGPT's rule: no checkpoint at step 0
+        save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
+        st.ckpt = st.step
 
 
 def finish_run(cfg, ds, run, st, total, rows):
@@ -1151,14 +1153,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
-             ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-             ("4090", 165e12), ("3090", 71e12), ("V100", 125e12))
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
+             "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
 
 
 def peak_flops(device):
     name = torch.cuda.get_device_name() if device == "cuda" else ""
-    return next((val for key, val in PEAK_BF16 if key in name), None) if name else None
+    return next((val for key, val in PEAK_BF16.items() if key in name), None) if name else None
 
 
 def git_commit():
