@@ -1239,9 +1239,11 @@ def load_checkpoint(path, cfg):
     if not isinstance(ck, dict) or not {"model", "optimizer", "step", "config"} <= set(ck):
         raise BadInput(f"cannot read checkpoint {path}: not a training checkpoint; "
                        "delete it or drop --resume")
-    if ck.get("script") != "nano_sffn":
-        raise BadInput(f"{path} was written by {ck.get('script') or 'another script'}.py, "
-                       "not nano_sffn.py")
+    if "script" not in ck:
+        raise BadInput(f"{path} names no script (an older or foreign checkpoint); start a new "
+                       "run without --resume")
+    if ck["script"] != "nano_sffn":
+        raise BadInput(f"{path} was written by {ck['script']}.py, not nano_sffn.py")
     explicit = getattr(cfg, "explicit", set())
     for k in ARCH:
         if k in explicit and ck["config"].get(k) != getattr(cfg, k):

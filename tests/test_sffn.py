@@ -380,18 +380,24 @@ def test_flop_table_matches_formulas():
 
 
 def test_select_fp32_scores_and_selection():
-    """--select_fp32: Avg-K scores in float32 under bf16 autocast-free bf16 weights, and the same
-    blocks as scoring in float64."""
+    """--select_fp32: Avg-K scores stay float32 under bf16 autocast (and with bf16 weights), and
+    pick the same blocks as scoring in float64."""
     torch.manual_seed(15)
-    layer, _ = make_layer("avgk", dtype=torch.bfloat16, d_m=64, g=4, d_ff=16, select_fp32=True)
-    x = torch.randn(40, 8, dtype=torch.bfloat16)
-    s = layer.avgk_scores(x)
-    assert s.dtype == torch.float32
+    layer, _ = make_layer("avgk", dtype=torch.float32, d_m=64, g=4, d_ff=16, select_fp32=True)
+    x = torch.randn(40, 8)
     e = layer.K.double().view(layer.B, layer.g, -1).mean(1)
     ref = (x.double() @ e.t()).topk(layer.b, -1).indices.sort(-1).values
-    assert torch.equal(layer.route(x)[0].sort(-1).values, ref)
-    layer.select_fp32 = False
-    assert layer.avgk_scores(x).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.avgk_scores(x).dtype == torch.float32
+        assert torch.equal(layer.route(x)[0].sort(-1).values, ref)
+        layer.select_fp32 = False
+        assert layer.avgk_scores(x).dtype == torch.bfloat16          # the default: autocast's
+    layer, _ = make_layer("avgk", dtype=torch.bfloat16, d_m=64, g=4, d_ff=16, select_fp32=True)
+    xb = x.bfloat16()
+    e = layer.K.double().view(layer.B, layer.g, -1).mean(1)
+    assert layer.avgk_scores(xb).dtype == torch.float32
+    ref = (xb.double() @ e.t()).topk(layer.b, -1).indices.sort(-1).values
+    assert torch.equal(layer.route(xb)[0].sort(-1).values, ref)
 
 
 def test_key_init_std_sets_the_std_of_K():
