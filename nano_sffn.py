@@ -473,6 +473,7 @@ def layer_flops(cfg: Config, selector: str):
             d_m * d + H * d * dq + H * n * dq + 2 * H * dq)
 
 
+
 def flop_table(cfg: Config, model: GPT):
     """Rows per FFN layer + whole-model totals (forward FLOPs per token, parameters)."""
     d, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size
@@ -491,23 +492,13 @@ def flop_table(cfg: Config, model: GPT):
     return rows, total
 
 
-def format_flop_table(cfg, rows, total):
-    lines = [f"FLOPs/params per FFN layer (forward, per token) -- selector={cfg.selector} "
-             f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} "
-             f"B={cfg.d_m // max(cfg.g, 1)}",
-             f"{'layer':>5} {'ffn':>9} {'params':>12} {'cell FLOPs':>12} {'select FLOPs':>13} "
-             f"{'select %':>9}"]
-    for r in rows:
-        pct = 100.0 * r["select_flops"] / r["cells_flops"]
-        lines.append(f"{r['layer']:>5} {r['ffn']:>9} {r['params']:>12,} {r['cells_flops']:>12,} "
-                     f"{r['select_flops']:>13,} {pct:>8.2f}%")
-    lines.append(f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward "
-                 f"FLOPs/token {total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
-                 f"{total['select_flops']:,} = "
-                 f"{100.0 * total['select_flops'] / total['fwd_flops']:.2f}% of the model)")
-    return "\n".join(lines)
-
-
+def flop_summary(cfg, total):
+    return [f"FLOPs/params per FFN layer (forward, per token): selector={cfg.selector} "
+            f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} B={cfg.d_m // cfg.g}",
+            f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward FLOPs/token "
+            f"{total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
+            f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
+            ""]
 def routing_health(layer):
     """Block ids seen in one eval: usage entropy / log B, dead fraction, max/mean load,
     overflow at capacity factors 1 and 1.25 (Avg-K has no balancing loss: is it healthy?)."""
@@ -526,6 +517,8 @@ def routing_health(layer):
         out[f"overflow{cf:g}"] = float(np.mean(over))
     layer.stats = []
     return out
+
+
 
 
 # ---------------------------------------------------------------- the experiment: compare, plots
@@ -557,96 +550,65 @@ def run_compare(cfg, runs, ds, device):
     for name, c in runs:
         print(f"==== {name} ====")
         res = train(c, ds, device)
-        curves.append((name, res["log"]))
         f, p = res["final"], res["paper"]
         tps = f["tokens_per_s"]
         table.append(dict(selector=c.selector, g=p["g"], b=p["b"], params=f["params"],
                           active_fwd_flops_per_token=p["active_fwd_flops_per_token"],
                           val_loss=round(f["val_loss"], 4), val_ppl=round(f["val_ppl"], 3),
                           tokens_per_s=round(tps) if tps == tps else None))
-        write_table(cfg.out_dir, "compare", table)             # partial results survive a crash
-        plot_compare(cfg.out_dir, curves)
-    print(open(os.path.join(cfg.out_dir, "compare.md")).read())
+        md = write_table(cfg.out_dir, "compare", table)        # partial results survive a crash
+        curves.append((name, [r["step"] for r in res["log"]], [r["val_loss"] for r in res["log"]]))
+        save_plot(os.path.join(cfg.out_dir, "compare_val_loss.png"),
+                  "val loss (same seed, same data order)", [("val loss", curves)])
+    print(md)
     return table
 
 
-def write_table(out_dir, name, table, head=""):
-    with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
-    md = ([head, ""] if head else []) + ["| " + " | ".join(table[0]) + " |",
-                                         "|" + "---|" * len(table[0])]
-    md += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in r.values())
-           + " |" for r in table]
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    return md
+def markdown(rows):
+    """A list of dicts as the lines of a markdown table (ints with thousands separators)."""
+    return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])] + [
+        "| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in r.values()) + " |"
+        for r in rows]
 
 
-def _pyplot():
+def save_plot(path, title, panels):
+    """One figure, one axis per panel; panels = [(axis title, [(label, steps, values), ...])]."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        return plt
     except ImportError:
-        note("note: matplotlib is not installed; plots skipped (pip install matplotlib)")
-        return None
+        return note("note: matplotlib is not installed; plots skipped (pip install matplotlib)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(1 + 4 * len(panels), 3.5), squeeze=False)
+    for ax, (name, lines) in zip(axes[0], panels):
+        for label, steps, values in lines:
+            ax.plot(steps, values, label=label, marker=".")
+        ax.set_title(name, fontsize=9), ax.set_xlabel("step"), ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_run(out_dir, rows, title):
     """loss.png, and routing_health.png: usage entropy, dead blocks, max load per sparse layer."""
-    plt = _pyplot()
-    if plt is None:
-        return
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for split in ("train", "val"):
-        ax.plot(steps, [r[f"{split}_loss"] for r in rows], label=split)
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend()
-    _save(plt, fig, out_dir, "loss.png")
+    save_plot(os.path.join(out_dir, "loss.png"), title, [("loss", [
+        (split, steps, [r[f"{split}_loss"] for r in rows]) for split in ("train", "val")])])
     layers = sorted({k.split("_")[0] for k in rows[0] if k[0] == "L" and k.endswith("_entropy")})
+    panels = [(name, [(f"layer {L[1:]}", steps, [r.get(f"{L}_{key}", math.nan) for r in rows])
+                      for L in layers])
+              for key, name in (("entropy", "block-usage entropy / log B"),
+                                ("dead", "fraction of blocks never selected"),
+                                ("maxload", "max load / mean load"))]
     if layers:
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
-        names = ("block-usage entropy / log B", "fraction of blocks never selected",
-                 "max load / mean load")
-        for L in layers:
-            for ax, key, name in zip(axes, ("entropy", "dead", "maxload"), names):
-                ax.plot(steps, [r.get(f"{L}_{key}", math.nan) for r in rows],
-                        label=f"layer {L[1:]}")
-                ax.set_title(name, fontsize=9), ax.set_xlabel("step")
-        axes[0].legend(fontsize=8), fig.suptitle(f"routing health: {title}", fontsize=10)
-        _save(plt, fig, out_dir, "routing_health.png")
+        save_plot(os.path.join(out_dir, "routing_health.png"), f"routing health: {title}", panels)
 
-
-def plot_compare(out_dir, runs):
-    plt = _pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, rows in runs:
-            ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], label=name,
-                    marker=".")
-        ax.set_xlabel("step"), ax.set_ylabel("val loss"), ax.legend(fontsize=8)
-        ax.set_title("val loss (same seed, same data order)")
-        _save(plt, fig, out_dir, "compare_val_loss.png")
-
-
-def _save(plt, fig, out_dir, name):
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, name), dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- making it fast
 # The grouped path computes exactly (2) for the selected blocks only: sort the N*b (token, block)
 # pairs by block, one grouped GEMM per FFN matrix, scatter-add back. Dropless, no host sync.
-# Tested against SparseFFN.compute_masked (tests/test_sffn.py::test_grouped_equals_masked).
-def is_compiling():
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
-
-
 def native_grouped_mm():
     """torch's grouped GEMM (F.grouped_mm in torch>=2.11, torch._grouped_mm in 2.8+), or None."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -658,7 +620,7 @@ def native_grouped_ok(device_type: str, dtype: torch.dtype, d: int, g: int, B: i
         return False
     size = torch.empty((), dtype=dtype).element_size()
     aligned = (d * size) % 16 == 0 and (g * size) % 16 == 0         # 16-byte aligned rows
-    if is_compiling() and dtype != torch.bfloat16:
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
         return False            # torch.compile's grouped_mm accepts bf16 only (torch 2.11)
     if device_type == "cpu":
         return aligned and dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -737,45 +699,36 @@ def compute_grouped(layer, x, ids, w, pre=None):
 
 def run_bench(cfg, device):
     """--bench g1,g2,..: one layer's fwd+bwd time, dense FFN of width c vs Avg-K on both paths."""
-    d, c, T = cfg.n_embd, cfg.d_ff, cfg.bench_tokens
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    d, T, dt = cfg.n_embd, cfg.bench_tokens, torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(cfg.seed)
     x = torch.randn(T, d, device=device, dtype=dt, requires_grad=True)
     gy = torch.randn(T, d, device=device, dtype=dt)
 
-    def timeit(fn, warm=5):
+    def ms(fn, warm=5):  # mean milliseconds of one call, after `warm` untimed calls
         for i in range(warm + cfg.bench_iters):
             if i == warm:
-                if device == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 t = time.perf_counter()
             fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return round(1000 * (time.perf_counter() - t) / cfg.bench_iters, 3)
 
-    def fwd_bwd(layer):
-        return lambda: layer(x, None)[0].backward(gy)
-
-    dense = DenseFFN(d, c, cfg.activation, cfg.n_layer).to(device, dt)
-    rows = [dict(g="dense", b="-", B="-", select_ms=None, masked_ms=timeit(fwd_bwd(dense)),
-                 grouped_ms=None)]
+    dense = DenseFFN(d, cfg.d_ff, cfg.activation, cfg.n_layer).to(device, dt)
+    rows = [dict(g="dense", b="-", B="-", select_ms=None,
+                 masked_ms=ms(lambda: dense(x)[0].backward(gy)), grouped_ms=None)]
     for g in [int(s) for s in cfg.bench.split(",") if s.strip()]:
         bc = validate(dataclasses.replace(cfg, selector="avgk", g=g, b=0, impl="masked"), device)
         layer = SparseFFN(bc, 1).to(device, dt)
-        row = dict(g=g, b=bc.b, B=layer.B, select_ms=timeit(lambda: layer.route(x.detach())[0]),
-                   masked_ms=timeit(fwd_bwd(layer)), grouped_ms=None)
-        layer.impl = "grouped"
-        try:
-            if native_grouped_ok(device, dt, d, g, layer.B) or device == "cpu":
-                row["grouped_ms"] = timeit(fwd_bwd(layer))
-        except RuntimeError as e:
-            print(f"g={g}: grouped failed: {str(e).splitlines()[0]}")
+        row = dict(g=g, b=bc.b, B=layer.B, select_ms=ms(lambda: layer.route(x.detach())[0]))
+        for impl in ("masked", "grouped"):   # grouped: where torch's grouped GEMM takes it
+            layer.impl = impl
+            ok = impl == "masked" or device == "cpu" or native_grouped_ok(device, dt, d, g, layer.B)
+            row[f"{impl}_ms"] = ms(lambda: layer(x)[0].backward(gy)) if ok else None
         rows.append(row)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    head = (f"layer fwd+bwd, {name}, {dt}, T={T} d={d} d_m={cfg.d_m} c={c}, Avg-K selection, "
-            f"torch {torch.__version__}, mean of {cfg.bench_iters} iterations (ms)")
-    print("\n".join(write_table(cfg.out_dir, "bench", rows, head)))
+    print(write_table(cfg.out_dir, "bench", rows, f"layer fwd+bwd, {name}, {dt}, T={T} d={d} "
+                      f"d_m={cfg.d_m} c={cfg.d_ff}, Avg-K selection, torch {torch.__version__}, "
+                      f"mean of {cfg.bench_iters} iterations (ms)"))
     return rows
 
 
@@ -817,36 +770,25 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-_NOTES = set()
-
-
-def note(msg):
+def note(msg, _printed=set()):
     """Print each note once."""
-    if msg not in _NOTES:
-        _NOTES.add(msg)
+    if msg not in _printed:
+        _printed.add(msg)
         print(msg)
+
+
+def need(ok, msg):
+    if not ok:
+        raise BadInput(msg)
 
 
 def resolve_device(name):
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
-        raise BadInput(f"--device {name} is not available here; use --device cpu or auto")
+    need((name != "cuda" or torch.cuda.is_available()) and (name != "mps" or mps),
+         f"--device {name} is not available here; use --device cpu or auto")
     return name
-
-
-def check_out_dir(path):
-    """An out_dir that is a file, lies under a file or is not writable: BadInput."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise BadInput(f"--out_dir {path} is a file; give a directory")
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise BadInput(f"--out_dir {path} lies under the file {parent}; give a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out_dir {path}: {parent} is not writable; choose another --out_dir")
 
 
 POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
@@ -856,7 +798,8 @@ NON_NEGATIVE = ("max_iters", "warmup_iters", "stop_at", "d_ff", "d_m", "g", "b",
                 "sample_tokens", "weight_decay", "grad_clip", "aux_alpha", "capacity_factor")
 
 
-def check_ranges(cfg):
+def validate(cfg: Config, device: str = "cpu") -> Config:
+    """Reject bad settings (BadInput) and fill the derived sizes d_ff, d_m, g, b. Writes nothing."""
     rules = [(n, "an integer >= 1", getattr(cfg, n) >= 1) for n in POSITIVE]
     rules += [(n, "a finite number >= 0", 0 <= getattr(cfg, n) < math.inf) for n in NON_NEGATIVE]
     rules += [("lr", "a finite number > 0", 0 < cfg.lr < math.inf),
@@ -867,60 +810,39 @@ def check_ranges(cfg):
               ("seed", "in [0, 2**32)", 0 <= cfg.seed < 2 ** 32),
               ("hash_seed", "in [0, 2**32)", 0 <= cfg.hash_seed < 2 ** 32)]
     for name, want, ok in rules:
-        if not ok:
-            raise BadInput(f"--{name} must be {want} (got {getattr(cfg, name)})")
-    if cfg.n_embd % cfg.n_head:
-        raise BadInput(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
-
-
-def check_blocks(cfg, device):
-    """Fill g and b, and check that the blocks tile the memory: B = d_m/g, c = b*g."""
-    cfg.g = cfg.g or cfg.d_ff
-    if cfg.d_m % cfg.g:
-        raise BadInput(f"--d_m {cfg.d_m} is not divisible by --g {cfg.g}; choose g dividing d_m")
-    B = cfg.d_m // cfg.g
-    if cfg.b == 0 and cfg.d_ff % cfg.g:
-        raise BadInput(f"--d_ff (active cells c) {cfg.d_ff} is not divisible by --g {cfg.g}; "
-                       "choose g dividing c or set --b")
-    cfg.b = cfg.b or cfg.d_ff // cfg.g
-    if cfg.b > B:
-        raise BadInput(f"--b {cfg.b} blocks per token exceeds B = d_m/g = {B} blocks; "
-                       "lower --b or raise --d_m")
-    if cfg.selector == "switch" and cfg.b != 1:
-        raise BadInput(f"--selector switch routes to one block (b=1), got b={cfg.b}; "
-                       f"set --g {cfg.d_ff} or use --selector topk")
-    if cfg.impl == "grouped" and device == "cuda" and native_grouped_mm() is not None \
-            and (cfg.n_embd % 8 or cfg.g % 8 or B > 1023):
-        raise BadInput(f"--impl grouped on CUDA needs n_embd and g multiples of 8 and "
-                       f"B=d_m/g <= 1023 (got d={cfg.n_embd}, g={cfg.g}, B={B}); "
-                       "use --impl masked or a larger g")
-
-
-def validate(cfg: Config, device: str = "cpu") -> Config:
-    """Reject bad settings (BadInput) and fill the derived sizes d_ff, d_m, g, b. Writes nothing."""
-    check_ranges(cfg)
-    if cfg.dtype == "float16" and device not in ("cuda", "mps"):
-        raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
+        need(ok, f"--{name} must be {want} (got {getattr(cfg, name)})")
+    need(cfg.n_embd % cfg.n_head == 0, f"--n_head {cfg.n_head} does not divide --n_embd")
+    need(cfg.dtype != "float16" or device in ("cuda", "mps"),
+         "float16 needs CUDA or MPS; use float32 or bfloat16")
     cfg.d_ff = cfg.d_ff or 4 * cfg.n_embd
     cfg.d_m = cfg.d_m or 8 * cfg.d_ff
     for s in cfg.bench.split(",") if cfg.bench else []:
-        if not s.strip().isdigit() or int(s) < 1 or cfg.d_m % int(s) or cfg.d_ff % int(s):
-            raise BadInput(f"--bench {s.strip()!r}: give block sizes g dividing "
-                           f"d_m={cfg.d_m} and d_ff={cfg.d_ff}, e.g. --bench 256,64")
+        need(s.strip().isdigit() and int(s) > 0 and cfg.d_m % int(s) == cfg.d_ff % int(s) == 0,
+             f"--bench {s.strip()!r}: give block sizes g dividing d_m and d_ff, e.g. 256,64")
     if cfg.selector == "dense":
         cfg.g, cfg.b = cfg.d_ff, 1
     elif cfg.selector == "pkm":
         n = math.isqrt(cfg.d_m)
-        if n * n != cfg.d_m:
-            raise BadInput(f"--selector pkm needs --d_m N to be a perfect square (got "
-                           f"{cfg.d_m}); try {n * n} or {(n + 1) ** 2}")
-        if cfg.pkm_dq % 2 or cfg.pkm_knn > n:
-            raise BadInput(f"--pkm_dq must be even (got {cfg.pkm_dq}) and --pkm_knn at most "
-                           f"sqrt(d_m)={n} (got {cfg.pkm_knn})")
+        need(n * n == cfg.d_m and cfg.pkm_dq % 2 == 0 and cfg.pkm_knn <= n,
+             f"--selector pkm needs --d_m a perfect square, --pkm_dq even and --pkm_knn <= "
+             f"sqrt(d_m) (got {cfg.d_m}, {cfg.pkm_dq}, {cfg.pkm_knn})")
         cfg.g, cfg.b = 1, cfg.pkm_heads * cfg.pkm_knn
-    else:
-        check_blocks(cfg, device)
-    check_out_dir(cfg.out_dir)
+    else:  # the blocks tile the memory: B = d_m/g, c = b*g
+        cfg.g = cfg.g or cfg.d_ff
+        need(cfg.d_m % cfg.g == 0 and (cfg.b or cfg.d_ff % cfg.g == 0),
+             f"--g {cfg.g} must divide --d_m {cfg.d_m} and --d_ff {cfg.d_ff} (or set --b)")
+        cfg.b, B = cfg.b or cfg.d_ff // cfg.g, cfg.d_m // cfg.g
+        need(cfg.b <= B, f"--b {cfg.b} exceeds the B = d_m/g = {B} blocks")
+        need(cfg.selector != "switch" or cfg.b == 1,
+             f"switch routes to one block, got b={cfg.b}; set --g {cfg.d_ff} or use topk")
+        need(cfg.impl != "grouped" or device != "cuda" or native_grouped_mm() is None
+             or not (cfg.n_embd % 8 or cfg.g % 8 or B > 1023),
+             "--impl grouped on CUDA needs n_embd and g multiples of 8, d_m/g <= 1023")
+    parent = os.path.abspath(cfg.out_dir)   # out_dir: a file, under a file, not writable?
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    need(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
+         f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
     return cfg
 
 
@@ -993,16 +915,15 @@ def setup_run(cfg, device):
     dev = torch.device(device, int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None)
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
                            dev=dev, dtype=dtype, ptdtype=ptdtype, autocast=autocast,
-                           compile=use_compile)
+                           compile=use_compile,
+                           tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
 
 
 def train(cfg: Config, ds, device, ck=None):
-    """Train one model; returns the results dict (also written to cfg.out_dir)."""
+    """Train one model (nanoGPT's loop); returns the results dict (also written to out_dir)."""
     run = setup_run(cfg, device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    vocab = ((ds.vocab_size + 63) // 64) * 64                        # padded to a multiple of 64
-    raw = GPT(cfg, vocab).to(run.dev)
+    raw = GPT(cfg, ((ds.vocab_size + 63) // 64) * 64).to(run.dev)    # vocab padded to 64
     st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
                          elapsed=0.0, ckpt=None, path=os.path.join(cfg.out_dir, "ckpt.pt"),
                          gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
@@ -1010,25 +931,52 @@ def train(cfg: Config, ds, device, ck=None):
         restore(ck, st, device)
     rows, total = flop_table(cfg, raw)
     if run.master:
-        write_run_info(cfg, ds, run, rows, total, vocab)
+        write_run_info(cfg, ds, run, rows, total, raw.vocab_size)
     model = torch.compile(raw) if run.compile else raw
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None)
+    scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and device == "cuda"))
+    first, t0, tps = st.step, time.time(), float("nan")
+    mark = (t0, first)                           # start of the timed interval: (time, step)
+    bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
+    pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector) \
+        if run.master and cfg.progress else None
     try:
-        train_loop(model, ds, cfg, run, st, total)
+        while True:
+            stop = st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
+            if (st.step % cfg.eval_interval == 0 or stop) and not (cfg.resume and st.step == first):
+                check_finite(bad, st)                                 # never save bad weights
+                sync(device)
+                if st.step > mark[1]:
+                    tps = (st.step - mark[1]) * run.tokens / (time.time() - mark[0])
+                log_eval(cfg, ds, run, st, tps, total, time.time() - t0, pbar)
+                mark = (time.time(), st.step)
+            if stop:
+                break
+            ce = train_step(model, ds, cfg, run, st, scaler, bad)
+            if device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: with the loss sync
+                check_finite(bad, st)
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{ce.item():.3f}")
+            if st.step - first == 3:                   # compile and warm-up done: restart the clock
+                sync(device)
+                mark = (time.time(), st.step)
+            if pbar is not None:
+                pbar.update(1)
     except KeyboardInterrupt:
         kept = f"{st.path} (step {st.ckpt})" if st.ckpt is not None else "none"
-        raise KeyboardInterrupt(f"interrupted at step {st.step}; last checkpoint: {kept}") \
-            from None
+        raise KeyboardInterrupt(f"interrupted at step {st.step}; last checkpoint: {kept}") from None
+    st.elapsed += time.time() - t0
+    if pbar is not None:
+        pbar.close()
     return finish_run(cfg, ds, run, st, total, rows)
 
 
-def train_step(model, ds, cfg, run, st, scaler):
-    """One optimizer step; returns (last micro-step's CE, finite flags [loss, grad norm])."""
+def train_step(model, ds, cfg, run, st, scaler, bad):
+    """One optimizer step (grad_accum micro-steps); flags a non-finite loss / grad norm in bad."""
     for group in st.opt.param_groups:
         group["lr"] = get_lr(st.step, cfg)
-    ok = torch.ones(2, dtype=torch.bool, device=run.dev)
     for micro in range(cfg.grad_accum):
         x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=run.dev,
                             generator=st.gen, rank=run.rank, world_size=run.world)
@@ -1037,58 +985,18 @@ def train_step(model, ds, cfg, run, st, scaler):
         with run.autocast:
             _, ce, aux = model(x, y)
             loss = (ce + aux) / cfg.grad_accum
-        ok[0] &= torch.isfinite(loss.detach())
+        bad[0] |= ~torch.isfinite(loss.detach())
         scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(st.opt)
         norm = torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip)
         if not scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
-            ok[1] &= torch.isfinite(norm)
+            bad[1] |= ~torch.isfinite(norm)
     scaler.step(st.opt)
     scaler.update()
     st.opt.zero_grad(set_to_none=True)
-    return ce, ok
-
-
-def train_loop(model, ds, cfg, run, st, total):
-    """nanoGPT's loop: eval + checkpoint every eval_interval steps (not at a resumed step)."""
-    scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and run.device == "cuda"))
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * run.world
-    first, last_loss, t0, peak = st.step, float("nan"), time.time(), peak_flops(run.device)
-    warm = 3 if cfg.max_iters - first > 6 else 0      # compile/warm-up steps are not timed
-    clock = SimpleNamespace(mark=t0, n=first, secs=0.0, tokens=0)
-    bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
-    pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector) \
-        if run.master and cfg.progress else None
-    while True:
-        stop = st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
-        if (st.step % cfg.eval_interval == 0 or stop) and not (cfg.resume and st.step == first):
-            check_finite(bad, st)                                     # never save bad weights
-            if st.step - first >= warm and st.step > clock.n:
-                sync(run.device)
-                clock.secs += time.time() - clock.mark
-                clock.tokens += (st.step - clock.n) * tokens_per_step
-            tps = clock.tokens / clock.secs if clock.secs > 0 else float("nan")
-            log_eval(cfg, ds, run, st, tps, tps * 3 * total["fwd_flops"] / peak
-                     if peak and tps == tps else None, tokens_per_step, time.time() - t0, pbar)
-            clock.mark, clock.n = time.time(), st.step
-        if stop:
-            break
-        ce, ok = train_step(model, ds, cfg, run, st, scaler)
-        bad, st.step = bad | ~ok, st.step + 1
-        if st.step % 10 == 0 or st.step == cfg.max_iters or st.step - first <= 2:
-            last_loss = ce.item()                     # the only host sync on CUDA: every 10 steps
-        if run.device != "cuda" or st.step % 10 == 0:
-            check_finite(bad, st)                     # CPU: every step; CUDA: at the sync
-        if st.step - first == warm:                   # compile and warm-up done: start the clock
-            sync(run.device)
-            clock.mark, clock.n = time.time(), st.step
-        if pbar is not None:
-            pbar.set_postfix(loss=f"{last_loss:.3f}")
-            pbar.update(1)
-    st.elapsed += time.time() - t0
-    if pbar is not None:
-        pbar.close()
+    st.step += 1
+    return ce
 
 
 def check_finite(bad, st):
@@ -1098,25 +1006,27 @@ def check_finite(bad, st):
         raise Diverged(f"step {st.step}: {what} is not finite; {kept}")
 
 
-def log_eval(cfg, ds, run, st, tps, mfu, tokens_per_step, elapsed, pbar):
-    """Evaluate, append a row to log.csv, print it, save the checkpoint (not at step 0)."""
+def log_eval(cfg, ds, run, st, tps, total, elapsed, pbar):
+    """Evaluate, append a row to log.csv, print it, checkpoint (not at step 0: nanoGPT's rule)."""
     losses, health = evaluate(st.raw, ds, cfg, run)
-    st.log.append(dict(step=st.step, tokens=st.step * tokens_per_step,
+    peak = peak_flops(run.device)
+    st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
                        elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step, cfg),
                        train_loss=losses["train"], val_loss=losses["val"], tokens_per_s=tps,
-                       mfu=mfu, **health))
-    if not run.master:
-        return
-    write_log(cfg.out_dir, st.log)
-    msg = f"step {st.step}: train {losses['train']:.4f} val {losses['val']:.4f} tok/s {tps:,.0f}"
-    if health:
+                       mfu=tps * 3 * total["fwd_flops"] / peak if peak and tps == tps else None,
+                       **health))
+    if run.master:
+        write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
+        msg = f"step {st.step}: train {losses['train']:.4f} val {losses['val']:.4f}"
+        msg += f" tok/s {tps:,.0f}"
         ents = [v for k, v in health.items() if k.endswith("_entropy")]
         deads = [v for k, v in health.items() if k.endswith("_dead")]
-        msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
-    (pbar.write if pbar is not None else print)(msg)
-    if st.step > 0:                                   # nanoGPT's rule: no checkpoint at step 0
-        save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
-        st.ckpt = st.step
+        if ents:
+            msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
+        (pbar.write if pbar is not None else print)(msg)
+        if st.step > 0:
+            save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
+            st.ckpt = st.step
 
 
 def finish_run(cfg, ds, run, st, total, rows):
@@ -1127,8 +1037,8 @@ def finish_run(cfg, ds, run, st, total, rows):
     results = dict(script="nano_sffn.py", config=asdict(cfg), final=dict(
         train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(f["val_loss"]),
         tokens_per_s=f["tokens_per_s"], params=total["params"], elapsed_s=st.elapsed),
-        paper=dict(selector=cfg.selector, g=cfg.g, b=cfg.b, B=cfg.d_m // max(cfg.g, 1),
-                   d_m=cfg.d_m, c=cfg.d_ff, active_fwd_flops_per_token=total["fwd_flops"],
+        paper=dict(selector=cfg.selector, g=cfg.g, b=cfg.b, B=cfg.d_m // cfg.g, d_m=cfg.d_m,
+                   c=cfg.d_ff, active_fwd_flops_per_token=total["fwd_flops"],
                    selection_flops_per_token=total["select_flops"], ffn_params=total["params_ffn"],
                    flop_table=rows, routing_health={k: v for k, v in f.items() if k[0] == "L"},
                    impl=impl))
@@ -1177,19 +1087,28 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
-def write_log(out_dir, rows):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    path = os.path.join(out_dir, "log.csv")
+def write_csv(path, rows):
+    """rows (dicts) to path, atomically (log.csv is rewritten at every eval)."""
     with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     os.replace(path + ".tmp", path)
 
 
+def write_table(out_dir, name, rows, head=""):
+    """name.csv and name.md (a markdown table under an optional head line); returns the md."""
+    write_csv(os.path.join(out_dir, f"{name}.csv"), rows)
+    md = ([head, ""] if head else []) + markdown(rows)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return "\n".join(md)
+
+
 def write_run_info(cfg, ds, run, rows, total, vocab):
-    """flops.txt (the paper's cost side) and config.json; the FLOPs table on stdout."""
-    text = format_flop_table(cfg, rows, total)
+    """flops.txt (the paper's cost side, also printed) and config.json."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    text = "\n".join(flop_summary(cfg, total) + markdown(rows))
     print(text)
     with open(os.path.join(cfg.out_dir, "flops.txt"), "w") as f:
         f.write(text + "\n")
@@ -1220,6 +1139,7 @@ def save_checkpoint(st, cfg, device, elapsed):
     os.replace(st.path + ".tmp", st.path)
 
 
+CKPT_KEYS = ("script", "model", "optimizer", "step", "config")
 ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
         "sffn_every", "activation", "pkm_heads", "pkm_knn", "pkm_dq", "hash_seed", "dataset",
         "tokenizer")
@@ -1229,26 +1149,18 @@ OWN = ("out_dir", "resume", "stop_at", "progress", "device", "compile", "preset"
 
 def load_checkpoint(path, cfg):
     """Read and check a checkpoint; settings not given on the command line come from it."""
-    if not os.path.isfile(path):
-        raise BadInput(f"--resume but {path} does not exist; drop --resume or fix --out_dir")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(ck, dict) and set(CKPT_KEYS) <= set(ck)):
+            raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadInput(f"cannot read checkpoint {path}: {msg}; delete it or drop --resume")
-    if not isinstance(ck, dict) or not {"model", "optimizer", "step", "config"} <= set(ck):
-        raise BadInput(f"cannot read checkpoint {path}: not a training checkpoint; "
-                       "delete it or drop --resume")
-    if "script" not in ck:
-        raise BadInput(f"{path} names no script (an older or foreign checkpoint); start a new "
-                       "run without --resume")
-    if ck["script"] != "nano_sffn":
-        raise BadInput(f"{path} was written by {ck['script']}.py, not nano_sffn.py")
+        raise BadInput(f"cannot read checkpoint {path}: {msg}; fix --out_dir or drop --resume")
+    need(ck["script"] == "nano_sffn", f"{path} was written by {ck['script']}.py, not nano_sffn.py")
     explicit = getattr(cfg, "explicit", set())
     for k in ARCH:
-        if k in explicit and ck["config"].get(k) != getattr(cfg, k):
-            raise BadInput(f"checkpoint has {k}={ck['config'].get(k)} but --{k} "
-                           f"{getattr(cfg, k)} was given")
+        need(k not in explicit or ck["config"].get(k) == getattr(cfg, k),
+             f"checkpoint has {k}={ck['config'].get(k)} but --{k} {getattr(cfg, k)} was given")
     for k, v in ck["config"].items():
         if k not in explicit and k not in OWN and hasattr(cfg, k):
             setattr(cfg, k, v)
@@ -1275,8 +1187,7 @@ def main(argv=None):
             validate(c, device)
         ck = None
         if cfg.resume:
-            if cfg.bench or cfg.compare:
-                raise BadInput("--resume continues one run; drop --bench / --compare")
+            need(not (cfg.bench or cfg.compare), "--resume cannot take --bench or --compare")
             ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
             validate(cfg, device)
         ds = None if cfg.bench else load_data(cfg)
@@ -1286,9 +1197,7 @@ def main(argv=None):
             return run_bench(cfg, device)
         for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
             note(n)
-        if cfg.compare:
-            return run_compare(cfg, runs, ds, device)
-        return train(cfg, ds, device, ck)
+        return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
     except (BadInput, torch.cuda.OutOfMemoryError) as e:
         if created and os.path.isdir(created):
             shutil.rmtree(created, ignore_errors=True)
