@@ -60,7 +60,6 @@ line, validation, training loop, checkpoints, main().
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
@@ -100,10 +99,8 @@ class Config:
     b: int = _f(0, "blocks selected per token; 0 -> d_ff // g (keeps c = d_ff)")
     sffn_every: int = _f(2, "sparse FFN in layers i % sffn_every == sffn_every-1 (2 = every other)")
     activation: str = _f("gelu", "f, the FFN nonlinearity", ("gelu", "relu"))
-    impl: str = _f("auto", "masked (the reference), grouped (fast) or auto",
-                   ("auto", "masked", "grouped"))
-    avgk_weight: str = _f("none", "Avg-K output weight: none (paper) or softmax of the kept scores",
-                          ("none", "softmax"))
+    impl: str = _f("auto", "masked (reference) or grouped (fast)", ("auto", "masked", "grouped"))
+    avgk_weight: str = _f("none", "Avg-K weight w: none (paper) or softmax", ("none", "softmax"))
     key_init_std: float = _f(0.02, "std of the N(0, s^2) init of the keys K")
     select_fp32: bool = _f(False, "Avg-K selection scores in float32 (default: the autocast dtype)")
     vanillam_agg: str = _f("pre_mean", "VanillaM block score over its cells", AGGREGATORS)
@@ -138,8 +135,7 @@ class Config:
     eval_iters: int = _f(10, "batches per split per evaluation")
     # --- system
     device: str = _f("auto", "device", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = _f("auto", "auto = bf16 on CUDA, else float32",
-                    ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f("auto", "auto = bf16 on CUDA", ("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA only)")
     seed: int = _f(1337, "seed for init and data order")
     out_dir: str = _f("out_sffn", "where logs, plots and the checkpoint go")
@@ -148,8 +144,7 @@ class Config:
     progress: bool = _f(True, "tqdm progress bar")
     sample_tokens: int = _f(200, "tokens to sample at the end (0 = none)")
     # --- modes
-    preset: str = _f("auto", "named config (auto = gpu if CUDA else cpu); flags override it",
-                     ("auto", "cpu", "gpu"))
+    preset: str = _f("auto", "named config (auto: gpu if CUDA)", ("auto", "cpu", "gpu"))
     compare: str = _f("", "comma list of runs sel[:g], trained one after another")
     bench: str = _f("", "comma list of g values: time one layer fwd+bwd per g ('' = off)")
     bench_tokens: int = _f(8192, "tokens per --bench call")
@@ -473,7 +468,6 @@ def layer_flops(cfg: Config, selector: str):
             d_m * d + H * d * dq + H * n * dq + 2 * H * dq)
 
 
-
 def flop_table(cfg: Config, model: GPT):
     """Rows per FFN layer + whole-model totals (forward FLOPs per token, parameters)."""
     d, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size
@@ -519,28 +513,21 @@ def routing_health(layer):
     return out
 
 
-
-
 # ---------------------------------------------------------------- the experiment: compare, plots
 def parse_compare(cfg):
     """--compare "dense,switch:2048,avgk:64" -> [(name, Config)], every run validated."""
     runs = []
     for item in [s.strip() for s in cfg.compare.split(",") if s.strip()]:
         sel, _, g = item.partition(":")
-        if sel not in SELECTORS:
-            raise BadInput(f"unknown selector {sel!r} in --compare; use one of "
-                           f"{', '.join(SELECTORS)} (as sel or sel:g)")
-        try:
-            g = int(g) if g else (cfg.d_ff if sel in ("switch", "dense") else cfg.g)
-        except ValueError:
-            raise BadInput(f"bad block size in --compare item {item!r}; write sel:g") from None
+        need(sel in SELECTORS and (g == "" or g.isdigit()), f"--compare {item!r}: write sel or "
+             f"sel:g, sel one of {', '.join(SELECTORS)}, g an integer")
+        g = int(g) if g else (cfg.d_ff if sel in ("switch", "dense") else cfg.g)
         plain = sel in ("dense", "pkm")
         c = dataclasses.replace(cfg, selector=sel, g=g, b=0 if sel != "switch" else 1,
                                 compare="", out_dir=os.path.join(
                                     cfg.out_dir, sel if plain else f"{sel}_g{g}"))
         runs.append((sel + ("" if plain else f" g={g}"), c))
-    if not runs:
-        raise BadInput("--compare is empty; give e.g. dense,switch:2048,avgk:64")
+    need(runs, "--compare is empty; give e.g. dense,switch:2048,avgk:64")
     return runs
 
 
@@ -550,10 +537,9 @@ def run_compare(cfg, runs, ds, device):
     for name, c in runs:
         print(f"==== {name} ====")
         res = train(c, ds, device)
-        f, p = res["final"], res["paper"]
-        tps = f["tokens_per_s"]
-        table.append(dict(selector=c.selector, g=p["g"], b=p["b"], params=f["params"],
-                          active_fwd_flops_per_token=p["active_fwd_flops_per_token"],
+        f, tps = res["final"], res["final"]["tokens_per_s"]
+        table.append(dict(selector=c.selector, g=c.g, b=c.b, params=f["params"],
+                          active_fwd_flops_per_token=res["flops"]["fwd_flops"],
                           val_loss=round(f["val_loss"], 4), val_ppl=round(f["val_ppl"], 3),
                           tokens_per_s=round(tps) if tps == tps else None))
         md = write_table(cfg.out_dir, "compare", table)        # partial results survive a crash
@@ -603,7 +589,6 @@ def plot_run(out_dir, rows, title):
                                 ("maxload", "max load / mean load"))]
     if layers:
         save_plot(os.path.join(out_dir, "routing_health.png"), f"routing health: {title}", panels)
-
 
 
 # ---------------------------------------------------------------- making it fast
@@ -906,8 +891,7 @@ def setup_run(cfg, device):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     ptdtype = getattr(torch, dtype)
-    autocast = (torch.autocast(device_type=device, dtype=ptdtype) if ptdtype != torch.float32
-                else contextlib.nullcontext())
+    autocast = torch.autocast(device, dtype=ptdtype, enabled=ptdtype != torch.float32)
     use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     if use_compile and device == "mps":
         note("note: torch.compile is not used on MPS; running eagerly")
@@ -1037,11 +1021,8 @@ def finish_run(cfg, ds, run, st, total, rows):
     results = dict(script="nano_sffn.py", config=asdict(cfg), final=dict(
         train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(f["val_loss"]),
         tokens_per_s=f["tokens_per_s"], params=total["params"], elapsed_s=st.elapsed),
-        paper=dict(selector=cfg.selector, g=cfg.g, b=cfg.b, B=cfg.d_m // cfg.g, d_m=cfg.d_m,
-                   c=cfg.d_ff, active_fwd_flops_per_token=total["fwd_flops"],
-                   selection_flops_per_token=total["select_flops"], ffn_params=total["params_ffn"],
-                   flop_table=rows, routing_health={k: v for k, v in f.items() if k[0] == "L"},
-                   impl=impl))
+        flops=dict(total, per_ffn_layer=rows), impl=impl,     # forward FLOPs per token
+        routing_health={k: v for k, v in f.items() if k[0] == "L"})
     if run.master:
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
         plot_run(cfg.out_dir, st.log, cfg.selector)
