@@ -434,12 +434,10 @@ class GPT(nn.Module):
         return [(i, blk.ffn) for i, blk in enumerate(self.h) if blk.sparse]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.8, top_k=50, generator=None,
-                 vocab_size=None):
+    def generate(self, idx, max_new_tokens, vocab_size, generator, temperature=0.8, top_k=50):
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.cfg.block_size:])[0][:, -1, :].float() / temperature
-            if vocab_size is not None:
-                logits[:, vocab_size:] = -float("inf")                # never the padding ids
+            logits[:, vocab_size:] = -float("inf")                    # never the padding ids
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
             logits[logits < v[:, [-1]]] = -float("inf")
             probs = torch.softmax(logits.float(), -1).cpu()
@@ -487,6 +485,7 @@ def flop_table(cfg: Config, model: GPT):
 
 
 def flop_summary(cfg, total):
+    """The head of flops.txt: the settings, then the whole model's totals."""
     return [f"FLOPs/params per FFN layer (forward, per token): selector={cfg.selector} "
             f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} B={cfg.d_m // cfg.g}",
             f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward FLOPs/token "
@@ -1030,8 +1029,8 @@ def finish_run(cfg, ds, run, st, total, rows):
             st.raw.eval()
             start = torch.tensor([ds.encode("\n")], dtype=torch.long, device=run.dev)
             with run.autocast:
-                out = st.raw.generate(start, cfg.sample_tokens, vocab_size=ds.vocab_size,
-                                      generator=torch.Generator().manual_seed(cfg.seed))
+                out = st.raw.generate(start, cfg.sample_tokens, ds.vocab_size,
+                                      torch.Generator().manual_seed(cfg.seed))
             print(f"---- sample ----\n{ds.decode(out[0].tolist())}\n----------------")
     if run.ddp:
         torch.distributed.destroy_process_group()
@@ -1100,16 +1099,6 @@ def write_run_info(cfg, ds, run, rows, total, vocab):
         vocab_size=ds.vocab_size, vocab_padded=vocab))
 
 
-def load_data(cfg):
-    try:
-        ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
-                               data_dir=cfg.data_dir or None)
-        ds.check_block_size(cfg.block_size)
-    except data.DataError as e:
-        raise BadInput(str(e)) from None
-    return ds
-
-
 def save_checkpoint(st, cfg, device, elapsed):
     """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
     ck = dict(script="nano_sffn", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
@@ -1171,7 +1160,14 @@ def main(argv=None):
             need(not (cfg.bench or cfg.compare), "--resume cannot take --bench or --compare")
             ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
             validate(cfg, device)
-        ds = None if cfg.bench else load_data(cfg)
+        ds = None
+        try:
+            if not cfg.bench:
+                ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
+                                       data_dir=cfg.data_dir or None)
+                ds.check_block_size(cfg.block_size)
+        except data.DataError as e:
+            raise BadInput(str(e)) from None
         created = None if os.path.exists(cfg.out_dir) else cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.bench:
