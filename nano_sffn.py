@@ -166,8 +166,7 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------- the FFN as a key-value memory
-def activation_fn(name):
-    return F.gelu if name == "gelu" else F.relu
+ACTIVATIONS = dict(gelu=F.gelu, relu=F.relu)     # f, the FFN nonlinearity
 
 
 def f32(t):
@@ -182,7 +181,7 @@ class DenseFFN(nn.Module):
 
     def __init__(self, d, c, act, n_layer):
         super().__init__()
-        self.act = activation_fn(act)
+        self.act = ACTIVATIONS[act]
         self.K = nn.Parameter(torch.randn(c, d) * 0.02)                           # keys k_i
         self.V = nn.Parameter(torch.randn(c, d) * 0.02 / math.sqrt(2 * n_layer))  # values v_i
         self.track = False
@@ -202,7 +201,7 @@ class SparseFFN(nn.Module):
         d, self.d_m, self.g, self.b = cfg.n_embd, cfg.d_m, cfg.g, cfg.b
         self.B = self.d_m // self.g                                  # blocks (a.k.a. experts)
         self.selector, self.impl, self.agg = cfg.selector, cfg.impl, cfg.vanillam_agg
-        self.act = activation_fn(cfg.activation)                     # f: GeLU or ReLU
+        self.act = ACTIVATIONS[cfg.activation]                       # f: GeLU or ReLU
         self.alpha, self.cf, self.base_iters = cfg.aux_alpha, cfg.capacity_factor, cfg.base_iters
         self.avgk_weight, self.select_fp32 = cfg.avgk_weight, cfg.select_fp32
         # the memory (1): K, V (d_m, d); block beta = rows [beta*g, (beta+1)*g)
@@ -492,6 +491,8 @@ def flop_summary(cfg, total):
             f"{total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
             f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
             ""]
+
+
 def routing_health(layer):
     """Block ids seen in one eval: usage entropy / log B, dead fraction, max/mean load,
     overflow at capacity factors 1 and 1.25 (Avg-K has no balancing loss: is it healthy?)."""
@@ -992,7 +993,8 @@ def check_finite(bad, st):
 def log_eval(cfg, ds, run, st, tps, total, elapsed, pbar):
     """Evaluate, append a row to log.csv, print it, checkpoint (not at step 0: nanoGPT's rule)."""
     losses, health = evaluate(st.raw, ds, cfg, run)
-    peak = peak_flops(run.device)
+    name = torch.cuda.get_device_name() if run.device == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if name else None
     st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
                        elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step, cfg),
                        train_loss=losses["train"], val_loss=losses["val"], tokens_per_s=tps,
@@ -1046,11 +1048,6 @@ def sync(device):
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
              "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
              "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
-
-
-def peak_flops(device):
-    name = torch.cuda.get_device_name() if device == "cuda" else ""
-    return next((val for key, val in PEAK_BF16.items() if key in name), None) if name else None
 
 
 def git_commit():
