@@ -101,8 +101,14 @@ class Config:
     activation: str = _f("gelu", "f, the FFN nonlinearity", ("gelu", "relu"))
     impl: str = _f("auto", "masked (reference) or grouped (fast)", ("auto", "masked", "grouped"))
     avgk_weight: str = _f("none", "Avg-K weight w: none (paper) or softmax", ("none", "softmax"))
+    # K init and score precision were probed for the dead blocks at the gpu preset (README):
+    # std 0.02 / 0.03 / 0.044 and float32 scores all left 34-37% of blocks dead, so the defaults
+    # stay nanoGPT's 0.02 and the autocast dtype (float32 cost 2% tokens/s for no change).
     key_init_std: float = _f(0.02, "std of the N(0, s^2) init of the keys K")
     select_fp32: bool = _f(False, "Avg-K selection scores in float32 (default: the autocast dtype)")
+    avgk_balance: str = _f("none", "Avg-K load balancing: none (paper) | bias (loss-free, not in "
+                           "the paper: Wang et al. 2024)", ("none", "bias"))
+    balance_rate: float = _f(1e-3, "--avgk_balance bias: bias step u per optimizer step")
     vanillam_agg: str = _f("pre_mean", "VanillaM block score over its cells", AGGREGATORS)
     aux_alpha: float = _f(0.01, "switch/topk load-balancing loss weight alpha")
     capacity_factor: float = _f(0.0, "switch/topk capacity factor (training); 0 = dropless")
@@ -216,6 +222,10 @@ class SparseFFN(nn.Module):
             table = torch.rand(vocab_size, self.B, generator=gen).argsort(1)[:, : self.b]
             self.register_buffer("hash_table", table, persistent=True)  # (vocab, b) long
         self.track, self.stats = False, []   # routing-health bookkeeping (eval only)
+        self.balance, self.balance_rate = cfg.avgk_balance == "bias", cfg.balance_rate
+        if self.selector == "avgk" and self.balance:  # beyond the paper, see balance_step()
+            self.register_buffer("sel_bias", torch.zeros(self.B))               # (B,) in ckpt
+            self.register_buffer("load", torch.zeros(self.B), persistent=False)  # (B,) counts
 
     def forward(self, x, idx=None, ids=None):  # x (N, d)
         ids, w, aux, pre = self.route(x, idx, ids)
@@ -232,6 +242,14 @@ class SparseFFN(nn.Module):
         vals = torch.ones_like(ids, dtype=h.dtype) if w is None else w.to(h.dtype)
         mask = torch.zeros(N, B, device=x.device, dtype=h.dtype).scatter(1, ids, vals)  # (N, B)
         return (h.view(N, B, g) * mask.unsqueeze(-1)).view(N, -1) @ self.V.to(h.dtype)
+
+    @torch.no_grad()
+    def balance_step(self):
+        """Loss-free balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing"), not in
+        the paper: after each optimizer step, b_beta += u * sign(mean load - load_beta), so
+        overloaded blocks score lower next time and idle ones higher. Called by train()."""
+        self.sel_bias += self.balance_rate * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()
 
     def route(self, x, idx=None, ids=None):
         name = "gate" if self.selector in ("switch", "topk") else self.selector
@@ -307,7 +325,13 @@ class SparseFFN(nn.Module):
     def select_avgk(self, x, idx, ids):
         s = self.avgk_scores(x)
         if ids is None:
-            ids = s.detach().topk(self.b, dim=-1).indices             # (N, b) TopK_b (5)
+            s_sel = s.detach()
+            if self.balance:  # the bias moves the choice only: never the output, no gradient
+                s_sel = f32(s_sel) + self.sel_bias
+            ids = s_sel.topk(self.b, dim=-1).indices                  # (N, b) TopK_b (5)
+        if self.balance and self.training:  # load of each block in this optimizer step
+            self.load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1),
+                                                                        dtype=self.load.dtype))
         w = None                                                      # w_beta = 1 (5)
         if self.avgk_weight == "softmax":  # optional: softmax of the kept scores (grad to x only)
             w = torch.softmax(f32(s).gather(1, ids), -1)
@@ -792,11 +816,14 @@ def validate(cfg: Config, device: str = "cpu") -> Config:
               ("beta1", "in [0, 1)", 0 <= cfg.beta1 < 1),
               ("beta2", "in [0, 1)", 0 <= cfg.beta2 < 1),
               ("key_init_std", "a finite number > 0", 0 < cfg.key_init_std < math.inf),
+              ("balance_rate", "a finite number > 0", 0 < cfg.balance_rate < math.inf),
               ("seed", "in [0, 2**32)", 0 <= cfg.seed < 2 ** 32),
               ("hash_seed", "in [0, 2**32)", 0 <= cfg.hash_seed < 2 ** 32)]
     for name, want, ok in rules:
         need(ok, f"--{name} must be {want} (got {getattr(cfg, name)})")
     need(cfg.n_embd % cfg.n_head == 0, f"--n_head {cfg.n_head} does not divide --n_embd")
+    need(cfg.avgk_balance == "none" or cfg.selector == "avgk" or cfg.compare,
+         "--avgk_balance bias balances Avg-K: use it with --selector avgk")
     need(cfg.dtype != "float16" or device in ("cuda", "mps"),
          "float16 needs CUDA or MPS; use float32 or bfloat16")
     cfg.d_ff = cfg.d_ff or 4 * cfg.n_embd
@@ -919,7 +946,8 @@ def train(cfg: Config, ds, device, ck=None):
     model = torch.compile(raw) if run.compile else raw
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None)
+        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None,
+                    broadcast_buffers=cfg.avgk_balance == "none")  # loads are all-reduced
     scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and device == "cuda"))
     first, t0, tps = st.step, time.time(), float("nan")
     mark = (t0, first)                           # start of the timed interval: (time, step)
@@ -979,6 +1007,11 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
     scaler.step(st.opt)
     scaler.update()
     st.opt.zero_grad(set_to_none=True)
+    for layer in st.raw.modules():  # --avgk_balance bias: nudge the selection biases
+        if hasattr(layer, "sel_bias"):
+            if run.ddp:
+                torch.distributed.all_reduce(layer.load)
+            layer.balance_step()
     st.step += 1
     return ce
 

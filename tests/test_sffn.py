@@ -263,6 +263,9 @@ BAD = [  # script-specific bad inputs (tests/test_cli.py has the common ones)
     ["--selector", "nope"],
     ["--selector", "avgk", "--d_m", "64", "--g", "8", "--b", "9"],       # b > B
     ["--b", "-1"],
+    ["--selector", "switch", "--g", "64", "--avgk_balance", "bias"],    # balances Avg-K only
+    ["--avgk_balance", "bias", "--balance_rate", "0"],
+    ["--avgk_balance", "aux"],
     ["--selector", "avgk", "--d_m", "100", "--g", "8"],                  # d_m % g
     ["--g", "7"],                                                        # g does not divide d_m
     ["--g", "-4"],
@@ -428,3 +431,68 @@ def test_resume_takes_unset_settings_from_the_checkpoint(tiny_text, tmp_path):
     res = S.main(["--resume", "--out_dir", str(out), "--no-progress", "--sample_tokens", "0"])
     assert res["config"]["selector"] == "hash" and res["config"]["n_embd"] == 16
     assert [int(r["step"]) for r in _log(out)] == [0, 2, 4]
+
+
+# ----------------------------------------------------------------------------- loss-free balancing
+def test_balance_bias_moves_the_choice_and_nothing_else():
+    """With a bias, the output and every gradient equal those of the plain layer given the same
+    blocks; the bias itself is a buffer (no parameter, no gradient) and does change the choice."""
+    torch.manual_seed(0)
+    layer, _ = make_layer("avgk", g=4, d=8, d_m=32, d_ff=8, avgk_balance="bias")
+    plain, _ = make_layer("avgk", g=4, d=8, d_m=32, d_ff=8)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "sel_bias"})
+    assert {n for n, _ in layer.named_parameters()} == {"K", "V"}
+    x = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    ids0 = layer.route(x)[0]
+    layer.sel_bias.copy_(torch.randn(layer.B) * 10)
+    ids = layer.route(x)[0]
+    assert not torch.equal(ids0.sort(-1).values, ids.sort(-1).values)
+    y, _ = layer(x)
+    y_ref, _ = plain(x, ids=ids)
+    assert torch.equal(y, y_ref)
+    g = torch.autograd.grad(y.square().sum(), [x, layer.K, layer.V])
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x, plain.K, plain.V])
+    for a, b in zip(g, g_ref):
+        assert torch.equal(a, b)
+
+
+def test_balance_drives_a_skewed_load_toward_uniform():
+    """Tokens that share one direction pick the same blocks; balance steps even the load out."""
+    torch.manual_seed(1)
+    layer, _ = make_layer("avgk", dtype=torch.float32, g=4, d=8, d_m=64, d_ff=8,
+                          avgk_balance="bias", balance_rate=0.002)
+    layer.train()
+    x = torch.randn(256, 8) + 2 * torch.randn(8)  # a shared direction: most tokens pick alike
+
+    def max_over_mean():
+        layer.load.zero_()
+        layer.route(x)
+        load = layer.load.clone()
+        layer.load.zero_()
+        return (load.max() / load.mean()).item()
+
+    before = max_over_mean()
+    for _ in range(500):  # u must be small next to the spread of the scores (here ~0.1)
+        layer.route(x)
+        layer.balance_step()
+    after = max_over_mean()
+    assert before > 4 and after < 1.5, (before, after)
+
+
+def test_balance_bias_is_saved_and_restored(tiny_text, tmp_path):
+    base = TINY + ["--dataset", tiny_text, "--selector", "avgk", "--avgk_balance", "bias",
+                   "--eval_interval", "2", "--warmup_iters", "1", "--sample_tokens", "0"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    S.main(base + ["--max_iters", "4", "--out_dir", str(full)])
+    S.main(base + ["--max_iters", "4", "--out_dir", str(cut), "--stop_at", "2"])
+    ck = torch.load(cut / "ckpt.pt", map_location="cpu", weights_only=False)
+    biases = [v for k, v in ck["model"].items() if k.endswith("sel_bias")]
+    assert biases and any(b.abs().sum() > 0 for b in biases)
+    assert not any(k.endswith(".load") for k in ck["model"])
+    S.main(base + ["--max_iters", "4", "--out_dir", str(cut), "--resume"])
+    assert [r["train_loss"] for r in _log(full)] == [r["train_loss"] for r in _log(cut)]
+    a = torch.load(full / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
+    b = torch.load(cut / "ckpt.pt", map_location="cpu", weights_only=False)["model"]
+    for k in a:
+        if k.endswith("sel_bias"):
+            assert torch.equal(a[k], b[k])
