@@ -13,7 +13,8 @@ both (d_m, d):
 Cut the d_m cells into B = d_m/g contiguous *memory blocks* of g cells (a block is an MoE
 "expert" of hidden size g). A *selector* picks a set S(x) of b blocks per token:
     y(x) = sum_{beta in S(x)} w_beta(x) sum_{i in beta} f(x . k_i) v_i          (2)  the S-FFN
-so c = b*g cells are active: compute is that of a dense FFN of width c, parameters grow with d_m.
+so c = b*g cells are active: compute is that of a dense FFN of width c (VanillaM and PKM aside,
+see Departures), while parameters grow with d_m.
 The paper studies two axes: (1) the block size g (at fixed c, smaller g -> lower perplexity) and
 (2) the selection method: *direct*, from the FFN's own keys (VanillaM, PKM, Avg-K), or *indirect*,
 through a gate or a static map (Switch, GShard top-k, BASE, Hash). Its method, Avg-K, embeds each
@@ -40,6 +41,12 @@ block by the mean of its keys (no new parameters, no gradient) and keeps the top
 Compute paths (--impl): `masked` computes all d_m cells and zeroes the unselected blocks (the
 plain reference); `grouped` sorts the (token, block) pairs by block and runs one grouped GEMM per
 FFN matrix (section "making it fast"); `auto` takes grouped on CUDA for g >= 128.
+
+Departures (measured at the gpu preset; see README): VanillaM scores all d_m cells and PKM keeps
+H*k cells, so they are not compute-matched (+53% and -12% active FLOPs/token); the top-k aux loss
+counts all b choices in f_e (GShard counts first choices); the Hash table is uniform over token ids,
+not Roller et al.'s frequency-balanced one; BASE's Sinkhorn plan is approximate (max/mean load
+1.09-1.16 where exact BASE gives 1.00). Beyond the paper: --avgk_balance bias (loss-free balancing).
 
 Run it
     python nano_sffn.py --selector avgk                      # laptop CPU, ~5 min, char Shakespeare
