@@ -243,12 +243,18 @@ class SparseFFN(nn.Module):
         return self.compute_masked(x, ids, w, pre), aux
 
     def compute_masked(self, x, ids, w, pre=None):
-        """(2) as one product: all d_m cells, unselected blocks zeroed. The exact reference."""
+        """(2) as one product: all d_m cells, unselected blocks zeroed. The exact reference.
+
+        x (N, d), ids (N, b) chosen blocks, w (N, b) their weights or None (w_beta = 1), pre
+        (N, d_m) = x K^T when the selector computed it already -> y (N, d), in h's dtype:
+            y = (f(x K^T) * M) V,  M (N, d_m) = w_beta on the g cells of a chosen block, else 0"""
+        # BEGIN EXERCISE sffn_masked: f(x K^T) (or f(pre)), chosen blocks * w, others 0; @ V
         N, B, g = x.shape[0], self.B, self.g
         h = self.act(pre if pre is not None else x @ self.K.t())                  # (N, d_m)
         vals = torch.ones_like(ids, dtype=h.dtype) if w is None else w.to(h.dtype)
         mask = torch.zeros(N, B, device=x.device, dtype=h.dtype).scatter(1, ids, vals)  # (N, B)
         return (h.view(N, B, g) * mask.unsqueeze(-1)).view(N, -1) @ self.V.to(h.dtype)
+        # END EXERCISE sffn_masked
 
     @torch.no_grad()
     def balance_step(self):
@@ -277,18 +283,8 @@ class SparseFFN(nn.Module):
     # ---- indirect selection through a learned gate: Switch (Fedus et al. 2021, eqs. 1-2)
     #      and GShard top-k (Lepikhin et al. 2020): p = softmax(W_g x) in float32
     def select_gate(self, x, idx, ids):
+        ids, w, aux = self.gate_route(x, ids)
         N, b, B = x.shape[0], self.b, self.B
-        p = torch.softmax(f32(x @ self.W_g.t().to(x.dtype)), -1)     # (N, B)
-        if ids is None:
-            ids = p.detach().topk(b, dim=-1).indices                  # (N, b)
-        w = p.gather(1, ids)                                          # w = p_e(x)
-        if self.selector == "topk":
-            w = w / w.sum(-1, keepdim=True)                           # GShard: renormalize
-        # Switch eq. 4: aux = alpha * B * sum_e f_e P_e, f_e = share of the N*b assignments to
-        # block e, P_e = mean_t p_e(x_t)
-        f = torch.zeros(B, device=x.device, dtype=p.dtype).scatter_add_(
-            0, ids.reshape(-1), torch.ones(ids.numel(), device=x.device, dtype=p.dtype))
-        aux = self.alpha * B * (f / ids.numel() * p.mean(0)).sum()
         if self.cf > 0 and self.training:
             # Switch eq. 3: capacity C = ceil(cf * N * b / B); later assignments (token order,
             # first choices first) past it are dropped
@@ -297,6 +293,28 @@ class SparseFFN(nn.Module):
             pos = (onehot.cumsum(0) * onehot).sum(-1) - 1             # position in its block
             w = w * (pos < cap).view(b, N).t().to(w.dtype)
         return ids, w, aux, None
+
+    def gate_route(self, x, ids=None):
+        """The router: x (N, d) -> ids (N, b), w (N, b), aux (a scalar).
+
+            p(x) = softmax(W_g x)       (N, B), in float32 (f32) whatever x's dtype
+            ids  = top-b of p           (detached: the choice itself gets no gradient), or as given
+            w_e  = p_e(x) at ids        (topk: renormalized so each token's b weights sum to 1)
+            aux  = alpha * B * sum_e f_e P_e     Switch eq. 4: f_e = share of the N*b assignments
+                   that went to block e (a count, no gradient), P_e = mean_t p_e(x_t)"""
+        b, B = self.b, self.B
+        # BEGIN EXERCISE sffn_switch: fp32 softmax(x W_g^T); top-b; w = p at ids; aux = aB sum f*P
+        p = torch.softmax(f32(x @ self.W_g.t().to(x.dtype)), -1)     # (N, B)
+        if ids is None:
+            ids = p.detach().topk(b, dim=-1).indices                  # (N, b)
+        w = p.gather(1, ids)                                          # w = p_e(x)
+        if self.selector == "topk":
+            w = w / w.sum(-1, keepdim=True)                           # GShard: renormalize
+        f = torch.zeros(B, device=x.device, dtype=p.dtype).scatter_add_(
+            0, ids.reshape(-1), torch.ones(ids.numel(), device=x.device, dtype=p.dtype))
+        aux = self.alpha * B * (f / ids.numel() * p.mean(0)).sum()
+        return ids, w, aux
+        # END EXERCISE sffn_switch
 
     # ---- BASE (Lewis et al. 2021): balanced assignment in training, greedy at evaluation
     def select_base(self, x, idx, ids):
@@ -322,12 +340,17 @@ class SparseFFN(nn.Module):
 
     # ---- Avg-K, the paper's method: direct selection at the cost of a gate, no gate parameters
     def avgk_scores(self, x):
+        """x (N, d) -> s (N, B): s_beta(x) = x . e_beta (4), e_beta = mean of block beta's g keys
+        (3), rows [beta*g, (beta+1)*g) of K, under stop-gradient (K gets no gradient from s).
+        In x's dtype; with --select_fp32 in float32, autocast off (so bf16 cannot flip a choice)."""
         B, g = self.B, self.g
+        # BEGIN EXERCISE sffn_avgk: e = mean of each block's keys (K detached); s = x e^T
         e = self.K.detach().view(B, g, -1).mean(1)         # (B, d) e_beta (3), stop-gradient
         if self.select_fp32:  # autocast would cast the matmul back to bf16: switch it off here
             with torch.autocast(x.device.type, enabled=False):
                 return f32(x) @ f32(e).t()                            # (N, B) (4) in float32
         return x @ e.t().to(x.dtype)                                  # (N, B) s_beta(x) (4)
+        # END EXERCISE sffn_avgk
 
     def select_avgk(self, x, idx, ids):
         s = self.avgk_scores(x)
@@ -376,14 +399,24 @@ class ProductKeyMemory(nn.Module):
         s1, s2 = self.half_scores(x)                                  # (T, H, n) each
         T, k = x.shape[0], self.k
         if ids is None:
-            v1, i1 = s1.detach().topk(k, -1)                          # (T, H, k)
-            v2, i2 = s2.detach().topk(k, -1)
-            cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).view(T, self.H, -1)  # (T, H, k*k)
-            top = cand.topk(k, -1).indices                            # exact top-k of n^2
-            ids = (i1.gather(-1, top // k) * self.n + i2.gather(-1, top % k)).view(T, -1)
+            ids = self.product_topk(s1.detach(), s2.detach())         # (T, H*k)
         ih = ids.view(T, self.H, k)                   # score of cell i = s1[i // n] + s2[i % n]
         sc = s1.gather(-1, ih // self.n) + s2.gather(-1, ih % self.n)       # (T, H, k)
         return ids, torch.softmax(f32(sc), -1).view(T, -1), x.new_zeros(()), None
+
+    def product_topk(self, s1, s2):
+        """Exact top-k of all N = n^2 product keys: s1, s2 (T, H, n) half scores -> ids (T, H*k),
+        cell i = i1 * n + i2 with score s1[i1] + s2[i2], per head the k best in descending order.
+        A cell in the top k of the n^2 sums has both halves in their own half's top k, so the
+        k*k sums of the two top-k lists hold all of it: O(n + k^2) per head instead of O(n^2)."""
+        T, k = s1.shape[0], self.k
+        # BEGIN EXERCISE sffn_pkm: top-k per half, top-k of the k*k sums, back to i1 * n + i2
+        v1, i1 = s1.topk(k, -1)                                       # (T, H, k)
+        v2, i2 = s2.topk(k, -1)
+        cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).view(T, self.H, -1)  # (T, H, k*k)
+        top = cand.topk(k, -1).indices                                # exact top-k of n^2
+        return (i1.gather(-1, top // k) * self.n + i2.gather(-1, top % k)).view(T, -1)
+        # END EXERCISE sffn_pkm
 
     def compute_masked(self, x, ids, w, pre=None):
         """Reference: a dense (T, N) weight matrix times all N values."""
@@ -688,10 +721,16 @@ def use_grouped(layer, device_type, dtype, d):
 
 
 def compute_grouped(layer, x, ids, w, pre=None):
-    """(2) over the selected blocks only; the same numbers as layer.compute_masked."""
+    """(2) over the selected blocks only; the same numbers as layer.compute_masked.
+
+    x (N, d), ids (N, b), w (N, b) or None, pre (N, d_m) or None -> y (N, d), computed in
+    compute_dtype(x). The N*b (token, block) pairs, sorted by block (stable), form B contiguous
+    groups (some empty); offs (B,) int32 = cumulative group ends; then per group e
+    h = f(x_tok K_e^T) (g cells), y_pair = w * h V_e, and y[tok] += y_pair (index_add)."""
     if isinstance(layer, ProductKeyMemory):  # read only the H*k chosen value rows per token
         return F.embedding_bag(ids, layer.V, per_sample_weights=w.to(layer.V.dtype),
                                mode="sum").to(x.dtype)
+    # BEGIN EXERCISE sffn_grouped: sort pairs by block; grouped_mm K, f, grouped_mm V; *w; index_add
     N, b, B, g = x.shape[0], layer.b, layer.B, layer.g
     dt = compute_dtype(x)
     blk_sorted, order = ids.reshape(-1).sort(stable=True)            # pairs grouped by block
@@ -711,6 +750,7 @@ def compute_grouped(layer, x, ids, w, pre=None):
     if w is not None:
         ys = ys * w.reshape(-1)[order].to(ys.dtype).unsqueeze(-1)
     return torch.zeros(N, ys.shape[1], device=x.device, dtype=ys.dtype).index_add(0, tok, ys)
+    # END EXERCISE sffn_grouped
 
 
 def run_bench(cfg, device):
