@@ -82,6 +82,6 @@ def test_no_cascade(script, tmp_path):
     failed = [ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("FAILED ")]
     assert failed, r.stdout[-2000:]
     graded = _pytest(copy, os.path.join("tests", TEST_FILE[script]), "--exercise", ex_id,
-                     "--collect-only", "-q").stdout
+                     "--collect-only").stdout
     for nodeid in failed:
         assert nodeid in graded, f"{nodeid} failed but does not grade {ex_id}"
