@@ -726,7 +726,8 @@ def compute_grouped(layer, x, ids, w, pre=None):
     x (N, d), ids (N, b), w (N, b) or None, pre (N, d_m) or None -> y (N, d), computed in
     compute_dtype(x). The N*b (token, block) pairs, sorted by block (stable), form B contiguous
     groups (some empty); offs (B,) int32 = cumulative group ends; then per group e
-    h = f(x_tok K_e^T) (g cells), y_pair = w * h V_e, and y[tok] += y_pair (index_add)."""
+    h = f(x_tok K_e^T) (g cells), y_pair = w * h V_e, and y[tok] += y_pair (index_add). With pre
+    (VanillaM) h is f(pre) gathered at the chosen blocks instead: no first grouped GEMM."""
     if isinstance(layer, ProductKeyMemory):  # read only the H*k chosen value rows per token
         return F.embedding_bag(ids, layer.V, per_sample_weights=w.to(layer.V.dtype),
                                mode="sum").to(x.dtype)
