@@ -201,7 +201,6 @@ def test_grouped_mm_native_matches_loop():
     torch.testing.assert_close(S.grouped_mm(a, w, offs), ref, rtol=1e-5, atol=1e-5)
 
 
-@AVGK
 def test_vanillam_pre_mean_selects_like_avgk():
     torch.manual_seed(6)
     av, _ = make_layer("avgk", d_m=64, g=8, d_ff=16)
