@@ -1,91 +1,59 @@
-"""
-nano_prune.py -- which attention heads and FFNs does in-context learning need?
+"""nano_prune.py -- which attention heads and FFNs does in-context learning need?
 
-Paper: Hritik Bansal, Karthik Gopalakrishnan, Saket Dingliwal, Sravan Bodapati,
-Katrin Kirchhoff, Dan Roth. "Rethinking the Role of Scale for In-Context
-Learning: An Interpretability-based Case Study at 66 Billion Scale".
-ACL 2023, arXiv 2212.09095. Builds on Michel, Levy & Neubig 2019 ("Are Sixteen
-Heads Really Better than One?", arXiv 1905.10650) and Olsson et al. 2022
-("In-context Learning and Induction Heads").
+Paper: H. Bansal, K. Gopalakrishnan, S. Dingliwal, S. Bodapati, K. Kirchhoff, D. Roth, "Rethinking
+the Role of Scale for In-Context Learning: An Interpretability-based Case Study at 66 Billion
+Scale", ACL 2023, arXiv 2212.09095. Builds on Michel et al. 2019 ("Are Sixteen Heads Really Better
+than One?", arXiv 1905.10650) and Olsson et al. 2022 ("In-context Learning and Induction Heads").
 
-The story
----------
-Bansal et al. ask how much of OPT-66B is actually used when it learns a task
-from a few demonstrations in its prompt (in-context learning, ICL). They give
-every attention head a gradient importance score, every FFN an oracle
-(knock-out) score, prune the least important components and measure accuracy
-at 0, 1 and 5 shots. About 70% of the heads and 20% of the FFNs can go with
-little loss, the important heads overlap across tasks and shots, and many of
-them look like *induction heads* (attend to the token after an earlier copy of
-the current token, then copy it).
-
-This file redoes the whole study in miniature on a small GPT that we train on
-in-context tasks generated right here (copy, successor, associative recall,
-in-context cluster classification, plus repeated random sequences so that
-induction heads form), and adds the controls the paper lacks: random and
-reverse pruning orders, FFN pruning on a separate dev split, and an ablation
-of the top induction heads against random heads. (One training choice is ours,
-not the paper's, which studies a pretrained model: repeated random sequences fill
-80% of each batch for the first 30% of training, so that induction heads form
-within a few CPU minutes; see --rep_frac_early.)
+How much of OPT-66B does in-context learning (learning a task from demonstrations in the prompt)
+use? Give every head a gradient importance score and every FFN an oracle (knock-out) score, prune
+the least important, and measure accuracy at 0, 1 and 5 shots: ~70% of the heads and ~20% of the
+FFNs can go; the important heads overlap across tasks and shots; many are induction heads (attend
+to the token after an earlier copy of the current token, and copy it). We redo the study on a
+small GPT trained on in-context tasks generated here (copy, successor, associative recall,
+in-context cluster classification, and repeated random sequences so that induction heads form;
+these fill 80% of each batch for the first 30% of training, our choice: --rep_frac_early), with
+the controls the paper lacks: random and reverse orders, and FFN scores on dev prompts kept apart
+from the test prompts.
 
 Key equations
 -------------
-Gate every head's output with xi_h (1 = keep, 0 = pruned), before W_O:
+A gate xi_h on every head's output, before W_O (Sec. 2.2; Michel Eq. 1), 1 = keep, 0 = pruned:
+    MHA(x) = sum_h xi_h A_h(x) W_O^h,   A_h(x) = softmax(q_h k_h^T / sqrt(d_h)) v_h     (T x d_h)
+Head importance (Sec. 2.3.2, Eq. 8), the loss on the answer tokens only (Eq. 9):
+    IS_h = E_(x,y) |A_h^T dL(y|x)/dA_h| = E_(x,y) |dL(y|x)/d xi_h|    (at xi = 1)
+    (|.| per token as in the official code: --abs_per token, our default; Eq. 8: per example)
+Task aggregate (Eq. 10): the mean of the per-task score matrices, per shot.
+FFN importance (Sec. 2.3.1, Eq. 7), an oracle; the whole sublayer goes, its LayerNorm too:
+    IS_FFN_l = acc(model) - acc(model without FFN l)
+Induction heads (Sec. 6.3, App. A.4 Alg. 1-2): prefix matching = attention from a token of a
+repeated random sequence to the tokens that followed its earlier copies; copying = how much a
+head's output raises the logit of the token it attends to.
 
-    MHA(x) = sum_h  xi_h * A_h(x) W_O^h ,   A_h(x) = softmax(q_h k_h^T / sqrt(d_h)) v_h   (N x d_h)
-
-Head importance (paper Eq. 8; Michel et al. 2019 Eq. 2):
-
-    IS_h = E_(x,y) | A_h^T dL(y|x)/dA_h |  =  E_(x,y) | dL(y|x)/d xi_h |   (at xi = 1)
-    L(y|x) = -(1/T_y) sum_j log p(y_j | x, y_<j)        (paper Eq. 9, answer tokens only)
-
-where A^T dL/dA is the Frobenius inner product over all positions and d_h.
-The official code takes |.| per token, sum_t |<A_t, g_t>| (our default,
---abs_per token); the paper's equation takes it per example (--abs_per example).
-Task aggregate (paper Eq. 10): mean of the per-task score matrices, per shot.
-
-FFN importance (paper Eq. 7), an oracle knock-out on a dev split:
-
-    IS_FFN_l = acc(model) - acc(model without FFN l)      (the whole sublayer, its LayerNorm included)
-
-Induction heads (paper Alg. 1-2, App. A.4): prefix-matching score = mean
-attention from a token in a repeated random sequence to the tokens that
-*followed* its earlier occurrences; copying score = how much a head's output
-raises the logit of the token it attends to.
-
-Pipeline
---------
-    synthetic ICL episodes  [BOS][TASK] x1 y1 ... xk yk x_q -> y_q   (+ repeated random sequences)
-            |
+    [BOS][TASK] x1 y1 ... xk yk x_q -> y_q    (+ repeated random sequences [BOS][REP] s s s s)
+            |  train a GPT with gates xi_h (heads) and xi_l (FFNs), all = 1
             v
-    train GPT (gates xi_h on heads, xi_l on FFNs, all = 1)      or  --skip_train --ckpt PATH
-            |
+    accuracy per task x shot --> IS_h per (task, shot) --> aggregate --> prune 0..90% of heads
+            |                    (task / aggregate / random / reverse order)
+            +--> FFN oracle on dev prompts --> cumulative FFN pruning --> heads x FFNs grid
+            +--> Spearman + top-30% overlap across tasks and shots; cross-task transfer
+            +--> prefix matching + copying --> induction heads --> retained capacity
             v
-    full-model accuracy per task x shot (0/1/5), warn near chance
-            |
-            +--> head importance per (task, shot) on separate prompts --> aggregate per shot
-            |        |                       |
-            |        v                       v
-            |    Spearman / top-30% overlap   pruning curves: task / aggregate / random / reverse order
-            |                                 (one global ranking from the unpruned model; --rescore)
-            +--> FFN oracle on dev split --> cumulative FFN pruning --> heads x FFNs grid
-            |
-            +--> prefix-matching + copying scores --> induction heads --> retained capacity
-            |                                          and top-n induction vs n random ablation
-            v
-    physical pruning (slice W_qkv, W_O, drop FFNs) == masked model; measured vs ideal speed-up
-            |
-            v
-    results.json + PNG figures in --out_dir
+    physical pruning (slice W_qkv, W_O, drop FFNs) == the masked model; measured speed-up
 
 Run
 ---
-    python nano_prune.py                         # laptop CPU preset: ~3 min training + ~1 min analysis, one core
-    python nano_prune.py --preset gpu            # 6 layers x 8 heads, d 256 (default with CUDA); ~2.5 min on an H100
-    python nano_prune.py --skip_train --ckpt out_prune/ckpt.pt --out_dir out_prune2   # analyse only
-    torchrun --nproc_per_node 2 nano_prune.py --preset gpu                           # DDP training
-    python -m pytest -q tests/test_prune.py      # CPU, under a minute
+    python nano_prune.py                     # cpu preset: ~3 min training + ~1 min analysis
+    python nano_prune.py --preset gpu        # 6 layers x 8 heads, d 256 (default with CUDA)
+    python nano_prune.py --skip_train --ckpt out_prune/ckpt.pt --out_dir out2   # analyse only
+    python nano_prune.py --skip_train --ckpt out_prune/ckpt.pt --bench 50,70,90  # speed test
+    torchrun --standalone --nproc_per_node 2 nano_prune.py --preset gpu        # DDP training
+    python -m pytest -q tests/test_prune.py  # CPU, under a minute
+
+Reading map: Config -> ICLTasks (the tasks, Sec. 3) -> GPT with head and FFN gates (Sec. 2) ->
+head_importance (Eq. 8-10), ffn_oracle (Eq. 7) -> pruning orders, agreement -> induction heads ->
+the experiment (Study; one function per section or figure; analyse; plots; --compare) -> making
+it fast (physically_prune, --bench) -> skeleton (BadInput ... train, checkpoints, main).
 """
 from __future__ import annotations
 
@@ -95,205 +63,150 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
 
 TASKS = ("copy", "succ", "recall", "cluster")
-COPY_IMPLS = ("olsson", "official", "eigen")
+COPY_IMPLS = ("olsson", "official")
 
 
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
+def _f(default, help, choices=None):
+    """A Config field with its --help text (and allowed values): the parser is built from these."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
 @dataclass
 class Config:
-    # --- run ---
-    preset: str = "auto"  # named config: cpu (laptop, minutes) | gpu (one large GPU) | auto (gpu if CUDA else cpu)
-    device: str = "auto"  # auto | cpu | cuda | mps (auto: cuda > mps > cpu)
-    dtype: str = "auto"  # auto (bf16 on CUDA, else fp32) | float32 | bfloat16 | float16
-    compile: bool | None = None  # torch.compile the training model (default: on for CUDA, off elsewhere)
-    seed: int = 1337  # seed for init, batches and the analysis prompts
-    out_dir: str = "out_prune"  # where config.json, log.csv, results.json, ckpt.pt and the PNGs go
-    resume: bool = False  # continue training from out_dir/ckpt.pt
-    progress: bool = True  # tqdm progress bars (--no-progress for logs redirected to a file)
-    ckpt: str = ""  # checkpoint to analyse with --skip_train (default: out_dir/ckpt.pt)
-    skip_train: bool = False  # do not train; load --ckpt and only run the analysis
-    analysis: bool = True  # run the pruning / induction analysis after training
-    stop_iter: int = 0  # stop (and checkpoint) after this iteration, keeping the max_iters schedule; 0 = off
-    # --- data: synthetic in-context tasks (always) + optional natural text ---
-    dataset: str = "none"  # optional natural text in training: none | shakespeare | pycode | pycode_all | a file
-    tokenizer: str = "char"  # tokenizer of the optional natural text: char | gpt2
-    data_dir: str = ""  # where the data loader looks for source files (empty: $NANO_DATA_DIR or data/)
-    text_frac: float = 0.2  # fraction of each batch that is natural text (only with --dataset)
-    n_content: int = 32  # number of content tokens the tasks draw from (chance for copy/succ/recall = 1/n_content)
-    n_labels: int = 8  # label tokens of the cluster task (chance = 1/n_labels)
-    n_clusters: int = 4  # fixed latent clusters of content tokens in the cluster task
-    task_seed: int = 0  # seed of the fixed task definitions (the cluster partition)
-    rep_frac: float = 0.25  # fraction of each batch that is repeated random sequences (makes induction heads)
-    rep_frac_early: float = 0.8  # that fraction during the first rep_early of training (induction heads form sooner)
-    rep_early: float = 0.3  # fraction of max_iters that uses rep_frac_early (0 = off)
-    recall_max_keys: int = 8  # a training recall episode uses 1..this many distinct keys
-    # --- model ---
-    n_layer: int = 4  # transformer blocks
-    n_head: int = 4  # attention heads per block
-    n_embd: int = 64  # residual width d_model
-    block_size: int = 64  # context length T
-    dropout: float = 0.0  # dropout (training only)
-    # --- training ---
-    batch_size: int = 32  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_iters: int = 2500  # optimizer steps
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # final learning rate of the cosine schedule
-    warmup_iters: int = 100  # linear warmup steps
-    weight_decay: float = 0.1  # AdamW weight decay (matrices and embeddings only)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
-    eval_interval: int = 250  # steps between evaluations (val loss + accuracies) and checkpoints
-    eval_iters: int = 4  # validation batches per evaluation
-    # --- analysis ---
-    shots: str = "0,1,5"  # numbers of demonstrations k to evaluate and score
-    n_eval: int = 400  # evaluation prompts per (task, shot)
-    n_imp: int = 256  # importance prompts per (task, shot), drawn separately from the eval prompts
-    n_dev: int = 300  # dev prompts per (task, shot) for the FFN oracle scores
-    abs_per: str = "token"  # where |.| is taken in IS_h: token (official code) | example (paper Eq. 8)
-    imp_norm: str = "example"  # normaliser: example (mean over prompts) | official (tokens; last layer: answer tokens)
-    layer_norm_imp: bool = False  # Michel et al.'s per-layer L2 normalisation of head scores
-    agg_norm: str = "mean"  # task aggregation: mean (paper Eq. 10) | sum1 (each task's scores normalised to sum 1)
-    n_random: int = 3  # seeds of the random-order control
-    rescore: bool = False  # recompute task importance after every pruning step (Michel's exact_pruning)
-    grid_max_heads: int = 70  # largest head-pruning percentage in the heads x FFNs grid
-    topk_frac: float = 0.3  # top fraction of heads compared in the overlap analysis
-    n_prefix_seq: int = 50  # random sequences for the prefix-matching and copying scores
-    prefix_len: int = 25  # length L of the repeated segment (capped so 2 + 4L fits the context)
-    copy_impl: str = "olsson"  # copying score shown in the figures: olsson | official | eigen (all are saved)
-    ablate_n: str = "1,2,4,8"  # numbers of top prefix-matching heads (vs as many random heads) to remove
-    analysis_batch: int = 256  # prompts per forward pass in the analysis
-    speed_batch: int = 64  # batch of full-length sequences for the physical-pruning speed test
+    # --- the paper
+    shots: str = _f("0,1,5", "numbers of demonstrations k to evaluate and score")
+    n_eval: int = _f(400, "evaluation prompts per (task, shot)")
+    n_imp: int = _f(256, "importance prompts per (task, shot), disjoint from the eval prompts")
+    n_dev: int = _f(300, "dev prompts per (task, shot) for the FFN oracle, disjoint from eval")
+    abs_per: str = _f("token", "where |.| is taken in IS_h: token (official code) | example "
+                      "(paper Eq. 8)", ("token", "example"))
+    imp_norm: str = _f("example", "normaliser of IS_h: example (mean over prompts) | official "
+                       "(n*T tokens; last layer: answer tokens)", ("example", "official"))
+    layer_norm_imp: bool = _f(False, "Michel et al.'s per-layer L2 normalisation of head scores")
+    agg_norm: str = _f("mean", "task aggregate: mean (paper Eq. 10) | sum1 (each task's scores "
+                       "normalised to sum 1)", ("mean", "sum1"))
+    n_random: int = _f(3, "seeds of the random-order control")
+    grid_max_heads: int = _f(70, "largest head-pruning percentage in the heads x FFNs grid")
+    topk_frac: float = _f(0.3, "top fraction of heads compared in the overlap analysis")
+    n_prefix_seq: int = _f(50, "random sequences for the prefix-matching and copying scores")
+    prefix_len: int = _f(25, "length L of the repeated segment (capped so 2 + 4L fits)")
+    copy_impl: str = _f("olsson", "copying score shown in the figures (both are saved)",
+                        COPY_IMPLS)
+    analysis_batch: int = _f(256, "prompts per forward pass in the analysis")
+    speed_batch: int = _f(64, "full-length sequences per forward in the physical-pruning timing")
+    # --- model
+    n_layer: int = _f(4, "transformer blocks")
+    n_head: int = _f(4, "attention heads per block")
+    n_embd: int = _f(64, "residual width d_model")
+    block_size: int = _f(64, "context length T")
+    dropout: float = _f(0.0, "dropout (training only)")
+    # --- data
+    n_content: int = _f(32, "content tokens the tasks draw from (chance = 1/n_content)")
+    n_labels: int = _f(8, "label tokens of the cluster task (chance = 1/n_labels)")
+    n_clusters: int = _f(4, "fixed latent clusters of content tokens in the cluster task")
+    task_seed: int = _f(0, "seed of the fixed task definitions (the cluster partition)")
+    rep_frac: float = _f(0.25, "fraction of each batch that is repeated random sequences")
+    rep_frac_early: float = _f(0.8, "that fraction during the first rep_early of training")
+    rep_early: float = _f(0.3, "fraction of max_iters that uses rep_frac_early (0 = off)")
+    recall_max_keys: int = _f(8, "a training recall episode uses 1..this many distinct keys")
+    text_frac: float = _f(0.1, "fraction of each batch that is natural text (with --dataset)")
+    dataset: str = _f("none", "optional natural text mixed into training: none | shakespeare | "
+                      "pycode | pycode_all | a path to a UTF-8 text file")
+    tokenizer: str = _f("char", "tokenizer of the natural text", ("char", "gpt2"))
+    data_dir: str = _f("", "where the data loader looks for files (empty: $NANO_DATA_DIR, data/)")
+    # --- training
+    batch_size: int = _f(32, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    max_iters: int = _f(2500, "optimizer steps")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "final learning rate of the cosine schedule")
+    warmup_iters: int = _f(100, "linear warmup steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices and embeddings only)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm (0 = off)")
+    eval_interval: int = _f(250, "steps between evaluations (val loss, accuracies) and checkpoints")
+    eval_iters: int = _f(4, "validation batches per evaluation")
+    # --- system
+    device: str = _f("auto", "auto (cuda > mps > cpu) | cpu | cuda | mps",
+                     ("auto", "cpu", "cuda", "mps"))
+    dtype: str = _f("auto", "auto (bf16 on CUDA, else fp32) | float32 | bfloat16 | float16",
+                    ("auto", "float32", "bfloat16", "float16"))
+    compile: bool | None = _f(None, "torch.compile the training model (default: on for CUDA)")
+    seed: int = _f(1337, "seed for init, batches and the analysis prompts")
+    out_dir: str = _f("out_prune", "where config.json, log.csv, results.json, ckpt.pt, PNGs go")
+    resume: bool = _f(False, "continue training from out_dir/ckpt.pt")
+    stop_at: int = _f(0, "stop with a checkpoint after this step, keeping the schedule (0 = off)")
+    progress: bool = _f(True, "tqdm progress bars (--no-progress for logs redirected to a file)")
+    # --- modes
+    preset: str = _f("auto", "cpu (laptop, minutes) | gpu (one large GPU) | auto (gpu if CUDA)",
+                     ("auto", "cpu", "gpu"))
+    compare: str = _f("", "comma list of head-score variants to compare with the default on the "
+                      "trained model, e.g. abs_per=example,imp_norm=official,agg_norm=sum1,"
+                      "layer_norm_imp (runs instead of the analysis)")
+    bench: str = _f("", "comma list of head-prune percentages (p or p:n_ffn) for the physical-"
+                    "pruning speed test, e.g. 50,70,90 (runs instead of the analysis)")
+    analysis: bool = _f(True, "run the pruning / induction analysis after training")
+    skip_train: bool = _f(False, "do not train; load --ckpt and only analyse")
+    ckpt: str = _f("", "checkpoint to analyse with --skip_train (default: out_dir/ckpt.pt)")
 
 
 PRESETS = {
-    "cpu": {},  # the dataclass defaults: 4 layers x 4 heads, d 64, T 64, ~4 minutes of training on a laptop
+    "cpu": {},  # the defaults: 4 layers x 4 heads, d 64, T 64, ~3 minutes of training on a laptop
     "gpu": dict(n_layer=6, n_head=8, n_embd=256, block_size=128, n_content=96, batch_size=256,
-                max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500, eval_iters=8,
-                n_eval=1000, n_imp=1024, n_dev=500, n_random=5, analysis_batch=512, speed_batch=256),
+                max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=200, eval_interval=500,
+                eval_iters=8, n_eval=1000, n_imp=1024, n_dev=500, n_random=5,
+                analysis_batch=512, speed_batch=256),
 }
-CHOICES = dict(preset=("auto", "cpu", "gpu"), device=("auto", "cpu", "cuda", "mps"),
-               dtype=("auto", "float32", "bfloat16", "float16"), tokenizer=("char", "gpt2"),
-               abs_per=("token", "example"), imp_norm=("example", "official"), agg_norm=("mean", "sum1"),
-               copy_impl=COPY_IMPLS)
-# fields that define the trained model and its tasks: taken from the checkpoint with --skip_train/--resume
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "n_content", "n_labels", "n_clusters",
-                "task_seed", "dataset", "tokenizer")
+# what defines the trained model and its tasks: taken from the checkpoint with --skip_train/--resume
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "n_content", "n_labels",
+                "n_clusters", "task_seed", "dataset", "tokenizer")
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit status 2."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr and exit status 2, instead of the usage block
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """argparse generated from the dataclass: every field is a flag, --help shows the defaults."""
-    p = _OneLineParser(description="Bansal et al. 2023 in miniature: head/FFN importance, "
-                                "pruning curves and induction heads. Defaults shown are the cpu preset's.")
-    comments = _field_comments()
-    for f in dataclasses.fields(Config):
-        helptext = comments.get(f.name, "") + f" (default: {f.default})"
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=helptext)
-        else:
-            typ = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(f"--{f.name}", type=typ, default=None, choices=CHOICES.get(f.name), help=helptext)
-    return p
-
-
-def _field_comments() -> dict:
-    """The one-line comments of the Config fields, reused as --help texts."""
-    import inspect
-    out = {}
-    try:
-        src = inspect.getsource(Config)
-    except (OSError, TypeError):
-        return out
-    for line in src.splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith("#"):
-            name = line.split(":")[0].strip()
-            out[name] = line.split("#", 1)[1].strip().replace("%", "%%")
-    return out
-
-
-def parse_config(argv=None) -> tuple[Config, set]:
-    """defaults <- preset <- explicit flags. Returns the config and the names given explicitly."""
-    parser = build_parser()
-
-    args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    cfg = Config()
-    preset = given.get("preset", "auto")
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() else "cpu"
-    for k, v in PRESETS[preset].items():
-        setattr(cfg, k, v)
-    for k, v in given.items():
-        setattr(cfg, k, v)
-    cfg.preset = preset
-    return cfg, set(given)
-
-
-def parse_ints(s: str, name: str) -> list[int]:
-    try:
-        vals = [int(v) for v in s.split(",") if v.strip() != ""]
-    except ValueError:
-        raise UsageError(f"--{name} must be a comma-separated list of integers, got {s!r}")
-    if not vals or min(vals) < 0:
-        raise UsageError(f"--{name} needs at least one non-negative integer, got {s!r}")
-    return vals
-
-
-# ----------------------------------------------------------------------------------------------
-# In-context tasks (paper Sec. 3 uses 14 lm-eval tasks; we generate exactly scorable ones)
-# ----------------------------------------------------------------------------------------------
+# ---- The in-context tasks (Sec. 3 uses 14 lm-eval tasks; we generate exactly scorable ones) ----
 class ICLTasks:
     """Vocabulary and episode generators.
 
     Token ids: PAD=0, BOS=1, REP=2 (template of repeated sequences), one template token per task,
-    then n_content content tokens c0.., then n_labels label tokens L0.., then (optional) text tokens.
+    then n_content content tokens c0.., then n_labels label tokens L0.., then any text tokens.
     Episode:  [BOS][TASK] x1 y1 x2 y2 ... xk yk x_q  -> the model must predict y_q at x_q.
-      copy:    y = x                          (rule in the weights; the template token suffices)
-      succ:    y = x + 1 mod n_content        (rule in the weights)
-      recall:  per-episode random key -> value map, the query key is one of the demo keys (induction)
-      cluster: n_clusters fixed latent clusters of content tokens, per-episode random cluster -> label map;
-               the query is a *new* token whose cluster appears in the demos (latent-concept ICL)
+      copy:    y = x                    (rule in the weights; the template token suffices)
+      succ:    y = x + 1 mod n_content  (rule in the weights)
+      recall:  per-episode random key -> value map; the query key is a demo key (induction)
+      cluster: n_clusters fixed latent clusters of content tokens, a per-episode random
+               cluster -> label map; the query is a *new* token whose cluster is in the demos
     """
     PAD, BOS, REP = 0, 1, 2
 
-    def __init__(self, n_content: int, n_labels: int, n_clusters: int, task_seed: int, text_vocab: int = 0,
-                 max_keys: int = 8):
-        self.N, self.n_labels, self.n_clusters, self.max_keys = n_content, n_labels, n_clusters, max_keys
+    def __init__(self, n_content: int, n_labels: int, n_clusters: int, task_seed: int,
+                 text_vocab: int = 0, max_keys: int = 8):
+        self.N, self.n_labels, self.n_clusters = n_content, n_labels, n_clusters
+        self.max_keys = max_keys
         self.template = {t: 3 + i for i, t in enumerate(TASKS)}
         self.C0 = 3 + len(TASKS)  # first content token
         self.L0 = self.C0 + n_content  # first label token
         self.T0 = self.L0 + n_labels  # first natural-text token
         self.vocab_size = self.T0 + text_vocab
         g = torch.Generator().manual_seed(task_seed)
-        self.cluster_of = torch.randperm(n_content, generator=g) % n_clusters  # (N,) balanced partition
+        self.cluster_of = torch.randperm(n_content, generator=g) % n_clusters  # (N,) balanced
 
     def candidates(self, task: str) -> torch.Tensor:
-        """Token ids the answer is chosen from (accuracy = argmax over these, like lm-eval's multiple choice)."""
+        """Token ids the answer is chosen from (accuracy = argmax over these, like lm-eval)."""
         if task == "cluster":
             return torch.arange(self.L0, self.L0 + self.n_labels)
         return torch.arange(self.C0, self.C0 + self.N)
@@ -309,16 +222,16 @@ class ICLTasks:
         return (eq & torch.ones(k, k, dtype=torch.bool).tril(-1)).any(2)
 
     def pairs(self, task: str, B: int, npairs: int, g: torch.Generator, query: bool):
-        """Content-level pairs (x, y) of B episodes, as token ids, and a mask of answerable y's.
+        """Content pairs (x, y) of B episodes as token ids, and a mask of answerable y's.
 
-        query=False: training episodes (x_i i.i.d.; recall keys repeat so later ones are answerable).
-        query=True: npairs-1 demonstrations + one query that the demonstrations determine (if any)."""
+        query=False: training episodes (x_i i.i.d.; recall keys repeat so later ones are
+        answerable). query=True: npairs-1 demonstrations + one query they determine."""
         N, C0 = self.N, self.C0
         if task in ("copy", "succ"):
             x = torch.randint(N, (B, npairs), generator=g)
             y = x if task == "copy" else (x + 1) % N
             return x + C0, y + C0, torch.ones(B, npairs, dtype=torch.bool)
-        perm = torch.rand(B, N, generator=g).argsort(1)  # (B, N) a random order of the content tokens
+        perm = torch.rand(B, N, generator=g).argsort(1)  # (B, N) a random order of the content
         k = npairs - 1
         if task == "recall":
             value_of = torch.randint(N, (B, N), generator=g)  # per-episode key -> value map
@@ -327,20 +240,21 @@ class ICLTasks:
                 if k >= 1:  # the query key is one of the demo keys
                     keys[:, k] = perm.gather(1, torch.randint(k, (B, 1), generator=g))[:, 0]
             else:
-                m = torch.randint(1, min(self.max_keys, N) + 1, (B, 1), generator=g)  # keys per episode
+                m = torch.randint(1, min(self.max_keys, N) + 1, (B, 1), generator=g)  # keys
                 idx = (torch.rand(B, npairs, generator=g) * m).long()
                 keys = perm.gather(1, idx)
             vals = value_of.gather(1, keys)
             return keys + C0, vals + C0, self._seen_before(keys)
         if task == "cluster":
-            label_of = torch.rand(B, self.n_labels, generator=g).argsort(1)[:, :self.n_clusters]  # cluster -> label
+            label_of = torch.rand(B, self.n_labels, generator=g).argsort(1)[:, :self.n_clusters]
             x = torch.randint(N, (B, npairs), generator=g)
             if query and k >= 1:  # a new token from the cluster of a random demonstration
                 j = torch.randint(k, (B, 1), generator=g)
                 c = self.cluster_of[x[:, :k].gather(1, j)]  # (B, 1)
                 in_demo = torch.zeros(B, N, dtype=torch.bool).scatter_(1, x[:, :k], True)
-                w = ((self.cluster_of[None, :] == c) & ~in_demo).float()
-                w = torch.where(w.sum(1, keepdim=True) > 0, w, (self.cluster_of[None, :] == c).float())
+                same = (self.cluster_of[None, :] == c).float()
+                w = same * (~in_demo).float()
+                w = torch.where(w.sum(1, keepdim=True) > 0, w, same)
                 x[:, k] = torch.multinomial(w, 1, generator=g)[:, 0]
             cl = self.cluster_of[x]
             y = label_of.gather(1, cl)
@@ -348,7 +262,7 @@ class ICLTasks:
         raise ValueError(task)
 
     def prompts(self, task: str, k: int, n: int, g: torch.Generator):
-        """n evaluation prompts with k demonstrations: X (n, 3+2k) ending in x_q, Y (n,) the answer y_q."""
+        """n test prompts with k demonstrations: X (n, 3+2k) ending in x_q, Y (n,) the answer."""
         x, y, _ = self.pairs(task, n, k + 1, g, query=True)
         seq = torch.stack([x, y], 2).flatten(1)  # (n, 2k+2): x1 y1 ... xq yq
         head = torch.tensor([self.BOS, self.template[task]]).expand(n, 2)
@@ -356,13 +270,14 @@ class ICLTasks:
         return X, seq[:, -1].clone()
 
     def train_rows(self, task: str, B: int, T: int, g: torch.Generator):
-        """B training sequences filling the context: inputs (B, T), targets (B, T) with -100 off the answers."""
+        """B training sequences filling the context: inputs (B, T), targets (B, T), -100 off the
+        answers (Eq. 9: the loss is L(y|x), on the answerable y's only)."""
         npairs = (T + 1 - 2) // 2
         x, y, ok = self.pairs(task, B, npairs, g, query=False)
         seq = torch.stack([x, y], 2).flatten(1)
         seq = torch.cat([torch.tensor([self.BOS, self.template[task]]).expand(B, 2), seq], 1)
         tgt = torch.full_like(seq, -100)
-        tgt[:, 3::2] = torch.where(ok, y, torch.full_like(y, -100))  # L(y|x): loss only on answerable y's
+        tgt[:, 3::2] = torch.where(ok, y, torch.full_like(y, -100))
         pad = T + 1 - seq.shape[1]
         if pad > 0:
             seq = F.pad(seq, (0, pad), value=self.PAD)
@@ -370,7 +285,7 @@ class ICLTasks:
         return seq[:, :T], tgt[:, 1:T + 1]
 
     def repeat_rows(self, B: int, T: int, g: torch.Generator, lo: int = 5, hi: int = 30):
-        """[BOS][REP] s s s ... with s a random segment of unique tokens; loss on the repeats only."""
+        """[BOS][REP] s s s ... with s a random segment of unique tokens; loss on the repeats."""
         hi = max(lo, min(hi, self.N, (T - 1) // 2))
         Ls = torch.randint(lo, hi + 1, (B, 1), generator=g)
         perm = torch.rand(B, self.N, generator=g).argsort(1)
@@ -378,45 +293,70 @@ class ICLTasks:
         body = perm.gather(1, p % Ls) + self.C0
         seq = torch.cat([torch.tensor([self.BOS, self.REP]).expand(B, 2), body], 1)  # (B, T+1)
         tgt = seq[:, 1:].clone()
-        tgt[torch.arange(T)[None, :].expand(B, T) < 1 + Ls] = -100  # i predicts seq[i+1]; repeats start at 2+Ls
+        tgt[torch.arange(T)[None, :].expand(B, T) < 1 + Ls] = -100  # repeats start at 2+Ls
         return seq[:, :T], tgt
 
     def repeated_sequences(self, n: int, L: int, g: torch.Generator, reps: int = 4):
-        """[BOS][REP] + s x reps, s of L unique content tokens (paper Alg. 1 input, BOS + template)."""
+        """[BOS][REP] + s x reps, s of L unique content tokens (paper Alg. 1 input)."""
         perm = torch.rand(n, self.N, generator=g).argsort(1)[:, :L] + self.C0
         head = torch.tensor([self.BOS, self.REP]).expand(n, 2)
         return torch.cat([head, perm.repeat(1, reps)], 1)
 
-    def decode(self, ids, text_decode=None) -> str:
-        out = []
-        for i in (int(v) for v in ids):
-            if i < 3:
-                out.append(["<pad>", "<bos>", "<rep>"][i])
-            elif i < self.C0:
-                out.append(f"<{TASKS[i - 3]}>")
-            elif i < self.L0:
-                out.append(f"c{i - self.C0}")
-            elif i < self.T0:
-                out.append(f"L{i - self.L0}")
-            else:
-                out.append(repr(text_decode([i - self.T0])) if text_decode else f"t{i - self.T0}")
-        return " ".join(out)
+
+class Batcher:
+    """Training mixture: equal shares of the four tasks, rep_frac repeated sequences, text."""
+
+    def __init__(self, tasks: ICLTasks, cfg: Config, text_ds=None):
+        self.tasks, self.cfg, self.text_ds = tasks, cfg, text_ds
+
+    def get(self, B: int, g: torch.Generator, split: str = "train", it: int | None = None):
+        cfg, T = self.cfg, self.cfg.block_size
+        early = it is not None and it < cfg.rep_early * cfg.max_iters
+        n_rep = int(round(B * (cfg.rep_frac_early if early else cfg.rep_frac)))
+        n_text = int(round(B * cfg.text_frac)) if self.text_ds is not None else 0
+        n_task = B - n_rep - n_text
+        xs, ys = [], []
+        for i, t in enumerate(TASKS):
+            n = n_task // len(TASKS) + (1 if i < n_task % len(TASKS) else 0)
+            if n:
+                x, y = self.tasks.train_rows(t, n, T, g)
+                xs.append(x), ys.append(y)
+        if n_rep:
+            x, y = self.tasks.repeat_rows(n_rep, T, g)
+            xs.append(x), ys.append(y)
+        if n_text:
+            x, y = self.text_ds.get_batch(split, n_text, T, generator=g)
+            xs.append(x.cpu() + self.tasks.T0), ys.append(y.cpu() + self.tasks.T0)
+        return torch.cat(xs), torch.cat(ys)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: nanoGPT with a gate xi_h per head (before W_O) and a gate per FFN sublayer
-# ----------------------------------------------------------------------------------------------
+# ---- The model (Sec. 2.2-2.3): nanoGPT with a gate xi_h on every head (before W_O) and every FFN
+def gated_attention(q, k, v, gate):
+    """xi_h * A_h for every head, written out (Sec. 2.2; Michel Eq. 1), the probabilities in hand:
+        A_h = softmax(q_h k_h^T / sqrt(d_h) + causal mask) v_h,   out_h = xi_h * A_h
+    q, k, v: (B, H, T, d_h); gate: (H,) the xi_h (1 = keep, 0 = pruned; any real value works, it
+    is differentiable). -> out (B, H, T, d_h) (what W_O sees), att (B, H, T, T) (rows sum to 1)."""
+    # BEGIN EXERCISE prune_head_gate: causal softmax(q k^T / sqrt(d_h)) v, times each head's gate
+    T, hs = q.shape[-2], q.shape[-1]
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+    y = att @ v  # (B, H, T, hs) = A_h
+    return y * gate.view(1, -1, 1, 1).to(y.dtype), att
+    # END EXERCISE prune_head_gate
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head attention with per-head gates. n_head may be any number (physically pruned layers)."""
+    """Multi-head attention with per-head gates. Any n_head (physically pruned layers too)."""
 
     def __init__(self, n_embd: int, n_head: int, head_size: int, dropout: float = 0.0):
         super().__init__()
         self.n_head, self.head_size, self.dropout = n_head, head_size, dropout
-        self.c_attn = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)  # W_Q, W_K, W_V of all heads
-        self.c_proj = nn.Linear(n_head * head_size, n_embd, bias=False)  # W_O (no bias: a pruned head adds nothing)
-        self.register_buffer("head_mask", torch.ones(n_head))  # the gates xi_h (1 = keep, 0 = pruned)
-        self.explicit = False  # True: write the softmax out (exposes the attention probabilities)
-        self.keep = False  # True: stash att and the gated head outputs (with their gradient) for analysis
+        self.c_attn = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)  # W_Q, W_K, W_V
+        self.c_proj = nn.Linear(n_head * head_size, n_embd, bias=False)  # W_O, no bias
+        self.register_buffer("head_mask", torch.ones(n_head))  # the gates xi_h (1 = keep)
+        self.explicit = False  # True: write the softmax out (the probabilities in hand)
+        self.keep = False  # True: stash att and the gated head outputs (and their gradient)
         self.att = self.y = None
 
     def forward(self, x):
@@ -426,17 +366,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, H, hs).transpose(1, 2)  # (B, H, T, hs)
         k = k.view(B, T, H, hs).transpose(1, 2)
         v = v.view(B, T, H, hs).transpose(1, 2)
-        att = None
         if self.explicit:  # analysis path: the same function, with the probabilities in hand
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, H, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-            y = att @ v  # (B, H, T, hs) = A_h
-        else:  # training path: fused kernel
+            y, att = gated_attention(q, k, v, self.head_mask)
+        else:  # training path: the fused kernel, then the same gates
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        # xi_h * A_h, the gate multiplied into the head output before W_O (paper Sec. 2.2; Michel Eq. 1)
-        y = y * self.head_mask.view(1, H, 1, 1).to(y.dtype)
+            y, att = y * self.head_mask.view(1, H, 1, 1).to(y.dtype), None  # xi_h * A_h
         if self.keep:
             self.att = att.detach() if att is not None else None
             self.y = y
@@ -459,19 +394,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, head_size: int, ffn: bool = True, dropout: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, head_size: int, ffn: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, head_size, dropout) if n_head > 0 else None
+        self.attn = CausalSelfAttention(n_embd, n_head, head_size, dropout) if n_head else None
         self.ln_2 = nn.LayerNorm(n_embd) if ffn else None
         self.mlp = MLP(n_embd, dropout) if ffn else None
-        self.register_buffer("ffn_mask", torch.ones(()))  # gate of the whole FFN sublayer (LN included)
+        self.register_buffer("ffn_mask", torch.ones(()))  # gate of the FFN sublayer (LN included)
 
     def forward(self, x):
         if self.attn is not None:
             x = x + self.attn(self.ln_1(x))
         if self.mlp is not None:
-            # removing an FFN = skipping LN, W1, W2 and the residual add (paper Sec. 2.3.1, official fc_mask)
+            # removing an FFN = skipping LN, W1, W2 and the residual add (Sec. 2.3.1, fc_mask)
             x = x + self.ffn_mask.to(x.dtype) * self.mlp(self.ln_2(x))
         return x
 
@@ -485,11 +421,12 @@ class GPT(nn.Module):
         self.head_size = C // cfg.n_head
         heads = heads if heads is not None else [cfg.n_head] * L
         ffns = ffns if ffns is not None else [True] * L
-        self.vocab_size = ((vocab_size + 63) // 64) * 64  # pad the vocabulary to a multiple of 64
+        self.vocab_size = ((vocab_size + 63) // 64) * 64  # padded to a multiple of 64
         self.wte = nn.Embedding(self.vocab_size, C)
         self.wpe = nn.Embedding(cfg.block_size, C)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(C, h, self.head_size, f, cfg.dropout) for h, f in zip(heads, ffns))
+        self.blocks = nn.ModuleList(Block(C, h, self.head_size, f, cfg.dropout)
+                                    for h, f in zip(heads, ffns))
         self.ln_f = nn.LayerNorm(C)
         self.lm_head = nn.Linear(C, self.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
@@ -519,7 +456,6 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # --- analysis switches ---
     def set_analysis(self, explicit: bool, keep: bool = False):
         for blk in self.blocks:
             if blk.attn is not None:
@@ -531,122 +467,18 @@ class GPT(nn.Module):
         """head_mask: (L, H) of gates (None = all 1); ffn_mask: (L,) (None = all 1)."""
         for l, blk in enumerate(self.blocks):
             if blk.attn is not None:
-                hm = torch.ones(blk.attn.n_head) if head_mask is None else torch.as_tensor(head_mask[l])
+                hm = torch.ones(blk.attn.n_head) if head_mask is None else \
+                    torch.as_tensor(head_mask[l])
                 blk.attn.head_mask = hm.to(blk.attn.head_mask.device, torch.float32).clone()
             fm = 1.0 if ffn_mask is None else float(ffn_mask[l])
             blk.ffn_mask = torch.tensor(fm, device=blk.ffn_mask.device)
 
 
-def physically_prune(model: GPT, cfg: Config, head_mask, ffn_mask) -> GPT:
-    """Slice the pruned heads (rows of W_Q/W_K/W_V, columns of W_O) and the pruned FFNs out of the weights.
-
-    Returns a genuinely smaller GPT computing the same function as `model` with these gates (the
-    pruned heads of a layer with no heads left drop the whole attention sublayer; pruned FFNs drop
-    LN_2, W1 and W2). head_mask: (L, H) of 0/1, ffn_mask: (L,) of 0/1."""
-    hm = torch.as_tensor(head_mask).bool().cpu()
-    fm = torch.as_tensor(ffn_mask).bool().cpu()
-    heads = [int(hm[l].sum()) for l in range(cfg.n_layer)]
-    small = GPT(cfg, model.wte.num_embeddings, heads=heads, ffns=[bool(f) for f in fm])
-    small.to(next(model.parameters()).device, next(model.parameters()).dtype)
-    sd = model.state_dict()
-    with torch.no_grad():
-        small.wte.weight.copy_(sd["wte.weight"])
-        small.wpe.weight.copy_(sd["wpe.weight"])
-        small.ln_f.load_state_dict(model.ln_f.state_dict())
-        H, hs, C = cfg.n_head, model.head_size, cfg.n_embd
-        for l, (big, sb) in enumerate(zip(model.blocks, small.blocks)):
-            keep = hm[l].nonzero().flatten()
-            if sb.attn is not None:
-                sb.ln_1.load_state_dict(big.ln_1.state_dict())
-                rows = torch.cat([(keep * hs)[:, None] + torch.arange(hs)[None, :]]).flatten()  # one head's slice
-                W = big.attn.c_attn.weight  # (3*H*hs, C) = [W_Q; W_K; W_V]
-                sb.attn.c_attn.weight.copy_(torch.cat([W[i * H * hs:(i + 1) * H * hs][rows] for i in range(3)]))
-                sb.attn.c_proj.weight.copy_(big.attn.c_proj.weight[:, rows])  # (C, H*hs) -> (C, h*hs)
-                sb.attn.head_mask.copy_(big.attn.head_mask[keep])
-            if sb.mlp is not None:
-                sb.ln_2.load_state_dict(big.ln_2.state_dict())
-                sb.mlp.load_state_dict(big.mlp.state_dict())
-                sb.ffn_mask.copy_(big.ffn_mask)
-    return small
-
-
-def forward_flops_per_token(heads: list[int], ffns: list[bool], C: int, hs: int, T: int, V: int) -> float:
-    """Matmul FLOPs per token of a forward pass (2 per multiply-add), for the ideal speed-up."""
-    f = 2 * C * V  # lm_head
-    for h, keep in zip(heads, ffns):
-        f += 2 * C * 3 * h * hs + 2 * h * hs * C + 2 * 2 * h * hs * T  # qkv, W_O, QK^T and AV
-        f += 2 * 2 * C * 4 * C if keep else 0
-    return float(f)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("A10", 125e12),
-              ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
-
-
-def peak_flops(device_type: str) -> float | None:
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    for key, val in PEAK_FLOPS:
-        if key in name:
-            return val
-    return None
-
-
-def get_lr(it: int, cfg: Config) -> float:
-    """Linear warmup, then cosine decay to min_lr."""
-    if it < cfg.warmup_iters:
-        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.max_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
-
-
-class Batcher:
-    """Training mixture: equal shares of the four tasks, rep_frac repeated sequences, text_frac text."""
-
-    def __init__(self, tasks: ICLTasks, cfg: Config, text_ds=None):
-        self.tasks, self.cfg, self.text_ds = tasks, cfg, text_ds
-
-    def get(self, B: int, g: torch.Generator, split: str = "train", it: int | None = None):
-        cfg, T = self.cfg, self.cfg.block_size
-        early = it is not None and it < cfg.rep_early * cfg.max_iters
-        n_rep = int(round(B * (cfg.rep_frac_early if early else cfg.rep_frac)))
-        n_text = int(round(B * cfg.text_frac)) if self.text_ds is not None else 0
-        n_task = B - n_rep - n_text
-        xs, ys = [], []
-        for i, t in enumerate(TASKS):
-            n = n_task // len(TASKS) + (1 if i < n_task % len(TASKS) else 0)
-            if n:
-                x, y = self.tasks.train_rows(t, n, T, g)
-                xs.append(x), ys.append(y)
-        if n_rep:
-            x, y = self.tasks.repeat_rows(n_rep, T, g)
-            xs.append(x), ys.append(y)
-        if n_text:
-            x, y = self.text_ds.get_batch(split, n_text, T, generator=g)
-            xs.append(x.cpu() + self.tasks.T0), ys.append(y.cpu() + self.tasks.T0)
-        return torch.cat(xs), torch.cat(ys)
-
-
-def configure_optimizer(model: nn.Module, cfg: Config, device_type: str):
-    """AdamW; weight decay only on matrices and embeddings (>= 2-D), not on norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
-
-
 @torch.no_grad()
-def accuracy(model: GPT, X: torch.Tensor, Y: torch.Tensor, cand: torch.Tensor, device, batch: int,
-             ctx=contextlib.nullcontext()) -> float:
-    """Fraction of prompts whose answer is the argmax of the next-token logits over the candidates."""
+def accuracy(model: GPT, X: torch.Tensor, Y: torch.Tensor, cand: torch.Tensor, device,
+             batch: int, ctx=contextlib.nullcontext()) -> float:
+    """Fraction of prompts whose answer is the argmax of the next-token logits over the
+    candidates (lm-eval's multiple-choice accuracy)."""
     was = model.training
     model.eval()
     correct = 0
@@ -661,183 +493,24 @@ def accuracy(model: GPT, X: torch.Tensor, Y: torch.Tensor, cand: torch.Tensor, d
     return correct / len(X)
 
 
-def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int, gen: torch.Generator,
-                    extra: dict | None = None):
-    obj = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
-           "config": dataclasses.asdict(cfg), "step": step, "gen_state": gen.get_state(),
-           "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    obj.update(extra or {})
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a broken checkpoint
-
-
-def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: str, ptdtype, out_dir: str,
-          ddp: dict, text_ds=None) -> dict:
-    """nanoGPT-style loop: AdamW, warmup + cosine, clipping, accumulation, autocast, compile, DDP."""
-    master = ddp["rank"] == 0
-    device_type = "cuda" if "cuda" in device else ("mps" if "mps" in device else "cpu")
-    ctx = (torch.autocast(device_type=device_type, dtype=ptdtype)
-           if ptdtype != torch.float32 else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler("cuda", enabled=(ptdtype == torch.float16))
-    optimizer = configure_optimizer(model, cfg, device_type)
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * ddp["rank"])  # batch generator (its state is checkpointed)
-    step, t_elapsed0 = 0, 0.0
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log_path = os.path.join(out_dir, "log.csv")
-    if cfg.resume:
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        step = ck["step"]
-        gen.set_state(ck["gen_state"])
-        torch.set_rng_state(ck["torch_rng"])
-        np.random.set_state(ck["numpy_rng"])
-        if ck.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["cuda_rng"])
-        t_elapsed0 = ck.get("elapsed_s", 0.0)
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp["world"] > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[ddp["local_rank"]] if device_type == "cuda" else None)
-
-    # small fixed evaluation sets for the periodic accuracy columns of log.csv
-    shots = parse_ints(cfg.shots, "shots")
-    geval = torch.Generator().manual_seed(cfg.seed + 7)
-    quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in shots}
-    cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss", "tokens_per_s", "mfu"] + \
-           [f"acc_{t}_{k}" for t in TASKS for k in shots]
-    if master and not (cfg.resume and os.path.exists(log_path)):
-        with open(log_path, "w") as f:
-            f.write(",".join(cols) + "\n")
-
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp["world"]
-    fpt = 6 * raw_model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM/nanoGPT estimate
-    peak = peak_flops(device_type)
-
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        gv = torch.Generator().manual_seed(cfg.seed + 99)  # same validation batches every time
-        losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = batcher.get(cfg.batch_size, gv, split="val")
-            with ctx:
-                _, loss = raw_model(x.to(device), y.to(device))
-            losses.append(loss.item())
-        accs = {f"acc_{t}_{k}": accuracy(raw_model, X, Y, tasks.candidates(t), device, 256, ctx)
-                for (t, k), (X, Y) in quick.items()}
-        model.train()
-        return float(np.mean(losses)), accs
-
-    end = cfg.max_iters if cfg.stop_iter <= 0 else min(cfg.max_iters, cfg.stop_iter)
-    model.train()
-    t0 = time.time()
-    last_loss, tok_s, mfu = float("nan"), 0.0, None
-    val_loss, accs = float("nan"), {}
-    bar = _progress(range(step, end), initial=step, total=end, disable=not (master and cfg.progress), dynamic_ncols=True,
-                    desc="train")
-    t_last, step_last = time.time(), step
-    for it in bar:
-        lr = get_lr(it, cfg)
-        for grp in optimizer.param_groups:
-            grp["lr"] = lr
-        loss_acc = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = batcher.get(cfg.batch_size, gen, it=it)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = (ddp["world"] == 1 or micro == cfg.grad_accum - 1)
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with ctx:
-                    _, loss = model(x, y)
-                    loss = loss / cfg.grad_accum
-                scaler.scale(loss).backward()
-            loss_acc += loss.detach()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step = it + 1
-        if step % 10 == 0 or step == end or step % cfg.eval_interval == 0:
-            last_loss = float(loss_acc)  # a host sync, so only every 10 steps
-            now = time.time()
-            tok_s = tokens_per_iter * (step - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, step
-            mfu = fpt * tok_s / peak if peak else None
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}",
-                            mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a")
-        if master and (step % cfg.eval_interval == 0 or step == end):
-            val_loss, accs = evaluate()
-            row = dict(step=step, tokens=step * tokens_per_iter, elapsed_s=t_elapsed0 + time.time() - t0, lr=lr,
-                       train_loss=last_loss, val_loss=val_loss, tokens_per_s=tok_s,
-                       mfu=mfu if mfu is not None else "n/a", **accs)
-            with open(log_path, "a") as f:
-                f.write(",".join(_fmt(row[c]) for c in cols) + "\n")
-            _write(f"step {step}: train {last_loss:.4f} val {val_loss:.4f} | " +
-                   " ".join(f"{t[:4]}{k}={accs[f'acc_{t}_{k}']:.2f}" for t in TASKS for k in shots))
-            save_checkpoint(ckpt_path, raw_model, optimizer, cfg, step, gen,
-                            {"elapsed_s": t_elapsed0 + time.time() - t0})
-            t_last = time.time()  # tokens/s counts training time only
-    bar.close()
-    elapsed = t_elapsed0 + time.time() - t0
-    if master and not math.isfinite(val_loss):
-        val_loss, accs = evaluate()
-    return {"train_loss": last_loss, "val_loss": val_loss,
-            "val_ppl": math.exp(val_loss) if math.isfinite(val_loss) else float("nan"),
-            "tokens_per_s": tok_s, "params": raw_model.num_params(), "elapsed_s": elapsed,
-            "mfu": mfu, "steps": step}
-
-
-def _progress(iterable, **kw):
-    """tqdm if installed, else a silent stand-in (the loop still prints its evaluations)."""
-    try:
-        from tqdm import tqdm
-        return tqdm(iterable, **kw)
-    except ImportError:
-        class _Bar(list):
-            def set_postfix(self, **_):
-                pass
-
-            def close(self):
-                pass
-        return _Bar(iterable)
-
-
-def _write(msg: str):
-    try:
-        from tqdm import tqdm
-        tqdm.write(msg)
-    except ImportError:
-        print(msg, flush=True)
-
-
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-# ----------------------------------------------------------------------------------------------
-# Head importance (paper Sec. 2.3.2, Eq. 8-10; official lm_eval/base.py::calculate_importance)
-# ----------------------------------------------------------------------------------------------
+# ---- Head importance (Sec. 2.3.2, Eq. 8-10; official calculate_importance), FFN oracle (Eq. 7)
 def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch: int,
                     abs_per: str = "token", imp_norm: str = "example") -> np.ndarray:
-    """IS_h for every head, (L, H). X: (n, T) prompts ending at the query, Y: (n,) gold answers.
+    """IS_h of every head, (L, H). X: (n, T) prompts ending at the query, Y: (n,) gold answers.
 
-    Loss on the answer token only, summed over the batch so each prompt keeps its own gradient.
-    Per token t, <A_h[t], dL/dA_h[t]> is token t's share of dL/dxi_h; |.| is taken per token
-    (official code) or after summing over tokens (paper Eq. 8)."""
+    The loss is on the answer token only, summed over the batch so that each prompt keeps its own
+    gradient. Per token t, <A_h[t], dL/dA_h[t]> is token t's share of dL/dxi_h; |.| is taken per
+    token (official code) or after summing over the tokens (paper Eq. 8)."""
     was = model.training
     model.eval()
     model.set_analysis(explicit=True, keep=True)
     L, H = len(model.blocks), model.n_head
     imp = torch.zeros(L, H, dtype=torch.float64)
     n = len(X)
+    # per batch: model(xb) -> logits (b, 1, V) at the query; after backward, every block's
+    # attn.y (b, H, T, d_h) holds xi_h A_h (gates at 1: A_h) and attn.y.grad holds dL/dA_h;
+    # imp[l] (H,) collects the sum over prompts (the normalisers come after the loop)
+    # BEGIN EXERCISE prune_head_importance: summed answer loss, backward, imp[l] += |<A_h, dL/dA_h>|
     for i in range(0, n, batch):
         xb, yb = X[i:i + batch].to(device), Y[i:i + batch].to(device)
         logits, _ = model(xb)  # (b, 1, V) at the query position
@@ -847,18 +520,18 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
         loss.backward()
         for l, blk in enumerate(model.blocks):
             y = blk.attn.y
-            # per-token contribution to dL/dxi_h: <A_h[t], dL/dA_h[t]>   (b, H, T)
-            dot = (y.detach().double() * y.grad.double()).sum(-1)
+            dot = (y.detach().double() * y.grad.double()).sum(-1)  # (b, H, T) <A_t, g_t>
             if abs_per == "token":  # official: sum_t |<A_t, g_t>|
                 s = dot.abs().sum((0, 2))
-            else:  # paper Eq. 8: |sum_t <A_t, g_t>| = |dL/dxi_h| per example
+            else:  # Eq. 8: |sum_t <A_t, g_t>| = |dL/dxi_h| per example
                 s = dot.sum(2).abs().sum(0)
             imp[l] += s.double().cpu()
+    # END EXERCISE prune_head_importance
     model.zero_grad(set_to_none=True)
     model.set_analysis(explicit=False, keep=False)
     model.train(was)
-    if imp_norm == "official":  # all but the last layer: / non-pad tokens minus 1 per prompt; last: / answer tokens
-        imp[:-1] /= n * (X.shape[1] - 1)
+    if imp_norm == "official":  # every layer but the last: / all n*T tokens (the answer token
+        imp[:-1] /= n * X.shape[1]  # counted too, as the official code does); last: / answers
         imp[-1] /= n
     else:  # one normaliser for all layers: the mean over prompts
         imp /= n
@@ -866,86 +539,93 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
 
 
 def layer_l2_normalise(imp: np.ndarray) -> np.ndarray:
-    """Michel et al.'s optional per-layer normalisation: each layer's row divided by its L2 norm."""
+    """Michel et al.'s optional per-layer normalisation: each layer's row over its L2 norm."""
     return imp / (np.linalg.norm(imp, axis=1, keepdims=True) + 1e-20)
 
 
 def aggregate(imps: list[np.ndarray], how: str) -> np.ndarray:
-    """Task aggregate (paper Eq. 10): plain mean over tasks, or mean of sum-normalised matrices."""
+    """Task aggregate (Eq. 10): the plain mean over tasks, or the mean of sum-1 matrices."""
     if how == "sum1":
         imps = [m / max(m.sum(), 1e-30) for m in imps]
     return np.mean(imps, 0)
 
 
+def ffn_oracle(acc_with, L: int) -> np.ndarray:
+    """Eq. 7: IS_FFN_l = acc(model) - acc(model without FFN l), (L,). acc_with(ffn_mask) -> acc."""
+    base = acc_with(None)
+    return np.array([base - acc_with(np.eye(L)[l] * -1 + 1) for l in range(L)])
+
+
+# ---- Pruning (Sec. 5): one global ranking, least important first; and agreement (Sec. 6.1) -------
 def order_heads(imp: np.ndarray) -> np.ndarray:
     """Global ranking over all L*H heads, least important first (official: argsort ascending)."""
     return np.argsort(imp.ravel(), kind="stable")
 
 
-def mask_from_order(order: np.ndarray, n_prune: int, L: int, H: int) -> np.ndarray:
-    m = np.ones(L * H)
-    m[order[:n_prune]] = 0.0
-    return m.reshape(L, H)
-
-
-def rankdata(a) -> np.ndarray:
-    """Ranks 0..n-1 with ties given their average rank."""
-    a = np.asarray(a, dtype=np.float64).ravel()
-    order = np.argsort(a, kind="mergesort")
-    sa = a[order]
-    ranks = np.empty(len(a))
-    i = 0
-    while i < len(a):
-        j = i
-        while j + 1 < len(a) and sa[j + 1] == sa[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j)
-        i = j + 1
-    return ranks
+def prune_mask(order, n: int, shape) -> np.ndarray:
+    """Gates of the given shape, 1 = keep, with the first n components of `order` set to 0."""
+    m = np.ones(int(np.prod(shape)))
+    m[np.asarray(order, dtype=int)[:n]] = 0.0
+    return m.reshape(shape)
 
 
 def spearman(a, b) -> float:
-    """Spearman rank correlation = Pearson correlation of the (average-tied) ranks."""
+    """Spearman rank correlation (Sec. 6.1, Fig. 8, Table 1) of two score arrays of the same size
+    (flattened, e.g. two (L, H) importance maps) = the Pearson correlation of their ranks:
+        rho = sum_i (ra_i - mean ra)(rb_i - mean rb) / sqrt(sum_i (ra_i - mean ra)^2 sum_i (...)^2)
+    Ranks 0..n-1, ties given their average rank ([5, 1, 5] -> [1.5, 0, 1.5]). nan where one side
+    is constant (no ranking to compare). -> a float in [-1, 1]."""
+    # BEGIN EXERCISE prune_spearman: average-tied ranks of a and b, then the Pearson correlation
+    def rankdata(v) -> np.ndarray:
+        _, inv, count = np.unique(np.asarray(v, dtype=np.float64).ravel(), return_inverse=True,
+                                  return_counts=True)
+        first = np.cumsum(count) - count  # rank of the first of each group of equal values
+        return (first + 0.5 * (count - 1))[inv]
     ra, rb = rankdata(a), rankdata(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
+    # END EXERCISE prune_spearman
 
 
 def topk_overlap(a, b, frac: float) -> float:
-    """|top-frac(a) and top-frac(b)| / |top-frac|, the paper's 'top-30% heads overlap'."""
+    """|top-frac(a) & top-frac(b)| / |top-frac|, the paper's 'top-30% heads overlap'."""
     k = max(1, int(round(frac * np.size(a))))
     ta = set(np.argsort(-np.asarray(a).ravel(), kind="stable")[:k])
     tb = set(np.argsort(-np.asarray(b).ravel(), kind="stable")[:k])
     return len(ta & tb) / k
 
 
-# ----------------------------------------------------------------------------------------------
-# Induction heads (paper Sec. 6.3 and App. A.4, Alg. 1-2; Olsson et al. 2022)
-# ----------------------------------------------------------------------------------------------
+# ---- Induction heads (Sec. 6.3 and App. A.4, Alg. 1-2; Olsson et al. 2022) -----------------------
 def induction_targets(ids: torch.Tensor) -> torch.Tensor:
-    """(n, T) -> (n, T, T) bool P[j, i]: key i follows an earlier occurrence (i-1 < j) of token ids[j]."""
+    """Where an induction head at query j should look (Alg. 1): the keys right AFTER the earlier
+    occurrences of the current token.  ids: (n, T) -> P: (n, T_query, T_key) bool,
+        P[j, i] = True  iff  ids[i - 1] == ids[j]  and  i - 1 < j   (i >= 1)
+    e.g. ids = [BOS, REP, a, b, a, b]: P[4] (query a) is True at key 3 (the b after the first a);
+    P[5] (query b) at key 4; rows 0..3 are all False (their tokens have not occurred before)."""
+    # BEGIN EXERCISE prune_prefix_matching: mark key i where ids[i-1] equals ids[j] and i-1 < j
     n, T = ids.shape
-    same = ids[:, :, None] == ids[:, None, :]  # (n, T_query, T_key-1): ids[j] == ids[m]
+    same = ids[:, :, None] == ids[:, None, :]  # (n, T_query, T_key): ids[j] == ids[m]
     P = torch.zeros(n, T, T, dtype=torch.bool)
     P[:, :, 1:] = same[:, :, :-1]  # key i = m + 1
     j = torch.arange(T)
-    P &= (j[None, :] - 1 < j[:, None])[None]  # the earlier occurrence m = i-1 must be before the query j
+    P &= (j[None, :] - 1 < j[:, None])[None]  # the earlier occurrence m = i-1 is before j
     return P
+    # END EXERCISE prune_prefix_matching
 
 
-def prefix_matching_score(att: torch.Tensor, ids: torch.Tensor, first_query: int) -> torch.Tensor:
-    """Paper Alg. 1: att (n, H, T, T), ids (n, T). For every query j >= first_query (repeats 2..4),
-    sum the attention to the tokens right AFTER earlier occurrences of ids[j]; mean over j and n -> (H,)."""
+def prefix_matching_score(att: torch.Tensor, ids: torch.Tensor, first_query: int):
+    """Alg. 1: att (n, H, T, T), ids (n, T). For every query j >= first_query (repeats 2..4), the
+    attention to the tokens right AFTER earlier occurrences of ids[j]; mean over j, n -> (H,)."""
     P = induction_targets(ids.cpu()).to(att.dtype)  # (n, T, T)
     s = (att.cpu() * P[:, None]).sum(-1)  # (n, H, T)
     return s[:, :, first_query:].mean((0, 2))
 
 
 def copy_ratio(logits_s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Olsson-style copying ratio. logits_s: (..., S) logit effects on the sample's S tokens, target:
-    (...) index in 0..S-1 of the attended token, or -1. r = ReLU(l - mean l); ratio = r[target] / sum r
-    (0 where the target is -1 or nothing is raised)."""
+    """Olsson-style copying ratio. logits_s: (..., S) logit effects on the sample's S tokens;
+    target: (...) index 0..S-1 of the attended token, or -1. r = ReLU(l - mean l);
+    ratio = r[target] / sum r (0 where the target is -1 or nothing is raised)."""
     r = F.relu(logits_s - logits_s.mean(-1, keepdim=True))
     tot = r.sum(-1)
     hit = r.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -955,9 +635,9 @@ def copy_ratio(logits_s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def copying_score_olsson(model: GPT, ids: torch.Tensor, start: int, device) -> np.ndarray:
-    """Olsson et al.: run the real model on non-repeated random tokens; take each head's
-    attention-weighted output, push it along the direct path through W_O^h and the unembedding,
-    and ask how much it raises the token it attends to most, among the sample's tokens. -> (L, H)."""
+    """Olsson et al.: run the model on non-repeated random tokens; push each head's attention-
+    weighted output along the direct path through W_O^h and the unembedding; how much does it
+    raise the token it attends to most, among the sample's tokens? -> (L, H)."""
     model.eval()
     model.set_analysis(explicit=True, keep=True)
     model(ids.to(device))
@@ -969,9 +649,9 @@ def copying_score_olsson(model: GPT, ids: torch.Tensor, start: int, device) -> n
         a = blk.attn
         H, hs = a.n_head, a.head_size
         Wo = a.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
-        contrib = torch.einsum("nhtd,hcd->nhtc", a.y.float(), Wo)  # (n, H, T, C) head output in the residual
-        logits_s = torch.einsum("nhtc,nsc->nhts", contrib, E_s)  # (n, H, T, S) direct-path logit effects
-        tgt = a.att.argmax(-1) - start  # (n, H, T) attended position -> index in the sample (or < 0)
+        contrib = torch.einsum("nhtd,hcd->nhtc", a.y.float(), Wo)  # (n, H, T, C) in the residual
+        logits_s = torch.einsum("nhtc,nsc->nhts", contrib, E_s)  # (n, H, T, S) logit effects
+        tgt = a.att.argmax(-1) - start  # (n, H, T) attended position -> index in the sample
         tgt = torch.where(tgt >= 0, tgt, torch.full_like(tgt, -1))
         out.append(copy_ratio(logits_s[:, :, start:], tgt[:, :, start:]).mean((0, 2)).cpu())
     model.set_analysis(explicit=False, keep=False)
@@ -980,10 +660,10 @@ def copying_score_olsson(model: GPT, ids: torch.Tensor, start: int, device) -> n
 
 @torch.no_grad()
 def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
-    """The official prefix_matching_copying.py --copying_score, re-created: every layer sees the
-    embedding-level input LN_1(tok_emb + pos_emb) (never updated across layers); head output at j is
-    W_O^h v_j (not attention-weighted), then lm_head (no final LN) and a softmax over the vocabulary;
-    r = ReLU(p - mean p) over the visible tokens ids[0..j]; score_j = r[argmax_i A[j, i]] / sum r."""
+    """The official --copying_score (Alg. 2), re-created: every layer sees the embedding-level
+    input LN_1(tok_emb + pos_emb); the head output at j is W_O^h v_j (not attention-weighted),
+    then lm_head (no final LN) and a softmax over the vocabulary; r = ReLU(p - mean p) over the
+    visible tokens ids[0..j]; score_j = r[argmax_i A[j, i]] / sum r. -> (L, H)."""
     model.eval()
     ids = ids.to(device)
     n, T = ids.shape
@@ -994,14 +674,14 @@ def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
     for blk in model.blocks:
         a = blk.attn
         H, hs = a.n_head, a.head_size
-        x = blk.ln_1(h0)
-        q, k, v = a.c_attn(x).split(H * hs, dim=2)
+        q, k, v = a.c_attn(blk.ln_1(h0)).split(H * hs, dim=2)
         q, k, v = (t.view(n, T, H, hs).transpose(1, 2).float() for t in (q, k, v))
-        att = ((q @ k.transpose(-2, -1)) / math.sqrt(hs)).masked_fill(~causal, float("-inf")).softmax(-1)
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(hs)).masked_fill(~causal, float("-inf"))
+        att = att.softmax(-1)
         Wo = a.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
         o = torch.einsum("nhtd,hcd->nhtc", v, Wo)  # (n, H, T, C): W_O^h v_j
         probs = (o @ W_U.T).softmax(-1)  # (n, H, T, V)
-        p_vis = probs.gather(-1, ids[:, None, None, :].expand(n, H, T, T))  # (n, H, T_j, T_i): p_j(ids[i])
+        p_vis = probs.gather(-1, ids[:, None, None, :].expand(n, H, T, T))  # p_j(ids[i])
         p_vis = p_vis.masked_fill(~causal, float("nan"))
         mean = torch.nanmean(p_vis, -1, keepdim=True)
         r = F.relu(torch.nan_to_num(p_vis - mean, nan=0.0))
@@ -1010,26 +690,6 @@ def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
         score = torch.where(tot > 0, hit / tot.clamp(min=1e-30), torch.zeros_like(tot))
         out.append(score[:, :, 1:].mean((0, 2)).cpu())  # query positions 1..T-1 (after BOS)
     return torch.stack(out).numpy()
-
-
-@torch.no_grad()
-def copying_score_eigen(model: GPT, tasks: ICLTasks) -> np.ndarray:
-    """Elhage et al. 2021 style: eigenvalues lambda of the OV circuit W_U W_O^h W_V^h W_E over content
-    tokens; score = sum(lambda) / sum(|lambda|) (1 = pure copying, -1 = anti-copying). -> (L, H)."""
-    E = model.wte.weight.float()[tasks.C0:tasks.C0 + tasks.N]  # (N, C)
-    out = []
-    for blk in model.blocks:
-        a = blk.attn
-        H, hs = a.n_head, a.head_size
-        Wv = a.c_attn.weight.float()[2 * H * hs:].view(H, hs, -1)  # (H, hs, C)
-        Wo = a.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
-        row = []
-        for h in range(H):
-            M = E @ Wv[h].T @ Wo[h].T @ E.T  # (N, N): token -> its direct-path logit effects (tied W_U = W_E)
-            ev = torch.linalg.eigvals(M.double().cpu())
-            row.append(float(ev.real.sum() / ev.abs().sum().clamp(min=1e-30)))
-        out.append(row)
-    return np.array(out)
 
 
 @torch.no_grad()
@@ -1044,758 +704,1052 @@ def attention_maps(model: GPT, ids: torch.Tensor, device) -> torch.Tensor:
 
 
 def retained_capacity(score: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Paper Fig. 11: after pruning the first i heads of `order`, sum(score[rest]) / sum(score), i = 0..LH."""
+    """Fig. 11: after pruning the first i heads of `order`, sum(score[rest]) / sum(score)."""
     s = np.clip(score.ravel()[order], 0, None)
     tot = s.sum()
     tail = np.concatenate([np.cumsum(s[::-1])[::-1], [0.0]])
     return tail / tot if tot > 0 else tail
 
 
-# ----------------------------------------------------------------------------------------------
-# The analysis: importance, pruning curves, agreement, induction heads, physical pruning
-# ----------------------------------------------------------------------------------------------
-def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx, out_dir: str) -> dict:
-    t_start = time.time()
-    model.eval()
-    L, H = cfg.n_layer, cfg.n_head
-    LH = L * H
-    shots = parse_ints(cfg.shots, "shots")
-    B = cfg.analysis_batch
-    res: dict = {"tasks": list(TASKS), "shots": shots, "layers": L, "heads": H}
+# ---- The experiment: one function per paper section or figure; analyse() runs them in order ------
+def parse_ints(s: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip() != ""]
+    except ValueError:
+        raise BadInput(f"--{name} must be a comma-separated list of integers, got {s!r}")
+    if not vals or min(vals) < 0:
+        raise BadInput(f"--{name} needs at least one non-negative integer, got {s!r}")
+    return vals
 
-    # --- prompt sets: evaluation, importance (separate draws, exact duplicates of eval prompts removed), dev
-    sets = {}
-    overlap_removed = {}
+
+def fresh_prompts(tasks: ICLTasks, t: str, k: int, n: int, g, seen: set, top_up: bool):
+    """n prompts drawn from g, none of them in `seen` (eval prompts as bytes), topped up from
+    further draws if top_up. Where the prompt space is too small (under n/4 unseen, e.g. 0-shot
+    prompts), the plain draw. -> X, Y, fraction of the first draw that was in `seen`."""
+    Xs, Ys, overlap = [], [], None
+    for _ in range(9 if top_up else 1):
+        X, Y = tasks.prompts(t, k, n, g)
+        keep = torch.tensor([r.tobytes() not in seen for r in X.numpy()])
+        if overlap is None and keep.sum() < n // 4:
+            return X, Y, 1.0 - float(keep.float().mean())
+        overlap = 1.0 - float(keep.float().mean()) if overlap is None else overlap
+        Xs.append(X[keep]), Ys.append(Y[keep])
+        if sum(len(x) for x in Xs) >= n:
+            break
+    return torch.cat(Xs)[:n], torch.cat(Ys)[:n], overlap
+
+
+def prompt_sets(tasks: ICLTasks, cfg: Config, shots: list[int]):
+    """Per (task, shot): eval prompts, importance prompts and FFN dev prompts, the latter two
+    disjoint from eval where the prompt space allows. -> sets, {cell: overlap where it does not}."""
+    sets, shared = {}, {}
     for ti, t in enumerate(TASKS):
         for k in shots:
-            g = lambda s: torch.Generator().manual_seed(cfg.seed * 7919 + 1000 * ti + 10 * k + s)
+            def g(s):
+                return torch.Generator().manual_seed(cfg.seed * 7919 + 1000 * ti + 10 * k + s)
             Xe, Ye = tasks.prompts(t, k, cfg.n_eval, g(1))
-            Xi, Yi = tasks.prompts(t, k, cfg.n_imp, g(2))
-            Xd, Yd = tasks.prompts(t, k, cfg.n_dev, g(3))
             seen = {r.tobytes() for r in Xe.numpy()}
-            keep = torch.tensor([r.tobytes() not in seen for r in Xi.numpy()])
-            if keep.sum() >= len(Xi) // 4:  # disjoint when the prompt space allows it (not e.g. 0-shot copy)
-                overlap_removed[f"{t}/{k}"] = int((~keep).sum())
-                Xi, Yi = Xi[keep], Yi[keep]
-            else:
-                overlap_removed[f"{t}/{k}"] = f"not removed: only {int(keep.sum())} of {len(Xi)} unseen"
+            Xi, Yi, _ = fresh_prompts(tasks, t, k, cfg.n_imp, g(2), seen, top_up=False)
+            Xd, Yd, over = fresh_prompts(tasks, t, k, cfg.n_dev, g(3), seen, top_up=True)
+            if not {r.tobytes() for r in Xd.numpy()}.isdisjoint(seen):
+                shared[f"{t}/{k}"] = round(over, 3)
             sets[t, k] = dict(eval=(Xe, Ye), imp=(Xi, Yi), dev=(Xd, Yd))
-    res["imp_prompts_duplicates_removed"] = overlap_removed
+    if shared:
+        print("note: too few distinct prompts to keep the FFN dev prompts apart from the eval "
+              "prompts; overlap: " + ", ".join(f"{c} {100 * v:.0f}%" for c, v in shared.items()))
+    return sets, shared
 
-    def acc(t, k, hm=None, fm=None, split="eval", m=model):
-        m.set_masks(hm, fm)
-        X, Y = sets[t, k][split]
-        a = accuracy(m, X, Y, tasks.candidates(t), device, B, ctx)
-        m.set_masks(None, None)
+
+class Study:
+    """What every section needs: the model, its tasks, the prompt sets, one random generator."""
+
+    def __init__(self, model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx):
+        self.model, self.tasks, self.cfg, self.device, self.ctx = model, tasks, cfg, device, ctx
+        self.L, self.H = cfg.n_layer, cfg.n_head
+        self.shots = parse_ints(cfg.shots, "shots")
+        self.sets, shared = prompt_sets(tasks, cfg, self.shots)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.res = {"tasks": list(TASKS), "shots": self.shots, "layers": self.L,
+                    "heads": self.H, "ffn_dev_prompts_overlapping_eval": shared}
+
+    def acc(self, t, k, hm=None, fm=None, split="eval"):
+        self.model.set_masks(hm, fm)
+        X, Y = self.sets[t, k][split]
+        a = accuracy(self.model, X, Y, self.tasks.candidates(t), self.device,
+                     self.cfg.analysis_batch, self.ctx)
+        self.model.set_masks(None, None)
         return a
 
-    # --- 1. full-model accuracy, warn near chance
-    full = {t: {k: acc(t, k) for k in shots} for t in TASKS}
-    res["accuracy_full"] = full
-    res["chance"] = {t: tasks.chance(t) for t in TASKS}
-    near = []
-    print("\nfull-model accuracy (n=%d per cell, +- binomial s.e.)" % cfg.n_eval)
-    print("  task     " + "".join(f"{k:>4d}-shot     " for k in shots) + "chance")
+    def pruned(self, t, k, order, p, fm=None):
+        """Accuracy with the first p% of the heads of `order` pruned (official: p * n // 100)."""
+        return self.acc(t, k, prune_mask(order, p * self.L * self.H // 100, (self.L, self.H)), fm)
+
+    def score(self, t, k, hm=None, abs_per=None, layer_norm=None):
+        c = self.cfg
+        self.model.set_masks(hm, None)
+        X, Y = self.sets[t, k]["imp"]
+        s = head_importance(self.model, X, Y, self.device, c.analysis_batch,
+                            abs_per or c.abs_per, c.imp_norm)
+        self.model.set_masks(None, None)
+        ln = c.layer_norm_imp if layer_norm is None else layer_norm
+        return layer_l2_normalise(s) if ln else s
+
+
+def sec_full_accuracy(st: Study):
+    """Sec. 3: full-model accuracy per task and shot (+- binomial s.e.), printed first, with
+    warnings where it is near chance or where few-shot accuracy is below 0.9."""
+    n = st.cfg.n_eval
+    full = {t: {k: st.acc(t, k) for k in st.shots} for t in TASKS}
+    chance = {t: st.tasks.chance(t) for t in TASKS}
+    print(f"\nfull-model accuracy (n={n} per cell, +- binomial s.e.)")
+    print("  task     " + "".join(f"{k:>4d}-shot     " for k in st.shots) + "chance")
     for t in TASKS:
-        cells = []
-        for k in shots:
-            a = full[t][k]
-            se = math.sqrt(max(a * (1 - a), 1e-12) / cfg.n_eval)
-            cells.append(f"{a:6.3f}+-{se:.3f}  ")
-            c = tasks.chance(t)
-            if a <= c + max(0.05, 3 * math.sqrt(c * (1 - c) / cfg.n_eval)):
-                near.append(f"{t}/{k}")
-        print(f"  {t:8s} " + "".join(cells) + f"{tasks.chance(t):.3f}")
-    res["near_chance"] = near
-    if near:
-        print("WARNING: near chance (their importance maps and correlations are noise; "
-              "0-shot recall/cluster are at chance by design): " + ", ".join(near))
-    low = [f"{t}/{k}" for t in TASKS for k in shots if k > 0 and full[t][k] < 0.9]
-    if low:
-        print("WARNING: few-shot accuracy below 0.9 for " + ", ".join(low) +
-              " -- train longer (--max_iters) before trusting the pruning curves")
-    res["few_shot_below_0.9"] = low
+        print(f"  {t:8s} " + "".join(f"{a:6.3f}+-{math.sqrt(max(a * (1 - a), 1e-12) / n):.3f}  "
+                                     for a in full[t].values()) + f"{chance[t]:.3f}")
+    near = [f"{t}/{k}" for t in TASKS for k in st.shots
+            if full[t][k] <= chance[t] + max(0.05, 3 * math.sqrt(chance[t] * (1 - chance[t]) / n))]
+    low = [f"{t}/{k}" for t in TASKS for k in st.shots if k > 0 and full[t][k] < 0.9]
+    for cells, what in ((near, "near chance (maps and correlations there are noise; 0-shot "
+                         "recall/cluster are at chance by design)"),
+                        (low, "few-shot accuracy below 0.9 (train longer: --max_iters)")):
+        if cells:
+            print(f"WARNING: {what}: " + ", ".join(cells))
+    st.res.update(accuracy_full=full, chance=chance, near_chance=near,
+                  **{"few_shot_below_0.9": low})
 
-    # --- 2. head importance per (task, shot) and the aggregate per shot
-    def score(t, k, hm=None):
-        model.set_masks(hm, None)
-        X, Y = sets[t, k]["imp"]
-        s = head_importance(model, X, Y, device, B, cfg.abs_per, cfg.imp_norm)
-        model.set_masks(None, None)
-        return layer_l2_normalise(s) if cfg.layer_norm_imp else s
 
-    imp = {k: {t: score(t, k) for t in TASKS} for k in shots}
-    agg = {k: aggregate([imp[k][t] for t in TASKS], cfg.agg_norm) for k in shots}
-    # the other |.| placement, to report how much the choice matters (paper Eq. 8 vs official code)
-    other = "example" if cfg.abs_per == "token" else "token"
-    abs_agree = {f"{t}/{k}": spearman(imp[k][t], head_importance(model, *sets[t, k]["imp"], device, B, other,
-                                                                   cfg.imp_norm)) for t in TASKS for k in shots}
-    res["head_importance"] = {str(k): {t: imp[k][t].tolist() for t in TASKS} for k in shots}
-    res["head_importance_aggregate"] = {str(k): agg[k].tolist() for k in shots}
-    res["spearman_token_vs_example_abs"] = abs_agree
-    res["importance_mass_per_layer"] = {str(k): (agg[k].sum(1) / max(agg[k].sum(), 1e-30)).tolist() for k in shots}
-    print(f"head importance done ({time.time() - t_start:.0f}s); Spearman of per-token vs per-example |.|: "
-          f"median {np.nanmedian(list(abs_agree.values())):.2f}")
+def fig3_head_importance(st: Study):
+    """Fig. 3 (Sec. 4): IS_h per (task, shot) (Eq. 8), the aggregate per shot (Eq. 10), and how
+    much the choice of where |.| is taken (Eq. 8 vs the official code) changes the ranking."""
+    st.imp = {k: {t: st.score(t, k) for t in TASKS} for k in st.shots}
+    st.agg = {k: aggregate([st.imp[k][t] for t in TASKS], st.cfg.agg_norm) for k in st.shots}
+    other = "example" if st.cfg.abs_per == "token" else "token"
+    agree = {f"{t}/{k}": spearman(st.imp[k][t], st.score(t, k, abs_per=other, layer_norm=False))
+             for t in TASKS for k in st.shots}
+    st.res.update(
+        head_importance={str(k): {t: v.tolist() for t, v in st.imp[k].items()} for k in st.shots},
+        head_importance_aggregate={str(k): st.agg[k].tolist() for k in st.shots},
+        spearman_token_vs_example_abs=agree,
+        importance_mass_per_layer={str(k): (a.sum(1) / max(a.sum(), 1e-30)).tolist()
+                                   for k, a in st.agg.items()})
+    print(f"head importance done; Spearman of per-token vs per-example |.|: median "
+          f"{np.nanmedian(list(agree.values())):.2f}")
 
-    # --- 3. FFN oracle importance on the dev split (paper Eq. 7)
-    ffn = {k: {} for k in shots}
-    for t in TASKS:
-        for k in shots:
-            base = acc(t, k, split="dev")
-            ffn[k][t] = np.array([base - acc(t, k, fm=np.eye(L)[l] * -1 + 1, split="dev") for l in range(L)])
-    ffn_agg = {k: np.mean([ffn[k][t] for t in TASKS], 0) for k in shots}
-    res["ffn_oracle"] = {str(k): {t: ffn[k][t].tolist() for t in TASKS} for k in shots}
 
-    # --- 4. head pruning curves: one global ranking from the unpruned model
-    pcts = list(range(0, 100, 10))
-    n_of = lambda p: int(p * LH // 100)  # official: p * n_heads // 100
-    rng = np.random.default_rng(cfg.seed)
-    rand_orders = [rng.permutation(LH) for _ in range(cfg.n_random)]
-    curves = {}
-    work = [(t, k) for t in TASKS for k in shots]
-    for t, k in _progress(work, desc="pruning curves", dynamic_ncols=True, disable=not cfg.progress):
-        o_task, o_agg = order_heads(imp[k][t]), order_heads(agg[k])
-        c = {"task": [], "aggregate": [], "reverse": [], "random": [[] for _ in rand_orders]}
-        for p in pcts:
-            c["task"].append(acc(t, k, mask_from_order(o_task, n_of(p), L, H)))
-            c["aggregate"].append(acc(t, k, mask_from_order(o_agg, n_of(p), L, H)))
-            c["reverse"].append(acc(t, k, mask_from_order(o_task[::-1], n_of(p), L, H)))
-            for r, o in enumerate(rand_orders):
-                c["random"][r].append(acc(t, k, mask_from_order(o, n_of(p), L, H)))
-        if cfg.rescore:  # recompute the task's importance on the pruned model before each step
-            pruned, c["task_rescored"] = [], []
-            for p in pcts:
-                need = n_of(p) - len(pruned)
-                if need > 0:
-                    hm = mask_from_order(np.array(pruned, dtype=int), len(pruned), L, H)
-                    s = score(t, k, hm).ravel()
-                    s[pruned] = np.inf
-                    pruned += list(np.argsort(s, kind="stable")[:need])
-                hm = mask_from_order(np.array(pruned, dtype=int), len(pruned), L, H)
-                c["task_rescored"].append(acc(t, k, hm))
+def fig4_ffn_importance(st: Study):
+    """Fig. 4 (Sec. 4): FFN oracle scores (Eq. 7) on the dev prompts per (task, shot); task mean."""
+    st.ffn = {k: {t: ffn_oracle(lambda fm, t=t, k=k: st.acc(t, k, fm=fm, split="dev"), st.L)
+                  for t in TASKS} for k in st.shots}
+    st.ffn_agg = {k: np.mean([st.ffn[k][t] for t in TASKS], 0) for k in st.shots}
+    st.res["ffn_oracle"] = {str(k): {t: v.tolist() for t, v in st.ffn[k].items()}
+                            for k in st.shots}
+
+
+def fig5_head_pruning(st: Study):
+    """Fig. 5 (Sec. 5.1): accuracy vs % heads pruned, one global ranking from the unpruned
+    model, in task, aggregate, random (n_random seeds) and reverse order."""
+    pcts, curves = list(range(0, 100, 10)), {}
+    rand_orders = [st.rng.permutation(st.L * st.H) for _ in range(st.cfg.n_random)]
+    work = [(t, k) for t in TASKS for k in st.shots]
+    for t, k in tqdm(work, desc="pruning curves", dynamic_ncols=True, disable=not st.cfg.progress):
+        o_task = order_heads(st.imp[k][t])
+        orders = {"task": o_task, "aggregate": order_heads(st.agg[k]), "reverse": o_task[::-1]}
+        c = {name: [st.pruned(t, k, o, p) for p in pcts] for name, o in orders.items()}
+        c["random"] = [[st.pruned(t, k, o, p) for p in pcts] for o in rand_orders]
         c["random_mean"] = np.mean(c["random"], 0).tolist()
         c["random_std"] = np.std(c["random"], 0).tolist()
         curves[f"{t}/{k}"] = c
-    res["head_pruning"] = {"percent": pcts, "curves": curves}
+    st.res["head_pruning"] = {"percent": pcts, "curves": curves}
 
-    # --- 4b. cross-task transfer (paper Sec. 6.1.2): prune task A with task B's ranking, or the aggregate's
-    tp = [10, 30, 50, 70, 90]
-    transfer = {}
-    for k in shots:
+
+def sec6_cross_task_transfer(st: Study):
+    """Sec. 6.1.2: prune task A with task B's ranking, or with the aggregate ranking."""
+    tp, out = [10, 30, 50, 70, 90], {}
+    for k in st.shots:
+        orders = {s: order_heads(st.imp[k][s]) for s in TASKS}
+        orders["aggregate"] = order_heads(st.agg[k])
         for t in TASKS:
-            transfer[f"{t}/{k}"] = {src: [acc(t, k, mask_from_order(order_heads(agg[k] if src == "aggregate"
-                                                                              else imp[k][src]), n_of(p), L, H))
-                                          for p in tp] for src in TASKS + ("aggregate",)}
-    res["transfer_pruning"] = {"percent": tp, "acc": transfer}
+            out[f"{t}/{k}"] = {s: [st.pruned(t, k, o, p) for p in tp] for s, o in orders.items()}
+    st.res["transfer_pruning"] = {"percent": tp, "acc": out}
 
-    # --- 5. FFN pruning, cumulative in oracle order (most negative score first), and a random control
-    ffn_curves = {}
+
+def fig6_ffn_pruning(st: Study):
+    """Fig. 6 (Sec. 5.2): accuracy vs FFNs pruned cumulatively in oracle order, and random order."""
+    L, out = st.L, {}
     for t in TASKS:
-        for k in shots:
-            o = np.argsort(ffn[k][t], kind="stable")
-            oracle = [acc(t, k, fm=_ffn_mask(o, n, L)) for n in range(L + 1)]
-            rnd = [[acc(t, k, fm=_ffn_mask(rng.permutation(L), n, L)) for n in range(L + 1)]
-                   for _ in range(cfg.n_random)]
-            ffn_curves[f"{t}/{k}"] = {"oracle": oracle, "random_mean": np.mean(rnd, 0).tolist(),
-                                      "random_std": np.std(rnd, 0).tolist()}
-    res["ffn_pruning"] = {"n_pruned": list(range(L + 1)), "curves": ffn_curves,
-                          "note": f"{L} FFNs: one step = {100 / L:.0f}% of the FFNs"}
+        for k in st.shots:
+            o = np.argsort(st.ffn[k][t], kind="stable")
+            oracle = [st.acc(t, k, fm=prune_mask(o, n, L)) for n in range(L + 1)]
+            rnd = [[st.acc(t, k, fm=prune_mask(st.rng.permutation(L), n, L))
+                    for n in range(L + 1)] for _ in range(st.cfg.n_random)]
+            out[f"{t}/{k}"] = {"oracle": oracle, "random_mean": np.mean(rnd, 0).tolist(),
+                               "random_std": np.std(rnd, 0).tolist()}
+    st.res["ffn_pruning"] = {"n_pruned": list(range(L + 1)), "curves": out,
+                             "note": f"{L} FFNs: one step = {100 / L:.0f}% of the FFNs"}
 
-    # --- 6. combined heads x FFNs grid, shot-specific task-aggregate orders (paper Fig. 7 caption)
-    gp = list(range(0, cfg.grid_max_heads + 1, 10))
-    grid = {}
-    for k in shots:
-        oh, of = order_heads(agg[k]), np.argsort(ffn_agg[k], kind="stable")
-        g = np.zeros((len(TASKS), len(gp), L + 1))
-        for a_, p in enumerate(gp):
-            for nf in range(L + 1):
-                hm, fm = mask_from_order(oh, n_of(p), L, H), _ffn_mask(of, nf, L)
-                for ti, t in enumerate(TASKS):
-                    g[ti, a_, nf] = acc(t, k, hm, fm)
-        grid[str(k)] = {"per_task": g.tolist(), "mean": g.mean(0).tolist()}
-    res["combined_grid"] = {"head_percent": gp, "ffn_pruned": list(range(L + 1)), "grids": grid}
-    print(f"pruning curves and grid done ({time.time() - t_start:.0f}s)")
 
-    # --- 7. agreement: cross-task and cross-shot Spearman, top-30% overlap
-    names = list(TASKS) + ["aggregate"]
-    mats = {}
-    for k in shots:
-        vecs = [imp[k][t] for t in TASKS] + [agg[k]]
-        mats[str(k)] = {"spearman": [[spearman(a, b) for b in vecs] for a in vecs],
-                        "top_overlap": [[topk_overlap(a, b, cfg.topk_frac) for b in vecs] for a in vecs]}
-    cross_shot = {}
-    for t in TASKS + ("aggregate",):
-        get = (lambda k: agg[k]) if t == "aggregate" else (lambda k, t=t: imp[k][t])
-        cross_shot[t] = {f"{a}-{b}": spearman(get(a), get(b)) for i, a in enumerate(shots) for b in shots[i + 1:]}
-    res["agreement"] = {"names": names, "per_shot": mats, "cross_shot_spearman": cross_shot,
-                        "topk_frac": cfg.topk_frac}
+def fig7_combined_pruning(st: Study):
+    """Fig. 7 (Sec. 5.3): heads x FFNs grid, shot-specific task-aggregate orders (its caption)."""
+    L, gp, grids = st.L, list(range(0, st.cfg.grid_max_heads + 1, 10)), {}
+    for k in st.shots:
+        oh, of = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
+        g = np.array([[[st.pruned(t, k, oh, p, prune_mask(of, nf, L)) for nf in range(L + 1)]
+                       for p in gp] for t in TASKS])  # (tasks, heads %, FFNs pruned)
+        grids[str(k)] = {"per_task": g.tolist(), "mean": g.mean(0).tolist()}
+    st.res["combined_grid"] = {"head_percent": gp, "ffn_pruned": list(range(L + 1)),
+                               "grids": grids}
 
-    # --- 8. induction heads: prefix matching (Alg. 1) and copying (Alg. 2 / Olsson / OV eigenvalues)
-    T = cfg.block_size
-    Lp = min(cfg.prefix_len, (T - 2) // 4, tasks.N)
+
+def fig8_agreement(st: Study):
+    """Fig. 8 (Sec. 6.1): cross-task Spearman and top-30% overlap; cross-shot Spearman (Table 1)."""
+    mats, cross, names = {}, {}, list(TASKS) + ["aggregate"]
+    for k in st.shots:
+        v = [st.imp[k][t] for t in TASKS] + [st.agg[k]]
+        mats[str(k)] = {"spearman": [[spearman(a, b) for b in v] for a in v],
+                        "top_overlap": [[topk_overlap(a, b, st.cfg.topk_frac) for b in v]
+                                        for a in v]}
+    for t in names:
+        get = (lambda k: st.agg[k]) if t == "aggregate" else (lambda k, t=t: st.imp[k][t])
+        cross[t] = {f"{a}-{b}": spearman(get(a), get(b))
+                    for i, a in enumerate(st.shots) for b in st.shots[i + 1:]}
+    st.res["agreement"] = {"names": names, "per_shot": mats, "cross_shot_spearman": cross,
+                           "topk_frac": st.cfg.topk_frac}
+
+
+def fig10_induction_heads(st: Study):
+    """Fig. 10 (Sec. 6.3): prefix matching (Alg. 1, with the score of uniform attention as a
+    floor, and a previous-token score) and copying (Olsson-style, and Alg. 2 as the official code
+    computes it); heads in the top 10% of both are induction heads."""
+    cfg, tasks, L, H = st.cfg, st.tasks, st.L, st.H
+    Lp = min(cfg.prefix_len, (cfg.block_size - 2) // 4, tasks.N)
     gi = torch.Generator().manual_seed(cfg.seed + 4242)
     rep = tasks.repeated_sequences(cfg.n_prefix_seq, Lp, gi)  # (n, 2 + 4Lp)
-    att = attention_maps(model, rep, device)  # (n, L, H, T, T)
-    prefix = torch.stack([prefix_matching_score(att[:, l], rep, 2 + Lp) for l in range(L)]).numpy()
-    T_rep = rep.shape[1]
-    uniform = torch.ones(T_rep, T_rep).tril()
-    uniform = (uniform / uniform.sum(-1, keepdim=True))[None, None].expand(len(rep), 1, T_rep, T_rep)
-    prefix_floor = float(prefix_matching_score(uniform, rep, 2 + Lp)[0])  # uniform attention's score
-    # previous-token score: attention from j to j-1 (the other half of the induction circuit)
-    prev_tok = att[:, :, :, torch.arange(2, T_rep), torch.arange(1, T_rep - 1)].mean((0, 3)).numpy()
-    Lc = min(25, tasks.N, T - 2)
+    att = attention_maps(st.model, rep, st.device)  # (n, L, H, T, T)
+    prefix = torch.stack([prefix_matching_score(att[:, l], rep, 2 + Lp) for l in range(L)])
+    prefix, T = prefix.numpy(), rep.shape[1]
+    uni = torch.ones(T, T).tril()
+    uni = (uni / uni.sum(-1, keepdim=True))[None, None].expand(len(rep), 1, T, T)
+    floor = float(prefix_matching_score(uni, rep, 2 + Lp)[0])  # uniform attention's score
+    prev = att[:, :, :, torch.arange(2, T), torch.arange(1, T - 1)].mean((0, 3)).numpy()  # j->j-1
+    Lc = min(25, tasks.N, cfg.block_size - 2)
     uniq = torch.rand(cfg.n_prefix_seq, tasks.N, generator=gi).argsort(1)[:, :Lc] + tasks.C0
     uniq = torch.cat([torch.tensor([tasks.BOS, tasks.REP]).expand(len(uniq), 2), uniq], 1)
-    copying = {"olsson": copying_score_olsson(model, uniq, 2, device),
-               "official": copying_score_official(model, uniq, device),
-               "eigen": copying_score_eigen(model, tasks)}
-    cp = copying[cfg.copy_impl]
-    thr_p, thr_c = np.quantile(prefix, 0.9), np.quantile(cp, 0.9)
-    ind = [(int(l), int(h)) for l in range(L) for h in range(H) if prefix[l, h] >= thr_p and cp[l, h] >= thr_c]
-    res["induction"] = {"prefix_matching": prefix.tolist(), "prefix_floor_uniform_attention": prefix_floor,
-                        "previous_token": prev_tok.tolist(), "prefix_len": Lp,
-                        "copying": {k_: v.tolist() for k_, v in copying.items()}, "copy_impl_shown": cfg.copy_impl,
-                        "induction_heads_top10pct_both": ind,
-                        "spearman_copying_variants": {f"{a}-{b}": spearman(copying[a], copying[b])
-                                                      for i, a in enumerate(COPY_IMPLS) for b in COPY_IMPLS[i + 1:]}}
-    top_prefix = np.argsort(-prefix.ravel(), kind="stable")
+    copying = {"olsson": copying_score_olsson(st.model, uniq, 2, st.device),
+               "official": copying_score_official(st.model, uniq, st.device)}
+    st.prefix, st.copy = prefix, copying[cfg.copy_impl]
+    tp, tc = np.quantile(prefix, 0.9), np.quantile(st.copy, 0.9)
+    ind = [(l, h) for l in range(L) for h in range(H)
+           if prefix[l, h] >= tp and st.copy[l, h] >= tc]
+    st.res["induction"] = {
+        "prefix_matching": prefix.tolist(), "prefix_floor_uniform_attention": floor,
+        "previous_token": prev.tolist(), "prefix_len": Lp,
+        "copying": {c: v.tolist() for c, v in copying.items()}, "copy_impl_shown": cfg.copy_impl,
+        "induction_heads_top10pct_both": ind,
+        "spearman_copying_variants": {"olsson-official": spearman(*copying.values())}}
+    top = np.argsort(-prefix.ravel(), kind="stable")[:5]
     print("top prefix-matching heads: " + ", ".join(f"L{i // H}H{i % H}={prefix.ravel()[i]:.2f}"
-                                                    for i in top_prefix[:5]) + f" (uniform floor {prefix_floor:.3f})")
+                                                    for i in top) + f" (uniform floor {floor:.3f})")
 
-    # --- 9. retained induction capacity under importance-ordered pruning (paper Fig. 11)
+
+def fig11_retained_capacity(st: Study):
+    """Fig. 11 (Sec. 6.3): prefix-matching and copying capacity left after pruning in aggregate
+    order."""
+    floor = st.res["induction"]["prefix_floor_uniform_attention"]
     cap = {}
-    for k in shots:
-        o = order_heads(agg[k])
-        cap[str(k)] = {"prefix": retained_capacity(prefix, o).tolist(),
-                       "prefix_minus_floor": retained_capacity(prefix - prefix_floor, o).tolist(),
-                       "copying": retained_capacity(cp, o).tolist()}
-    res["capacity"] = {"n_pruned": list(range(LH + 1)), "curves": cap}
-
-    # --- 10. extension (not in the paper): remove the top-n prefix-matching heads vs n random heads
-    abl = {}
-    n_rand = max(cfg.n_random, 5)
-    n_ind = int((prefix >= 0.5).sum())  # every head with prefix-matching score >= 0.5
-    for n in sorted({v for v in parse_ints(cfg.ablate_n, "ablate_n") + [n_ind] if 0 < v < LH}):
-        hm_top = mask_from_order(top_prefix, n, L, H)
-        row = {}
-        for t in TASKS:
-            for k in shots:
-                rs = [acc(t, k, mask_from_order(rng.permutation(LH), n, L, H)) for _ in range(n_rand)]
-                row[f"{t}/{k}"] = {"full": full[t][k], "top_induction": acc(t, k, hm_top),
-                                   "random_mean": float(np.mean(rs)), "random_std": float(np.std(rs))}
-        abl[str(n)] = {"heads": [f"L{i // H}H{i % H}" for i in top_prefix[:n]], "acc": row,
-                       "all_prefix_ge_0.5": n == n_ind}
-    res["induction_ablation"] = abl
-
-    # --- 11. physical pruning: the sliced model equals the masked one; measured vs ideal speed-up
-    res["physical_pruning"] = physical_pruning_benchmark(model, cfg, agg[shots[-1]],
-                                                         np.argsort(ffn_agg[shots[-1]], kind="stable"), device, ctx)
-    res["analysis_elapsed_s"] = time.time() - t_start
-    return res
+    for k in st.shots:
+        o = order_heads(st.agg[k])
+        cap[str(k)] = {"prefix": retained_capacity(st.prefix, o).tolist(),
+                       "prefix_minus_floor": retained_capacity(st.prefix - floor, o).tolist(),
+                       "copying": retained_capacity(st.copy, o).tolist()}
+    st.res["capacity"] = {"n_pruned": list(range(st.L * st.H + 1)), "curves": cap}
 
 
-def _ffn_mask(order, n: int, L: int) -> np.ndarray:
-    m = np.ones(L)
-    m[np.asarray(order)[:n]] = 0.0
-    return m
-
-
-def physical_pruning_benchmark(model: GPT, cfg: Config, head_imp: np.ndarray, ffn_order, device: str, ctx) -> list:
-    """For a few (heads %, FFNs) settings: max |logit difference| between the masked and the physically
-    pruned model, and the measured forward-pass speed-up next to the ideal FLOP ratio."""
-    L, H = cfg.n_layer, cfg.n_head
-    T = cfg.block_size
-    g = torch.Generator().manual_seed(cfg.seed + 5)
-    x = torch.randint(model.vocab_size, (cfg.speed_batch, T), generator=g).to(device)
-    hs, C, V = model.head_size, cfg.n_embd, model.vocab_size
-    full_flops = forward_flops_per_token([H] * L, [True] * L, C, hs, T, V)
-    settings = [(50, 0), (70, 0), (70, max(1, L // 3)), (90, L // 2)]
-    out = []
+def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
+    """The whole study on the trained model, in the paper's order. -> the results dict."""
+    t0 = time.time()
     model.eval()
-
-    def timeit(m):
-        with torch.no_grad(), ctx:
-            for _ in range(3):
-                m(x)
-            if "cuda" in device:
-                torch.cuda.synchronize()
-            times = []
-            for _ in range(10 if "cuda" in device else 3):
-                t0 = time.perf_counter()
-                m(x)
-                if "cuda" in device:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
-    t_full = timeit(model)
-    for p, nf in settings:
-        hm = mask_from_order(order_heads(head_imp), int(p * L * H // 100), L, H)
-        fm = _ffn_mask(ffn_order, nf, L)
-        small = physically_prune(model, cfg, hm, fm)
-        model.set_masks(hm, fm)
-        with torch.no_grad():
-            diff = float((model(x[:8])[0].float() - small(x[:8])[0].float()).abs().max())
-        t_masked = timeit(model)
-        model.set_masks(None, None)
-        t_small = timeit(small)
-        fl = forward_flops_per_token([int(v) for v in hm.sum(1)], [bool(v) for v in fm], C, hs, T, V)
-        out.append({"heads_pruned_pct": p, "ffns_pruned": nf, "params_full": model.num_params(),
-                    "params_pruned": small.num_params(), "max_abs_logit_diff": diff,
-                    "time_full_s": t_full, "time_masked_s": t_masked, "time_pruned_s": t_small,
-                    "speedup_measured": t_full / t_small, "speedup_ideal_flops": full_flops / fl})
-        print(f"physical pruning {p}% heads + {nf} FFNs: params {model.num_params():,} -> {small.num_params():,}, "
-              f"max|dlogit| {diff:.1e}, speed-up measured {t_full / t_small:.2f}x vs ideal {full_flops / fl:.2f}x")
-    return out
+    st = Study(model, tasks, cfg, device, ctx)
+    for section in (sec_full_accuracy, fig3_head_importance, fig4_ffn_importance,
+                    fig5_head_pruning, sec6_cross_task_transfer, fig6_ffn_pruning,
+                    fig7_combined_pruning, fig8_agreement, fig10_induction_heads,
+                    fig11_retained_capacity):
+        section(st)
+    k, L = st.shots[-1], cfg.n_layer
+    st.res["physical_pruning"] = bench_physical_pruning(
+        model, cfg, st.agg[k], np.argsort(st.ffn_agg[k], kind="stable"), device, ctx,
+        [(50, 0), (70, 0), (70, max(1, L // 3)), (90, L // 2)])
+    st.res["analysis_elapsed_s"] = time.time() - t0
+    print(f"analysis done in {time.time() - t0:.0f}s")
+    return st.res
 
 
-# ----------------------------------------------------------------------------------------------
-# Plots (matplotlib imported lazily)
-# ----------------------------------------------------------------------------------------------
-def _plt():
+def _figure(out_dir: str, name: str, rows: list[list], draw, w: float, h: float) -> str:
+    """A figure of panels, one per item of `rows` (a list of rows); draw(ax, item) fills one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
+    plt.rcParams.update({"axes.titlesize": 9, "legend.fontsize": 7})
+    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(w * len(rows[0]), h * len(rows)),
+                             squeeze=False, constrained_layout=True)
+    for ax, item in zip(axes.flat, [item for row in rows for item in row]):
+        draw(ax, item)
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
-def plot_all(res: dict, out_dir: str, log_path: str | None = None) -> list[str]:
-    plt = _plt()
-    shots, L, H = res["shots"], res["layers"], res["heads"]
-    paths = []
+def _heatmap(ax, m, xt, yt, title, vmin=0, vmax=1, cmap="RdYlGn", fs=7, **kw):
+    """An annotated matrix (the value in every cell) with its colour bar."""
+    m = np.asarray(m)
+    im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto", **kw)
+    for a, b in np.ndindex(*m.shape):
+        ax.text(b, a, f"{m[a, b]:.2f}", ha="center", va="center", fontsize=fs)
+    ax.set_xticks(range(len(xt)), xt, fontsize=7, rotation=60 if len(xt) > 4 else 0)
+    ax.set_yticks(range(len(yt)), yt, fontsize=7)
+    ax.set_title(title)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046)
 
-    def save(fig, name):
-        p = os.path.join(out_dir, name)
-        fig.savefig(p, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
 
-    # 1. importance heat maps (log10) next to prefix matching and copying (paper Figs. 3, 10)
-    ind = res["induction"]
-    n = len(shots) + 2
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), constrained_layout=True)
-    for ax, k in zip(axes, shots):
-        m = np.array(res["head_importance_aggregate"][str(k)])
-        im = ax.imshow(np.log10(m + 1e-12), aspect="auto", cmap="viridis")
-        ax.set_title(f"log10 aggregate IS_h, {k}-shot", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    for ax, (name, m) in zip(axes[len(shots):], [("prefix matching", ind["prefix_matching"]),
-                                                  (f"copying ({ind['copy_impl_shown']})",
-                                                   ind["copying"][ind["copy_impl_shown"]])]):
-        im = ax.imshow(np.array(m), aspect="auto", cmap="magma")
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    for ax in axes:
-        ax.set_xlabel("head"), ax.set_ylabel("layer")
-        ax.set_xticks(range(H)), ax.set_yticks(range(L))
-    save(fig, "importance.png")
+def plot_fig3_fig10_maps(res, out_dir):
+    """log10 aggregate IS_h per shot next to prefix matching and copying (Figs. 3 and 10)."""
+    ind, shown = res["induction"], res["induction"]["copy_impl_shown"]
+    maps = [(f"log10 aggregate IS_h, {k}-shot", "viridis",
+             np.log10(np.array(res["head_importance_aggregate"][str(k)]) + 1e-12))
+            for k in res["shots"]]
+    maps += [("prefix matching", "magma", ind["prefix_matching"]),
+             (f"copying ({shown})", "magma", ind["copying"][shown])]
 
-    # 2. accuracy vs % heads pruned per task and shot, with controls (paper Fig. 5 + controls)
-    hp = res["head_pruning"]
-    pc = hp["percent"]
-    cols = list(TASKS) + ["mean"]
-    fig, axes = plt.subplots(len(shots), len(cols), figsize=(3 * len(cols), 2.5 * len(shots)), squeeze=False,
-                             constrained_layout=True)
-    for i, k in enumerate(shots):
-        for j, t in enumerate(cols):
-            ax = axes[i, j]
-            cs = [hp["curves"][f"{u}/{k}"] for u in TASKS] if t == "mean" else [hp["curves"][f"{t}/{k}"]]
-            mean = lambda key: np.mean([c[key] for c in cs], 0)
-            ax.plot(pc, mean("task"), "o-", label="task importance", ms=3)
-            ax.plot(pc, mean("aggregate"), "s-", label="aggregate importance", ms=3)
-            if "task_rescored" in cs[0]:
-                ax.plot(pc, mean("task_rescored"), "^--", label="task, rescored", ms=3)
-            rm, rs = mean("random_mean"), mean("random_std")
-            ax.plot(pc, rm, "-", color="gray", label="random (mean +- sd)")
-            ax.fill_between(pc, rm - rs, rm + rs, color="gray", alpha=0.25)
-            ax.plot(pc, mean("reverse"), "x:", color="red", label="reverse", ms=3)
-            if t != "mean":
-                ax.axhline(res["chance"][t], color="k", lw=0.6, ls="--")
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_title(f"{t}, {k}-shot", fontsize=9)
-            if i == len(shots) - 1:
-                ax.set_xlabel("% heads pruned")
-            if j == 0:
-                ax.set_ylabel("accuracy")
-    axes[0, 0].legend(fontsize=7)
-    save(fig, "head_pruning.png")
+    def draw(ax, item):
+        title, cmap, m = item
+        ax.figure.colorbar(ax.imshow(m, aspect="auto", cmap=cmap), ax=ax, fraction=0.046)
+        ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(res["heads"]),
+               yticks=range(res["layers"]))
+    return _figure(out_dir, "importance.png", [maps], draw, 3.2, 2.8)
 
-    # 3. FFN oracle scores per layer (paper Fig. 4) and cumulative FFN pruning (paper Fig. 6)
-    fig, axes = plt.subplots(2, len(shots), figsize=(4 * len(shots), 6), squeeze=False, constrained_layout=True)
-    w = 0.8 / len(TASKS)
-    for i, k in enumerate(shots):
-        ax = axes[0, i]
+
+def plot_fig5_head_pruning(res, out_dir):
+    """Accuracy vs % heads pruned per task (and their mean) and shot, with the controls (Fig. 5)."""
+    hp, pc = res["head_pruning"], res["head_pruning"]["percent"]
+
+    def draw(ax, tk):
+        t, k = tk
+        cs = [hp["curves"][f"{u}/{k}"] for u in (TASKS if t == "mean" else [t])]
+        m = {key: np.mean([c[key] for c in cs], 0) for key in cs[0] if key != "random"}
+        for key, fmt in (("task", "o-"), ("aggregate", "s-"), ("reverse", "x:")):
+            ax.plot(pc, m[key], fmt, ms=3, label=key + " order")
+        rm, rs = m["random_mean"], m["random_std"]
+        ax.plot(pc, rm, color="gray", label="random (mean +- sd)")
+        ax.fill_between(pc, rm - rs, rm + rs, color="gray", alpha=0.25)
+        if t != "mean":
+            ax.axhline(res["chance"][t], color="k", lw=0.6, ls="--")
+        ax.set(title=f"{t}, {k}-shot", xlabel="% heads pruned", ylabel="accuracy",
+               ylim=(-0.03, 1.03))
+        if tk == (TASKS[0], res["shots"][0]):
+            ax.legend()
+    rows = [[(t, k) for t in TASKS + ("mean",)] for k in res["shots"]]
+    return _figure(out_dir, "head_pruning.png", rows, draw, 3, 2.5)
+
+
+def plot_fig4_fig6_ffn(res, out_dir):
+    """FFN oracle scores per layer (Fig. 4, top row) and cumulative FFN pruning (Fig. 6)."""
+    L, w = res["layers"], 0.8 / len(TASKS)
+
+    def draw(ax, item):
+        kind, k = item
         for j, t in enumerate(TASKS):
-            ax.bar(np.arange(L) + j * w, res["ffn_oracle"][str(k)][t], w, label=t)
-        ax.axhline(0, color="k", lw=0.6)
-        ax.set_title(f"FFN oracle score, {k}-shot (dev split)", fontsize=9)
-        ax.set_xlabel("layer"), ax.set_ylabel("acc - acc without FFN")
-        ax = axes[1, i]
-        for j, t in enumerate(TASKS):
+            if kind == "oracle":
+                ax.bar(np.arange(L) + j * w, res["ffn_oracle"][str(k)][t], w, label=t)
+                continue
             c = res["ffn_pruning"]["curves"][f"{t}/{k}"]
-            line, = ax.plot(range(L + 1), c["oracle"], "o-", ms=3, label=f"{t} oracle order")
+            line, = ax.plot(range(L + 1), c["oracle"], "o-", ms=3, label=f"{t}, oracle order")
             ax.plot(range(L + 1), c["random_mean"], ":", color=line.get_color())
-        ax.set_title(f"cumulative FFN pruning, {k}-shot (dotted: random order)", fontsize=9)
-        ax.set_xlabel(f"FFNs pruned (of {L}; 1 step = {100 / L:.0f}%)"), ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.03, 1.03)
-    axes[0, 0].legend(fontsize=7)
-    axes[1, 0].legend(fontsize=6)
-    save(fig, "ffn.png")
+        if kind == "oracle":
+            ax.set(title=f"FFN oracle score, {k}-shot (dev prompts)", xlabel="layer",
+                   ylabel="acc - acc without FFN")
+        else:
+            ax.set(title=f"cumulative FFN pruning, {k}-shot (dotted: random order)",
+                   xlabel=f"FFNs pruned (of {L}; 1 step = {100 / L:.0f}%)", ylabel="accuracy",
+                   ylim=(-0.03, 1.03))
+        ax.legend(fontsize=6)
+    rows = [[(kind, k) for k in res["shots"]] for kind in ("oracle", "pruning")]
+    return _figure(out_dir, "ffn.png", rows, draw, 4, 3)
 
-    # 4. combined pruning grid (paper Fig. 7)
+
+def plot_fig7_grid(res, out_dir):
+    """Mean accuracy over tasks, heads % x FFNs pruned, per shot (Fig. 7)."""
     cg = res["combined_grid"]
-    fig, axes = plt.subplots(1, len(shots), figsize=(3.6 * len(shots), 3.2), squeeze=False, constrained_layout=True)
-    for ax, k in zip(axes[0], shots):
-        m = np.array(cg["grids"][str(k)]["mean"])
-        im = ax.imshow(m, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
-        for a_ in range(m.shape[0]):
-            for b_ in range(m.shape[1]):
-                ax.text(b_, a_, f"{m[a_, b_]:.2f}", ha="center", va="center", fontsize=6)
-        ax.set_yticks(range(len(cg["head_percent"])), cg["head_percent"])
-        ax.set_xticks(range(len(cg["ffn_pruned"])), cg["ffn_pruned"])
-        ax.set_xlabel("FFNs pruned"), ax.set_ylabel("% heads pruned")
-        ax.set_title(f"mean accuracy, {k}-shot", fontsize=9)
-    fig.colorbar(im, ax=axes[0, -1], fraction=0.046)
-    save(fig, "grid.png")
 
-    # 4b. cross-task transfer at transfer_pct heads pruned: rows = evaluated task, columns = whose ranking
-    tr = res["transfer_pruning"]
-    srcs = list(TASKS) + ["aggregate"]
-    fig, axes = plt.subplots(1, len(shots), figsize=(3.8 * len(shots), 3.2), squeeze=False, constrained_layout=True)
-    for ax, k in zip(axes[0], shots):
-        i70 = tr["percent"].index(70)
-        m = np.array([[tr["acc"][f"{t}/{k}"][s_][i70] for s_ in srcs] for t in TASKS])
-        im = ax.imshow(m, vmin=0, vmax=1, cmap="RdYlGn")
-        for a_ in range(m.shape[0]):
-            for b_ in range(m.shape[1]):
-                ax.text(b_, a_, f"{m[a_, b_]:.2f}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(srcs)), srcs, rotation=45, fontsize=7)
-        ax.set_yticks(range(len(TASKS)), TASKS, fontsize=7)
-        ax.set_xlabel("ranking taken from"), ax.set_ylabel("task evaluated")
-        ax.set_title(f"accuracy at 70% heads pruned, {k}-shot", fontsize=9)
-    fig.colorbar(im, ax=axes[0, -1], fraction=0.046)
-    save(fig, "transfer.png")
+    def draw(ax, k):
+        _heatmap(ax, cg["grids"][str(k)]["mean"], cg["ffn_pruned"], cg["head_percent"],
+                 f"mean accuracy, {k}-shot", fs=6, origin="lower")
+        ax.set(xlabel="FFNs pruned", ylabel="% heads pruned")
+    return _figure(out_dir, "grid.png", [res["shots"]], draw, 3.6, 3.2)
 
-    # 5. Spearman matrices (paper Fig. 8) and the cross-shot table (paper Table 1)
+
+def plot_sec6_transfer(res, out_dir):
+    """Accuracy of each task with 70% of the heads pruned by another ranking (Sec. 6.1.2)."""
+    tr, srcs = res["transfer_pruning"], list(TASKS) + ["aggregate"]
+
+    def draw(ax, k):
+        m = [[tr["acc"][f"{t}/{k}"][s][tr["percent"].index(70)] for s in srcs] for t in TASKS]
+        _heatmap(ax, m, srcs, TASKS, f"accuracy at 70% heads pruned, {k}-shot")
+        ax.set(xlabel="ranking taken from", ylabel="task evaluated")
+    return _figure(out_dir, "transfer.png", [res["shots"]], draw, 3.8, 3.2)
+
+
+def plot_fig8_spearman(res, out_dir):
+    """Spearman across tasks per shot (Fig. 8) and across shots (Table 1)."""
     ag = res["agreement"]
-    names = ag["names"]
-    fig, axes = plt.subplots(1, len(shots) + 1, figsize=(3.6 * (len(shots) + 1), 3.4), constrained_layout=True)
-    for ax, k in zip(axes, shots):
-        m = np.array(ag["per_shot"][str(k)]["spearman"])
-        ax.imshow(m, vmin=-1, vmax=1, cmap="coolwarm")
-        for a_ in range(len(names)):
-            for b_ in range(len(names)):
-                ax.text(b_, a_, f"{m[a_, b_]:.2f}", ha="center", va="center", fontsize=6)
-        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(f"Spearman across tasks, {k}-shot", fontsize=9)
-    ax = axes[-1]
-    pairs = list(next(iter(ag["cross_shot_spearman"].values())).keys())
-    m = np.array([[ag["cross_shot_spearman"][t][p] for p in pairs] for t in names])
-    ax.imshow(m, vmin=-1, vmax=1, cmap="coolwarm", aspect="auto")
-    for a_ in range(m.shape[0]):
-        for b_ in range(m.shape[1]):
-            ax.text(b_, a_, f"{m[a_, b_]:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(pairs)), [p + " shot" for p in pairs], fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title("Spearman across shots", fontsize=9)
-    save(fig, "spearman.png")
+    names, cross = ag["names"], ag["cross_shot_spearman"]
+    pairs = list(cross[names[0]])
 
-    # 6. prefix matching vs copying scatter + retained capacity (paper Figs. 10-11)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    ax = axes[0]
-    pm = np.array(ind["prefix_matching"]).ravel()
-    cpv = np.array(ind["copying"][ind["copy_impl_shown"]]).ravel()
-    kk = shots[-1]
-    col = np.log10(np.array(res["head_importance_aggregate"][str(kk)]).ravel() + 1e-12)
-    sc = ax.scatter(pm, cpv, c=col, cmap="viridis", s=25)
-    for i in range(len(pm)):
-        if (i // H, i % H) in [tuple(v) for v in ind["induction_heads_top10pct_both"]] or pm[i] > 0.3:
-            ax.annotate(f"L{i // H}H{i % H}", (pm[i], cpv[i]), fontsize=7)
-    ax.axvline(np.quantile(pm, 0.9), color="gray", ls=":", lw=0.8)
-    ax.axhline(np.quantile(cpv, 0.9), color="gray", ls=":", lw=0.8)
-    fig.colorbar(sc, ax=ax, label=f"log10 aggregate IS_h ({kk}-shot)")
-    ax.set_xlabel("prefix-matching score"), ax.set_ylabel(f"copying score ({ind['copy_impl_shown']})")
-    ax.set_title("induction heads: top 10% on both (dotted lines)", fontsize=9)
-    ax = axes[1]
-    cap = res["capacity"]
-    x = 100 * np.array(cap["n_pruned"]) / (L * H)
-    for k in shots:
-        c = cap["curves"][str(k)]
-        line, = ax.plot(x, c["prefix"], label=f"prefix, {k}-shot order")
-        ax.plot(x, c["prefix_minus_floor"], ":", color=line.get_color())
-        ax.plot(x, c["copying"], "--", color=line.get_color(), alpha=0.7)
-    ax.set_xlabel("% heads pruned (least aggregate-important first)"), ax.set_ylabel("retained capacity")
-    ax.set_title("solid: prefix; dotted: prefix minus uniform floor; dashed: copying", fontsize=8)
-    ax.legend(fontsize=7)
-    save(fig, "induction.png")
-
-    # 7. extension: accuracy after removing the top-n induction heads vs n random heads
-    abl = res["induction_ablation"]
-    if abl:
-        ns = list(abl.keys())
-        keys = [f"{t}/{k}" for t in TASKS for k in shots if k > 0]
-        nc = min(3, len(ns))
-        nr = (len(ns) + nc - 1) // nc
-        fig, axes = plt.subplots(nr, nc, figsize=(5 * nc, 3.4 * nr), squeeze=False, constrained_layout=True)
-        for ax in axes.flat[len(ns):]:
-            ax.axis("off")
-        for ax, n_ in zip(axes.flat, ns):
-            a = abl[n_]["acc"]
-            xs = np.arange(len(keys))
-            ax.bar(xs - 0.27, [a[q]["full"] for q in keys], 0.27, label="full model", color="lightgray")
-            ax.bar(xs, [a[q]["random_mean"] for q in keys], 0.27, yerr=[a[q]["random_std"] for q in keys],
-                   label=f"{n_} random heads removed", color="tab:blue")
-            ax.bar(xs + 0.27, [a[q]["top_induction"] for q in keys], 0.27,
-                   label=f"top-{n_} prefix-matching heads removed", color="tab:red")
-            ax.set_xticks(xs, keys, rotation=60, fontsize=7)
-            ax.set_ylim(0, 1.35)
-            ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-            ax.set_ylabel("accuracy")
-            tag = " (= all with prefix score >= 0.5)" if abl[n_].get("all_prefix_ge_0.5") else ""
-            heads = abl[n_]["heads"]
-            ax.set_title(f"top-{n_}{tag}: " + ", ".join(heads[:8]) + (" ..." if len(heads) > 8 else ""), fontsize=8)
-            ax.legend(fontsize=6, loc="upper center", ncol=2)
-        save(fig, "ablation.png")
-
-    # 8. training curve
-    if log_path and os.path.exists(log_path):
-        rows = [r.split(",") for r in open(log_path).read().strip().splitlines()]
-        if len(rows) > 1:
-            hdr, data = rows[0], rows[1:]
-            col = {h: i for i, h in enumerate(hdr)}
-            step = [float(r[col["step"]]) for r in data]
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3), constrained_layout=True)
-            axes[0].plot(step, [float(r[col["train_loss"]]) for r in data], label="train")
-            axes[0].plot(step, [float(r[col["val_loss"]]) for r in data], label="val")
-            axes[0].set_xlabel("step"), axes[0].set_ylabel("loss on answers"), axes[0].legend()
-            for h in hdr:
-                if h.startswith("acc_") and not h.endswith("_0"):
-                    axes[1].plot(step, [float(r[col[h]]) for r in data], label=h[4:], lw=1)
-            axes[1].set_xlabel("step"), axes[1].set_ylabel("accuracy"), axes[1].legend(fontsize=6, ncol=2)
-            save(fig, "training.png")
-    return paths
+    def draw(ax, k):
+        if k == "shots":
+            m = [[cross[t][p] for p in pairs] for t in names]
+            _heatmap(ax, m, [p + " shot" for p in pairs], names, "Spearman across shots", -1, 1,
+                     "coolwarm")
+        else:
+            _heatmap(ax, ag["per_shot"][str(k)]["spearman"], names, names,
+                     f"Spearman across tasks, {k}-shot", -1, 1, "coolwarm", fs=6)
+    return _figure(out_dir, "spearman.png", [res["shots"] + ["shots"]], draw, 3.6, 3.4)
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-def die(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def plot_fig10_fig11_induction(res, out_dir):
+    """Prefix matching vs copying, coloured by importance (Fig. 10); retained capacity (Fig. 11)."""
+    ind, H, kk, cap = res["induction"], res["heads"], res["shots"][-1], res["capacity"]
+    pm, cp = np.ravel(ind["prefix_matching"]), np.ravel(ind["copying"][ind["copy_impl_shown"]])
+
+    def scatter(ax):
+        col = np.log10(np.ravel(res["head_importance_aggregate"][str(kk)]) + 1e-12)
+        ax.figure.colorbar(ax.scatter(pm, cp, c=col, cmap="viridis", s=25), ax=ax,
+                           label=f"log10 aggregate IS_h ({kk}-shot)")
+        marked = [tuple(v) for v in ind["induction_heads_top10pct_both"]]
+        for i in range(len(pm)):
+            if (i // H, i % H) in marked or pm[i] > 0.3:
+                ax.annotate(f"L{i // H}H{i % H}", (pm[i], cp[i]), fontsize=7)
+        ax.axvline(np.quantile(pm, 0.9), color="gray", ls=":", lw=0.8)
+        ax.axhline(np.quantile(cp, 0.9), color="gray", ls=":", lw=0.8)
+        ax.set(xlabel="prefix-matching score", ylabel=f"copying ({ind['copy_impl_shown']})",
+               title="induction heads: top 10% on both (dotted lines)")
+
+    def capacity(ax):
+        x = 100 * np.array(cap["n_pruned"]) / (res["layers"] * H)
+        for k in res["shots"]:
+            c = cap["curves"][str(k)]
+            line, = ax.plot(x, c["prefix"], label=f"prefix, {k}-shot order")
+            ax.plot(x, c["prefix_minus_floor"], ":", color=line.get_color())
+            ax.plot(x, c["copying"], "--", color=line.get_color(), alpha=0.7)
+        ax.set(xlabel="% heads pruned (least aggregate-important first)",
+               ylabel="retained capacity",
+               title="solid: prefix; dotted: prefix minus uniform floor; dashed: copying")
+        ax.legend()
+    return _figure(out_dir, "induction.png", [[scatter, capacity]], lambda ax, f: f(ax), 5, 3.8)
+
+
+def plot_all(res: dict, out_dir: str) -> list[str]:
+    return [f(res, out_dir) for f in (plot_fig3_fig10_maps, plot_fig5_head_pruning,
+                                      plot_fig4_fig6_ffn, plot_fig7_grid, plot_sec6_transfer,
+                                      plot_fig8_spearman, plot_fig10_fig11_induction)]
+
+
+SCORE_VARIANTS = {"abs_per": ("token", "example"), "imp_norm": ("example", "official"),
+                  "agg_norm": ("mean", "sum1"), "layer_norm_imp": (True, False)}
+
+
+def parse_compare(spec: str) -> list[dict]:
+    """'abs_per=example,layer_norm_imp' -> [{'abs_per': 'example'}, {'layer_norm_imp': True}]."""
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        key, _, val = item.partition("=")
+        val = {"": True, "true": True, "false": False}.get(val, val)
+        if key not in SCORE_VARIANTS or val not in SCORE_VARIANTS[key]:
+            raise BadInput(f"unknown --compare item {item!r}; use field=value with: " + ", ".join(
+                f"{k}={'|'.join(map(str, v))}" for k, v in SCORE_VARIANTS.items()))
+        out.append({key: val})
+    return out
+
+
+def run_compare(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
+    """--compare: head-score variants side by side on one model: the Spearman of each variant's
+    aggregate with the default's, and the mean accuracy over tasks at 50/70/90% heads pruned."""
+    out, st = {}, Study(model, tasks, cfg, device, ctx)
+    for var in [{}] + parse_compare(cfg.compare):
+        st.cfg = dataclasses.replace(cfg, **var)
+        fig3_head_importance(st)
+        name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
+        out[name] = {}
+        for k in st.shots:
+            rho = spearman(st.agg[k], out["default"][str(k)]["aggregate"]) if var else 1.0
+            accs = [float(np.mean([st.pruned(t, k, order_heads(st.agg[k]), p) for t in TASKS]))
+                    for p in (50, 70, 90)]
+            out[name][str(k)] = {"spearman_vs_default": rho, "aggregate": st.agg[k],
+                                 "mean_acc_50_70_90pct": accs}
+            print(f"compare {name:>24s} {k}-shot: Spearman vs default {rho:5.2f}; mean accuracy"
+                  f" at 50/70/90% heads pruned " + " / ".join(f"{a:.3f}" for a in accs))
+    return out
+
+
+# ---- Making it fast: physical pruning (slice the weights), tested against the gates -------------
+def physically_prune(model: GPT, cfg: Config, head_mask, ffn_mask) -> GPT:
+    """Slice the pruned heads (rows of W_Q/W_K/W_V, columns of W_O) and the pruned FFNs out of
+    the weights: a smaller GPT computing what `model` computes with these gates (a layer with no
+    heads left loses its attention sublayer; a pruned FFN loses LN_2, W1 and W2).
+    head_mask: (L, H) of 0/1, ffn_mask: (L,) of 0/1."""
+    hm = torch.as_tensor(head_mask).bool().cpu()
+    fm = torch.as_tensor(ffn_mask).bool().cpu()
+    heads = [int(hm[l].sum()) for l in range(cfg.n_layer)]
+    small = GPT(cfg, model.wte.num_embeddings, heads=heads, ffns=[bool(f) for f in fm])
+    small.to(next(model.parameters()).device, next(model.parameters()).dtype)
+    H, hs = cfg.n_head, model.head_size
+    with torch.no_grad():
+        for name in ("wte", "wpe", "ln_f"):
+            getattr(small, name).load_state_dict(getattr(model, name).state_dict())
+        for l, (big, sb) in enumerate(zip(model.blocks, small.blocks)):
+            # big.attn.c_attn.weight (3*H*hs, C) = [W_Q; W_K; W_V], head h in rows h*hs..h*hs+hs-1
+            # of each third; big.attn.c_proj.weight (C, H*hs) = W_O, head h in those columns;
+            # sb (the small block): attn None if no head is kept, else h = hm[l].sum() heads
+            # BEGIN EXERCISE prune_physical: kept heads: W_Q/W_K/W_V rows, W_O columns, gates; ln_1
+            keep = hm[l].nonzero().flatten()
+            if sb.attn is not None:
+                sb.ln_1.load_state_dict(big.ln_1.state_dict())
+                rows = ((keep * hs)[:, None] + torch.arange(hs)[None, :]).flatten()  # kept slices
+                W = big.attn.c_attn.weight  # (3*H*hs, C) = [W_Q; W_K; W_V]
+                sb.attn.c_attn.weight.copy_(torch.cat([W[i * H * hs:(i + 1) * H * hs][rows]
+                                                       for i in range(3)]))
+                sb.attn.c_proj.weight.copy_(big.attn.c_proj.weight[:, rows])  # (C, h*hs)
+                sb.attn.head_mask.copy_(big.attn.head_mask[keep])
+            # END EXERCISE prune_physical
+            if sb.mlp is not None:
+                sb.ln_2.load_state_dict(big.ln_2.state_dict())
+                sb.mlp.load_state_dict(big.mlp.state_dict())
+                sb.ffn_mask.copy_(big.ffn_mask)
+    return small
+
+
+def forward_flops_per_token(heads: list[int], ffns: list[bool], C, hs, T, V) -> float:
+    """Matmul FLOPs per token of a forward pass (2 per multiply-add): the ideal speed-up."""
+    f = 2 * C * V  # lm_head
+    for h, keep in zip(heads, ffns):
+        f += 2 * C * 3 * h * hs + 2 * h * hs * C + 2 * 2 * h * hs * T  # qkv, W_O, QK^T and AV
+        f += 2 * 2 * C * 4 * C if keep else 0
+    return float(f)
+
+
+@torch.no_grad()
+def bench_physical_pruning(model: GPT, cfg: Config, head_imp, ffn_order, device, ctx,
+                           settings) -> list:
+    """For each (heads %, FFNs pruned): max |logit difference| between the gated and the
+    physically pruned model, and the forward speed-up: the median over rounds in which the two
+    take turns (a change of machine load hits both alike), next to the ideal FLOP ratio."""
+    L, H, T, C, hs, V = (cfg.n_layer, cfg.n_head, cfg.block_size, cfg.n_embd, model.head_size,
+                         model.vocab_size)
+    g = torch.Generator().manual_seed(cfg.seed + 5)
+    x = torch.randint(V, (cfg.speed_batch, T), generator=g).to(device)
+    sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
+
+    def seconds(m):
+        t0 = time.perf_counter()
+        m(x)
+        sync()
+        return time.perf_counter() - t0
+    model.eval()
+    rounds = 15 if "cuda" in device else 7
+    out, full_flops = [], forward_flops_per_token([H] * L, [True] * L, C, hs, T, V)
+    for p, nf in settings:
+        hm = prune_mask(order_heads(head_imp), p * L * H // 100, (L, H))
+        fm = prune_mask(ffn_order, nf, L)
+        small = physically_prune(model, cfg, hm, fm).eval()
+        model.set_masks(hm, fm)
+        diff = float((model(x[:8])[0].float() - small(x[:8])[0].float()).abs().max())
+        model.set_masks(None, None)
+        with ctx:
+            t = np.array([[seconds(model), seconds(small)] for _ in range(3 + rounds)])[3:]
+        speed = float(np.median(t[:, 0] / t[:, 1]))  # 3 warm-up rounds left out
+        ideal = full_flops / forward_flops_per_token(hm.sum(1).astype(int), fm.astype(bool),
+                                                     C, hs, T, V)
+        out.append({"heads_pruned_pct": p, "ffns_pruned": nf, "params_full": model.num_params(),
+                    "params_pruned": small.num_params(), "max_abs_logit_diff": diff,
+                    "time_full_s": float(np.median(t[:, 0])),
+                    "time_pruned_s": float(np.median(t[:, 1])), "speedup_measured": speed,
+                    "speedup_ideal_flops": ideal})
+        print(f"physical pruning {p}% heads + {nf} FFNs: params {model.num_params():,} -> "
+              f"{small.num_params():,}, max|dlogit| {diff:.1e}, speed-up measured {speed:.2f}x "
+              f"(median of {len(t)}) vs ideal {ideal:.2f}x")
+    return out
+
+
+def run_bench(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> list:
+    """--bench p[:n_ffn],...: the physical-pruning speed test alone, heads ranked by the
+    aggregate IS_h and FFNs by the oracle, both at the last --shots value."""
+    last = str(parse_ints(cfg.shots, "shots")[-1])
+    st = Study(model, tasks, dataclasses.replace(cfg, shots=last), device, ctx)
+    fig3_head_importance(st)
+    fig4_ffn_importance(st)
+    k = st.shots[-1]
+    return bench_physical_pruning(model, cfg, st.agg[k], np.argsort(st.ffn_agg[k], kind="stable"),
+                                  device, ctx, parse_bench(cfg.bench, cfg.n_layer))
+
+
+def parse_bench(spec: str, L: int) -> list[tuple[int, int]]:
+    """'50,70:1' -> [(50, 0), (70, 1)]: head-prune percentages, optionally with FFNs pruned."""
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        p, _, nf = item.partition(":")
+        ok = p.isdigit() and (nf == "" or nf.isdigit())
+        p, nf = (int(p), int(nf or 0)) if ok else (-1, 0)
+        if not (0 <= p <= 100 and 0 <= nf <= L):
+            raise BadInput(f"bad --bench item {item!r}: use p or p:n_ffn with 0 <= p <= 100 "
+                           f"(heads %) and 0 <= n_ffn <= n_layer ({L})")
+        out.append((p, nf))
+    if spec.strip() and not out:
+        raise BadInput("--bench is empty; give head-prune percentages, e.g. 50,70,90")
+    return out
+
+
+# ---- The skeleton: command line, training loop, checkpoints, main (same in all three scripts) ---
+class BadInput(Exception):
+    """Bad input: one line on stderr, exit status 2, nothing written."""
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient norm, or loaded weights: one line, exit status 3."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # unknown flags and bad choices are one line too
+        raise BadInput(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse generated from Config: every field is a flag with its help text and default."""
+    p = _Parser(prog="nano_prune.py", description="Bansal et al. 2023 in miniature: head/FFN "
+                "importance, pruning curves and induction heads (defaults: the cpu preset's).")
+    for f in dataclasses.fields(Config):
+        kw = dict(default=None, choices=f.metadata["choices"],
+                  help=f.metadata["help"].replace("%", "%%") + f" (default: {f.default})")
+        if f.default is None or isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), **kw)
+    return p
+
+
+def parse_config(argv=None) -> Config:
+    """defaults <- preset <- explicit flags; cfg._given holds the names given explicitly."""
+    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() else "cpu"
+    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
+    cfg._given = set(given)
+    return cfg
 
 
 def resolve_device(cfg: Config) -> str:
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu (or auto)")
-    if cfg.device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps but MPS is not available; use --device cpu (or auto)")
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}[cfg.device]:
+        raise BadInput(f"--device {cfg.device} is not available here; use --device cpu (or auto)")
     return cfg.device
 
 
-def validate(cfg: Config, device: str):
-    """Every check that can fail runs here, before anything is written."""
-    if cfg.n_head < 1 or cfg.n_embd % cfg.n_head:
-        raise UsageError(f"--n_embd {cfg.n_embd} must be a positive multiple of --n_head {cfg.n_head}")
-    if cfg.n_layer < 1:
-        raise UsageError("--n_layer must be at least 1 (2 or more for induction heads)")
-    shots = parse_ints(cfg.shots, "shots")
-    parse_ints(cfg.ablate_n, "ablate_n")
-    need = 3 + 2 * max(shots)
-    if cfg.block_size < max(need, 2 + 4 * 4):
-        raise UsageError(f"--block_size {cfg.block_size} is too short: a {max(shots)}-shot prompt needs {need} "
-                         f"tokens and prefix matching needs 18; raise --block_size or lower --shots")
-    if cfg.n_content < max(2 * cfg.n_clusters, 8, 2 * max(shots) + 2):
-        raise UsageError(f"--n_content {cfg.n_content} is too small for {cfg.n_clusters} clusters and "
-                         f"{max(shots)} shots; use at least {max(2 * cfg.n_clusters, 8, 2 * max(shots) + 2)}")
-    if cfg.n_labels < cfg.n_clusters or cfg.n_clusters < 1:
-        raise UsageError(f"--n_labels {cfg.n_labels} must be >= --n_clusters {cfg.n_clusters} >= 1")
-    text = cfg.text_frac if cfg.dataset != "none" else 0.0
-    if not 0 <= cfg.text_frac < 1 or max(cfg.rep_frac, cfg.rep_frac_early) + text >= 1 or \
-            min(cfg.rep_frac, cfg.rep_frac_early) < 0:
-        raise UsageError("--rep_frac, --rep_frac_early and --text_frac must be in [0, 1) and each rep "
-                         "fraction plus the text fraction must stay below 1")
-    for name in ("batch_size", "grad_accum", "eval_iters", "n_eval", "n_imp", "n_dev", "n_random",
-                 "n_prefix_seq", "analysis_batch", "speed_batch", "eval_interval"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
-    if not cfg.skip_train and cfg.max_iters < 1:
-        raise UsageError("--max_iters must be at least 1 (or pass --skip_train --ckpt PATH)")
-    if not 0 < cfg.topk_frac <= 1:
-        raise UsageError("--topk_frac must be in (0, 1]")
-    if cfg.dtype == "float16" and device != "cuda":
-        raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16")
-    if cfg.skip_train and cfg.resume:
-        raise UsageError("--skip_train and --resume contradict each other; pick one")
-    if cfg.skip_train:
-        path = cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")
-        if not os.path.isfile(path):
-            raise UsageError(f"checkpoint {path} not found; train first or pass --ckpt PATH")
-    if cfg.resume and not os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
-        raise UsageError(f"--resume but {os.path.join(cfg.out_dir, 'ckpt.pt')} does not exist; drop --resume")
-    if cfg.dataset != "none" and cfg.tokenizer not in CHOICES["tokenizer"]:
-        raise UsageError(f"unknown --tokenizer {cfg.tokenizer}; use char or gpt2")
+def validate(cfg: Config):
+    """Every check that can fail runs here, before anything is read or written."""
+    c = cfg
+    sizes = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
+             "eval_interval", "eval_iters", "n_eval", "n_imp", "n_dev", "n_random", "n_prefix_seq",
+             "prefix_len", "analysis_batch", "speed_batch", "n_labels", "n_clusters",
+             "recall_max_keys")
+    text = c.text_frac if c.dataset != "none" else 0.0
+    checks = [(math.isfinite(c.lr) and c.lr > 0, f"--lr must be positive and finite, not {c.lr}"),
+              (0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}]"),
+              (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+              (c.weight_decay >= 0 and c.grad_clip >= 0,
+               "--weight_decay and --grad_clip must be >= 0"),
+              (0 <= c.seed < 2 ** 32 and 0 <= c.task_seed < 2 ** 32,
+               "--seed and --task_seed must be in [0, 2**32)"),
+              (min(c.max_iters, c.warmup_iters, c.stop_at) >= 0,
+               "--max_iters, --warmup_iters and --stop_at must be >= 0"),
+              (c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)"),
+              (0 <= c.dropout < 1, "--dropout must be in [0, 1)"),
+              (0 < c.topk_frac <= 1, "--topk_frac must be in (0, 1]"),
+              (0 <= c.grid_max_heads <= 100, "--grid_max_heads must be in [0, 100]"),
+              (0 <= c.rep_early <= 1, "--rep_early must be in [0, 1]"),
+              (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
+               and max(c.rep_frac, c.rep_frac_early) + text < 1,
+               f"--rep_frac {c.rep_frac} and --rep_frac_early {c.rep_frac_early} plus --text_frac "
+               f"{text} (with --dataset) must each stay below 1, all in [0, 1)"),
+              (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other"),
+              (not (c.bench and c.compare), "--bench and --compare each replace the analysis; "
+               "pick one")]
+    checks += [(getattr(c, name) >= 1, f"--{name} must be at least 1") for name in sizes]
+    checks += [(c.n_embd % c.n_head == 0, f"--n_embd {c.n_embd} must be a multiple of --n_head "
+                f"{c.n_head}"), (c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters")]
+    for ok, msg in checks:
+        if not ok:
+            raise BadInput(msg)
+    k = max(parse_ints(c.shots, "shots"))
+    if c.block_size < max(3 + 2 * k, 18):
+        raise BadInput(f"--block_size {c.block_size} is too short: a {k}-shot prompt needs "
+                       f"{3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots")
+    if c.n_content < max(2 * c.n_clusters, 8, 2 * k + 2):
+        raise BadInput(f"--n_content {c.n_content} is too small for {c.n_clusters} clusters and "
+                       f"{k} shots; use at least {max(2 * c.n_clusters, 8, 2 * k + 2)}")
+    parse_compare(c.compare), parse_bench(c.bench, c.n_layer)
+    if c.dtype == "float16" and resolve_device(c) not in ("cuda", "mps"):
+        raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
+    parent = os.path.abspath(c.out_dir)  # the out_dir: its nearest existing parent is writable
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out_dir {c.out_dir}: {parent} is " + ("not writable" if os.path.isdir(
+            parent) else "a file") + "; pick another directory")
+    if (c.skip_train or c.resume) and not os.path.isfile(ckpt_path(c)):
+        raise BadInput(f"checkpoint {ckpt_path(c)} not found; train first or pass --ckpt PATH"
+                       if c.skip_train else f"--resume but {ckpt_path(c)} does not exist")
+
+
+def ckpt_path(cfg: Config) -> str:
+    return cfg.ckpt if cfg.skip_train and cfg.ckpt else os.path.join(cfg.out_dir, "ckpt.pt")
 
 
 def load_text(cfg: Config):
-    """The optional natural text, through the shared loader. Raises UsageError on any data problem."""
+    """The optional natural text, through the shared loader (data.DataError -> BadInput)."""
     if cfg.dataset == "none":
         return None
     try:
-        import data
-    except ImportError:
-        raise UsageError("--dataset needs the repository's data/ package (run from the repo root); "
-                         "or use --dataset none")
-    try:
-        ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir or None)
+        ds = data.load_dataset(cfg.dataset, cfg.tokenizer, data_dir=cfg.data_dir or None)
         ds.check_block_size(cfg.block_size)
     except data.DataError as e:
-        raise UsageError(str(e))
+        raise BadInput(str(e)) from None
     return ds
+
+
+def get_lr(it: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to min_lr."""
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.max_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device_type: str):
+    """AdamW; weight decay only on matrices and embeddings (>= 2-D), not on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def peak_flops(device_type: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU, for the MFU (None: unknown, or not a GPU)."""
+    name = torch.cuda.get_device_name() if device_type == "cuda" else ""
+    return next((v for k, v in {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12,
+                                "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12,
+                                "V100": 125e12, "T4": 65e12}.items() if k in name), None)
+
+
+def autocast_ctx(device_type: str, ptdtype):
+    if ptdtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=ptdtype)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batcher: Batcher, quick: dict, tasks: ICLTasks, cfg: Config, device,
+             ctx) -> tuple[float, dict]:
+    """Validation loss (the same batches every time) and accuracy on small fixed prompt sets."""
+    was = model.training
+    model.eval()
+    gv = torch.Generator().manual_seed(cfg.seed + 99)
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = batcher.get(cfg.batch_size, gv, split="val")
+        with ctx:
+            losses.append(model(x.to(device), y.to(device))[1].item())
+    accs = {f"acc_{t}_{k}": accuracy(model, X, Y, tasks.candidates(t), device, 256, ctx)
+            for (t, k), (X, Y) in quick.items()}
+    model.train(was)
+    return float(np.mean(losses)), accs
+
+
+class EvalLog:
+    """log.csv: one row per evaluation, with the accuracy of every (task, shot) on 128 prompts."""
+
+    def __init__(self, cfg: Config, tasks: ICLTasks, master: bool):
+        self.path, self.shots = os.path.join(cfg.out_dir, "log.csv"), parse_ints(cfg.shots, "")
+        geval = torch.Generator().manual_seed(cfg.seed + 7)
+        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in self.shots}
+        self.cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
+                     "tokens_per_s", "mfu"] + [f"acc_{t}_{k}" for t, k in self.quick]
+        if master and not (cfg.resume and os.path.exists(self.path)):
+            with open(self.path, "w") as f:
+                f.write(",".join(self.cols) + "\n")
+
+    def write(self, **row):
+        with open(self.path, "a") as f:
+            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                             for c in self.cols) + "\n")
+        tqdm.write(f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
+                   "| " + " ".join(f"{t[:4]}{k}={row[f'acc_{t}_{k}']:.2f}" for t, k in self.quick))
+
+
+def _check_finite(loss, norm, step, path, kept, ptdtype):
+    bad = [] if math.isfinite(float(loss)) else [f"loss is {float(loss)}"]
+    if norm is not None and ptdtype != torch.float16 and not math.isfinite(float(norm)):
+        bad.append(f"grad norm is {float(norm)}")  # (fp16: the GradScaler skips such steps)
+    if bad:
+        where = f"kept {path} (step {kept})" if kept else "no checkpoint was written yet"
+        raise Diverged(f"step {step}: {' and '.join(bad)}; {where}")
+
+
+def backward(model, batcher: Batcher, gen, it: int, cfg: Config, device, ctx, scaler, ddp):
+    """The gradient of one optimizer step, over grad_accum micro-batches (DDP syncs on the last).
+    -> the summed loss, a tensor (no host sync)."""
+    loss_acc = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = batcher.get(cfg.batch_size, gen, it=it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sync = ddp["world"] == 1 or micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with ctx:
+                loss = model(x, y)[1] / cfg.grad_accum
+            scaler.scale(loss).backward()
+        loss_acc += loss.detach()
+    return loss_acc
+
+
+def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: str, ptdtype,
+          ddp: dict, ck: dict | None = None) -> dict:
+    """nanoGPT's loop: AdamW, warmup + cosine, clipping, accumulation, autocast, compile, DDP.
+    A non-finite loss or gradient norm stops it at once (Diverged), before any checkpoint."""
+    master, device_type = ddp["rank"] == 0, device.split(":")[0]
+    ctx, path = autocast_ctx(device_type, ptdtype), ckpt_path(cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=(ptdtype == torch.float16))
+    optimizer = make_optimizer(model, cfg, device_type)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * ddp["rank"])  # batches (checkpointed)
+    step, t_before = restore(ck, model, optimizer, gen) if ck else (0, 0.0)
+    raw_model, kept = model, step or None
+    model = torch.compile(model) if cfg.compile else model
+    if ddp["world"] > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[ddp["local_rank"]] if device_type == "cuda" else None)
+    log = EvalLog(cfg, tasks, master)
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp["world"]
+    fpt = 6 * raw_model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM
+    peak, end = peak_flops(device_type), min(cfg.max_iters, cfg.stop_at or cfg.max_iters)
+    t0 = t_last = time.time()
+    step_last, last_loss, tok_s, mfu, val_loss = step, math.nan, 0.0, None, math.nan
+    model.train()
+    bar = tqdm(range(step, end), initial=step, total=end, desc="train", dynamic_ncols=True,
+               disable=not (master and cfg.progress))
+    try:
+        for it in bar:
+            lr = get_lr(it, cfg)
+            for grp in optimizer.param_groups:
+                grp["lr"] = lr
+            loss_acc, norm = backward(model, batcher, gen, it, cfg, device, ctx, scaler, ddp), None
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            step = it + 1
+            logged = step % 10 == 0 or step == end or step % cfg.eval_interval == 0
+            if device_type != "cuda" or logged:  # on CUDA, no extra host sync per step
+                _check_finite(loss_acc, norm, step, path, kept, ptdtype)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if logged:
+                last_loss, now = float(loss_acc), time.time()
+                tok_s = tokens_per_iter * (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last, mfu = now, step, fpt * tok_s / peak if peak else None
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}",
+                                mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a")
+            if master and (step % cfg.eval_interval == 0 or step == end):
+                val_loss, accs = evaluate(raw_model, batcher, log.quick, tasks, cfg, device, ctx)
+                elapsed = t_before + time.time() - t0
+                log.write(step=step, tokens=step * tokens_per_iter, elapsed_s=elapsed, lr=lr,
+                          train_loss=last_loss, val_loss=val_loss, tokens_per_s=tok_s,
+                          mfu=mfu if mfu is not None else "n/a", **accs)
+                final = {"train_loss": last_loss, "val_loss": val_loss, "tokens_per_s": tok_s,
+                         "mfu": mfu, "steps": step, "elapsed_s": elapsed}
+                save_checkpoint(path, raw_model, optimizer, cfg, step, gen,
+                                {"elapsed_s": elapsed, "final": final})
+                kept, t_last = step, time.time()  # tokens/s counts training time only
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted at step {step}; last checkpoint: "
+                                f"{path if kept else 'none'} (step {kept or 0})") from None
+    finally:
+        bar.close()
+    if master and not math.isfinite(val_loss):  # nothing left to train (resumed at the end)
+        val_loss, _ = evaluate(raw_model, batcher, log.quick, tasks, cfg, device, ctx)
+    return {"train_loss": last_loss, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
+            "tokens_per_s": tok_s, "params": raw_model.num_params(), "mfu": mfu, "steps": step,
+            "elapsed_s": t_before + time.time() - t0}
+
+
+def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int,
+                    gen: torch.Generator, extra: dict | None = None):
+    obj = {"script": "nano_prune", "model": raw_model.state_dict(),
+           "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg), "step": step,
+           "gen_state": gen.get_state(), "torch_rng": torch.get_rng_state(),
+           "numpy_rng": np.random.get_state(),
+           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save({**obj, **(extra or {})}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a broken checkpoint
+
+
+def restore(ck: dict, model: GPT, optimizer, gen: torch.Generator) -> tuple[int, float]:
+    """--resume: weights, optimizer, every RNG. -> step, elapsed seconds so far."""
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    gen.set_state(ck["gen_state"])
+    torch.set_rng_state(ck["torch_rng"])
+    np.random.set_state(ck["numpy_rng"])
+    if ck.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    print(f"resumed at step {ck['step']}")
+    return ck["step"], ck.get("elapsed_s", 0.0)
+
+
+def load_checkpoint(path: str, cfg: Config) -> dict:
+    """Read and check a checkpoint; its model fields replace the config's (a field given
+    explicitly on the command line must agree with it)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; train again or "
+                       f"pass another --ckpt") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or "model" not in ck:
+        raise BadInput(f"cannot read checkpoint {path}: not a checkpoint dict; train again")
+    if ck.get("script") != "nano_prune":
+        who = ck["script"] + ".py" if ck.get("script") else "another script"
+        raise BadInput(f"{path} was written by {who}, not nano_prune.py")
+    for name in MODEL_FIELDS:
+        if name in getattr(cfg, "_given", ()) and getattr(cfg, name) != ck["config"][name]:
+            raise BadInput(f"checkpoint has {name}={ck['config'][name]} but --{name} "
+                           f"{getattr(cfg, name)} was given")
+        setattr(cfg, name, ck["config"][name])
+    return ck
 
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=os.path.dirname(os.path.abspath(__file__))
+                              ).stdout.strip() or None
     except Exception:
         return None
 
 
-def main(argv=None):
-    cfg, given = parse_config(argv)
-    ddp_rank = int(os.environ.get("RANK", -1))
-    ddp = {"rank": 0, "local_rank": 0, "world": 1}
-    try:
-        if ddp_rank != -1:
-            import torch.distributed as dist
-            ddp = {"rank": ddp_rank, "local_rank": int(os.environ["LOCAL_RANK"]),
-                   "world": int(os.environ["WORLD_SIZE"])}
-            if torch.cuda.is_available() and cfg.device in ("auto", "cuda"):
-                torch.cuda.set_device(ddp["local_rank"])
-                device = f"cuda:{ddp['local_rank']}"
-                dist.init_process_group("nccl")
-            else:
-                device = "cpu"
-                dist.init_process_group("gloo")
-        else:
-            device = resolve_device(cfg)
-        # checkpoint to load: its model/task fields win over the flags
-        ck = None
-        if cfg.skip_train or cfg.resume:
-            validate(cfg, device.split(":")[0])
-            path = (cfg.ckpt or os.path.join(cfg.out_dir, "ckpt.pt")) if cfg.skip_train else \
-                os.path.join(cfg.out_dir, "ckpt.pt")
-            try:
-                ck = torch.load(path, map_location="cpu", weights_only=False)
-                saved = ck["config"]
-            except Exception as e:
-                raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}); pass a ckpt.pt "
-                                 f"written by nano_prune.py")
-            for f_ in MODEL_FIELDS:
-                if f_ in given and getattr(cfg, f_) != saved[f_]:
-                    print(f"note: --{f_} {getattr(cfg, f_)} ignored, the checkpoint has {saved[f_]}")
-                setattr(cfg, f_, saved[f_])
-        validate(cfg, device.split(":")[0])
-        text_ds = load_text(cfg)
-    except UsageError as e:
-        die(str(e))
+def write_json(path: str, obj):
+    with open(path, "w") as f:  # numpy scalars and arrays as numbers and lists
+        json.dump(obj, f, indent=1,
+                  default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
+
+def setup(cfg: Config):
+    """Device, DDP (torchrun), compile and dtype. -> device, ddp."""
+    device, ddp = resolve_device(cfg), {"rank": 0, "local_rank": 0, "world": 1}
+    if int(os.environ.get("RANK", -1)) != -1:
+        ddp = {"rank": int(os.environ["RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),
+               "world": int(os.environ["WORLD_SIZE"])}
+        if device == "cuda":
+            torch.cuda.set_device(ddp["local_rank"])
+        device = f"cuda:{ddp['local_rank']}" if device == "cuda" else "cpu"
+        torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
     device_type = device.split(":")[0]
-    if cfg.compile is None:
-        cfg.compile = device_type == "cuda"
-    if cfg.compile and (device_type != "cuda" or not hasattr(torch, "compile")):
+    if cfg.compile and device_type != "cuda":
         print(f"note: torch.compile is not used on {device_type} here (--no-compile)")
-        cfg.compile = False
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" and
-                                                   torch.cuda.is_bf16_supported() else "float32")
-    cfg.dtype = dtype
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = torch.autocast(device_type=device_type, dtype=ptdtype) if ptdtype != torch.float32 \
-        else contextlib.nullcontext()
-    master = ddp["rank"] == 0
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    cfg.compile = device_type == "cuda" and cfg.compile is not False
+    if cfg.dtype == "auto":
+        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        cfg.dtype = "bfloat16" if bf16 else "float32"
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return device, ddp
 
-    out_dir = cfg.out_dir
+
+def run(cfg: Config, ck: dict | None, text_ds):
+    """Everything after validation: build, train (or load), then the analysis or a mode."""
+    device, ddp = setup(cfg)
+    ptdtype = getattr(torch, cfg.dtype)
+    ctx, master = autocast_ctx(device.split(":")[0], ptdtype), ddp["rank"] == 0
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        meta = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": device,
-                "device_name": torch.cuda.get_device_name() if device_type == "cuda" else device,
-                "git_commit": git_commit(), "world_size": ddp["world"]}
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(os.path.join(cfg.out_dir, "config.json"), {
+            "config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": device,
+            "device_name": torch.cuda.get_device_name() if device != "cpu" else device,
+            "git_commit": git_commit(), "world_size": ddp["world"]})
     tasks = ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed,
                      text_ds.vocab_size if text_ds is not None else 0, cfg.recall_max_keys)
     model = GPT(cfg, tasks.vocab_size).to(device)
     if master:
-        print(f"model: {cfg.n_layer} layers x {cfg.n_head} heads, d {cfg.n_embd}, T {cfg.block_size}, "
-              f"{model.num_params():,} parameters, vocab {tasks.vocab_size} (padded {model.vocab_size}); "
-              f"device {device}, dtype {dtype}, preset {cfg.preset}")
+        print(f"model: {cfg.n_layer} layers x {cfg.n_head} heads, d {cfg.n_embd}, T "
+              f"{cfg.block_size}, {model.num_params():,} parameters, vocab {tasks.vocab_size}; "
+              f"device {device}, dtype {cfg.dtype}, preset {cfg.preset}")
     t0 = time.time()
     if cfg.skip_train:
         model.load_state_dict(ck["model"])
-        final = dict(ck.get("final", {}))
-        final.setdefault("params", model.num_params())
-        print(f"loaded {cfg.ckpt or os.path.join(out_dir, 'ckpt.pt')} (step {ck.get('step')})")
+        if not all(torch.isfinite(v).all() for v in model.state_dict().values()):
+            raise Diverged(f"{ckpt_path(cfg)} has non-finite weights (step {ck['step']}); "
+                           "nothing to analyse")
+        final = {**ck.get("final", {}), "params": model.num_params()}
     else:
-        final = train(cfg, model, tasks, Batcher(tasks, cfg, text_ds), device, ptdtype, out_dir, ddp, text_ds)
+        final = train(cfg, model, tasks, Batcher(tasks, cfg, text_ds), device, ptdtype, ddp,
+                      ck if cfg.resume else None)
     if ddp["world"] > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
     if not master:
         return
-    if not cfg.skip_train:  # store the final numbers with the checkpoint (used by --skip_train)
-        ckp = os.path.join(out_dir, "ckpt.pt")
-        ck2 = torch.load(ckp, map_location="cpu", weights_only=False)
-        ck2["final"] = final
-        tmp = ckp + ".tmp"
-        torch.save(ck2, tmp)
-        os.replace(tmp, ckp)
-    results = {"script": "nano_prune.py", "config": dataclasses.asdict(cfg), "final": final,
-               "device": device, "torch": torch.__version__}
-    if cfg.stop_iter and not cfg.skip_train and final.get("steps", 0) < cfg.max_iters:
-        print(f"stopped at step {final['steps']} (--stop_iter); resume with --resume")
+    res = {"script": "nano_prune.py", "config": dataclasses.asdict(cfg), "final": final,
+           "device": device, "torch": torch.__version__}
+    if cfg.stop_at and not cfg.skip_train and final["steps"] < cfg.max_iters:
+        print(f"stopped at step {final['steps']} (--stop_at); continue with --resume")
+    elif cfg.bench:
+        res["bench"] = run_bench(model, tasks, cfg, device, ctx)
+    elif cfg.compare:
+        res["compare"] = run_compare(model, tasks, cfg, device, ctx)
     elif cfg.analysis:
-        results.update(analyse(model, tasks, cfg, device, ctx, out_dir))
-        try:
-            paths = plot_all(results, out_dir, os.path.join(out_dir, "log.csv"))
-            print("figures: " + ", ".join(os.path.basename(p) for p in paths))
-        except ImportError:
-            print("note: matplotlib is not installed, no figures (pip install matplotlib)")
-    results["total_elapsed_s"] = time.time() - t0
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=_json_default)
-    # a short sample: one 5-shot recall prompt and the model's greedy answer
-    g = torch.Generator().manual_seed(cfg.seed + 3)
-    k = min(3, max(parse_ints(cfg.shots, "shots")))
-    for t in ("recall", "cluster"):
-        X, Y = tasks.prompts(t, k, 1, g)
-        model.eval()
-        with torch.no_grad():
-            logits, _ = model(X.to(device))
-        pred = int(logits[0, -1].argmax())
-        print(f"sample ({t}, {k}-shot): {tasks.decode(X[0])} -> {tasks.decode([pred])} "
-              f"(gold {tasks.decode([int(Y[0])])})")
-    print(f"done in {time.time() - t0:.0f}s; results in {out_dir}/results.json")
+        res.update(analyse(model, tasks, cfg, device, ctx))
+        paths = plot_all(res, cfg.out_dir)
+        print("figures: " + ", ".join(os.path.basename(p) for p in paths))
+    res["total_elapsed_s"] = time.time() - t0
+    write_json(os.path.join(cfg.out_dir, "results.json"), res)
+    print(f"done in {time.time() - t0:.0f}s; results in {cfg.out_dir}/results.json")
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+def main(argv=None):
+    cfg, created = None, False
+    try:
+        cfg = parse_config(argv)
+        validate(cfg)
+        ck = load_checkpoint(ckpt_path(cfg), cfg) if cfg.skip_train or cfg.resume else None
+        validate(cfg)  # again, with the checkpoint's model fields
+        text_ds = load_text(cfg)
+        created = not os.path.exists(cfg.out_dir)
+        run(cfg, ck, text_ds)
+    except (BadInput, torch.cuda.OutOfMemoryError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            e = "out of memory; lower --batch_size, --block_size, --n_embd or --analysis_batch"
+        print(f"nano_prune.py: error: {e}", file=sys.stderr)
+        if created and not os.path.exists(ckpt_path(cfg)):  # never lose a trained model
+            shutil.rmtree(cfg.out_dir, ignore_errors=True)
+        sys.exit(2)
+    except Diverged as e:
+        print(f"nano_prune.py: diverged: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt as e:
+        print(f"nano_prune.py: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
