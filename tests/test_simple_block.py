@@ -1,4 +1,5 @@
 """CPU tests for nano_simple_block.py (run: python -m pytest -q tests/test_simple_block.py)."""
+import copy
 import csv
 import dataclasses
 import json
@@ -214,7 +215,6 @@ def plain_block(block, layer=1, seed=3, **kw):
 
 def with_gains(blk, **gains):
     """The block with some scalar gains replaced (a copy)."""
-    import copy
     blk = copy.deepcopy(blk)
     with torch.no_grad():
         for n, v in gains.items():
