@@ -994,8 +994,8 @@ def train(cfg: Config, ds, device, ck=None):
     model = torch.compile(raw) if run.compile else raw
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None,
-                    broadcast_buffers=cfg.avgk_balance == "none")  # loads are all-reduced
+        own = {} if cfg.avgk_balance == "none" else dict(broadcast_buffers=False)  # loads: all-reduced
+        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None, **own)
     scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and device == "cuda"))
     first, t0, tps = st.step, time.time(), float("nan")
     mark = (t0, first)                           # start of the timed interval: (time, step)
