@@ -994,7 +994,7 @@ def train(cfg: Config, ds, device, ck=None):
     model = torch.compile(raw) if run.compile else raw
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        own = {} if cfg.avgk_balance == "none" else dict(broadcast_buffers=False)  # loads: all-reduced
+        own = {} if cfg.avgk_balance == "none" else dict(broadcast_buffers=False)  # all-reduced
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None, **own)
     scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and device == "cuda"))
     first, t0, tps = st.step, time.time(), float("nan")
