@@ -244,3 +244,12 @@ def test_bad_input_subprocess(name, tmp_path, text_file):
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "beta2" in r.stderr
     assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_no_line_over_100_characters(name):
+    """A reader's file: no line over 100 characters (URLs and a student copy's blanks aside)."""
+    path = importlib.import_module(name).__file__
+    long = [i + 1 for i, ln in enumerate(open(path, encoding="utf-8").read().split("\n"))
+            if len(ln) > 100 and "http" not in ln and 'NotImplementedError("exercise ' not in ln]
+    assert not long, f"{name}.py lines over 100 characters: {long[:10]}"
