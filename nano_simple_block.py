@@ -453,7 +453,7 @@ class GPT(nn.Module):
         return idx
 
 
-# ---- the paper's experiment: parameters (Sec. 4.1), loss vs step and time (Fig. 5), gains (Fig. 4)
+# ---- the paper's experiment: parameters (Sec. 4.2), loss vs step and time (Fig. 5), gains (Fig. 4)
 PAPER_NUMBERS = {
     "codeparrot_params_M": {"preln": 167, "sas": 146, "reduction": 0.13},
     "bert_speed_vs_preln": {"preln": 1.00, "parallel": 1.05, "vskip": 0.95, "sas": 1.09,
@@ -468,7 +468,7 @@ def count_params(model):
 
 
 def param_formula(cfg: Config, block: str) -> int:
-    """Trainable parameters of GPT(cfg with block), by hand: the arithmetic behind Sec. 4.1's
+    """Trainable parameters of GPT(cfg with block), by hand: the arithmetic behind Sec. 4.2's
     "167M -> 146M" (param_table counts the real models; tests check both agree).
     Whole model: token embedding (vocab x d, tied with the LM head), positions (block_size x d),
     the final norm (d), and in sasp_nonorm the norm kept in front of block 1 (d).
@@ -584,7 +584,7 @@ def run_compare(cfg, ds, device, ddp):
 # ---- making it fast: the same functions, computed faster (tests/test_simple_block.py checks
 # each against the plain form above, in float64)
 def cummean_fast(v, how="cumsum"):
-    """cummean(v) (Sec. 2) as the training path computes it (--cummean): cumsum, the same float32
+    """cummean(v) (part 2) as the training path computes it (--cummean): cumsum, the same float32
     scan; matmul, tril(ones) @ v on the tensor cores (float32 accumulation, the sum rounded once
     to v.dtype). v: (..., T, C) -> float32 (float64 stays float64). Its own copy of the scan, so
     that a student copy with the exercise cummean blanked still trains."""
@@ -862,7 +862,8 @@ def load_data(cfg):
 
 # ---- training
 def get_lr(it, cfg):
-    """Paper (Sec. 4, Fig. 11): linear warmup over 5% of the steps, then linear decay."""
+    """Linear warmup (paper: 5% of the steps), then linear decay to min_lr (paper, Sec. 4,
+    Fig. 11) or, with --schedule cosine, cosine decay."""
     warmup = warmup_iters(cfg)
     if it < warmup:
         return cfg.lr * (it + 1) / (warmup + 1)
