@@ -1504,7 +1504,7 @@ def _check_finite(loss, norm, step, path, kept, ptdtype):
     if norm is not None and ptdtype != torch.float16 and not math.isfinite(float(norm)):
         bad.append(f"grad norm is {float(norm)}")  # (fp16: the GradScaler skips such steps)
     if bad:
-        where = f"kept {path} (step {kept})" if kept else "no checkpoint was written yet"
+        where = f"kept {path} (step {kept})" if kept else "no checkpoint yet"
         raise Diverged(f"step {step}: {' and '.join(bad)}; {where}")
 
 

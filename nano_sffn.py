@@ -1066,7 +1066,7 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
 
 def check_finite(bad, st):
     if bool(bad.any()):
-        what = "loss" if bool(bad[0]) else "gradient norm"
+        what = "loss" if bool(bad[0]) else "grad norm"
         kept = f"kept {st.path} (step {st.ckpt})" if st.ckpt is not None else "no checkpoint yet"
         raise Diverged(f"step {st.step}: {what} is not finite; {kept}")
 
