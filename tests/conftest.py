@@ -26,6 +26,15 @@ if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine; restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_text(tmp_path):
     """A small UTF-8 text file for smoke runs through main()."""

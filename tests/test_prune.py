@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from snapshot import snapshot
+
 import nano_prune as npr
 
-torch.set_num_threads(1)
 
 
 def tiny_cfg(**kw):
@@ -53,28 +54,6 @@ def reference_forward(m, idx):
     return x @ m.lm_head.weight.T
 
 
-SNAPSHOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots")
-
-
-def snapshot(ex_id, name, value, rtol=1e-5, atol=1e-9):
-    """Compare `value` with entry `name` of tests/snapshots/<ex_id>.json: small reference values
-    made from the solution on a tiny seeded input (6 significant digits). NANO_UPDATE_SNAPSHOTS=1
-    rewrites the entry from the code under test (run it on the repository, never on a copy)."""
-    path = os.path.join(SNAPSHOTS, ex_id + ".json")
-    data = json.load(open(path)) if os.path.exists(path) else {}
-    value = np.asarray(value, dtype=np.float64)
-    if os.environ.get("NANO_UPDATE_SNAPSHOTS") == "1":
-        data["_made_by"] = ("tests/test_prune.py from the solution; regenerate with "
-                            "NANO_UPDATE_SNAPSHOTS=1 python -m pytest -q tests/test_prune.py")
-        data[name] = np.vectorize(lambda v: float(f"{v:.6g}"))(value).tolist()
-        os.makedirs(SNAPSHOTS, exist_ok=True)
-        with open(path, "w") as f:
-            f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
-                                        for k, v in sorted(data.items())) + "\n}\n")
-        return
-    assert name in data, f"{path} has no entry {name!r} (NANO_UPDATE_SNAPSHOTS=1 makes it)"
-    np.testing.assert_allclose(value, np.asarray(data[name], dtype=np.float64), rtol=rtol,
-                               atol=atol, err_msg=f"snapshot {ex_id}/{name}")
 
 
 def full_logits(m, idx):

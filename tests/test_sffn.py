@@ -10,41 +10,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from snapshot import snapshot
+
 import nano_sffn as S
 
 MASKED, GROUPED, AVGK, SWITCH, PKM = (pytest.mark.exercise("sffn_" + e)
                                       for e in ("masked", "grouped", "avgk", "switch", "pkm"))
-SNAPSHOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots")
-
-
-def snapshot(ex_id, name, value, rtol=1e-5, atol=1e-9):
-    """Compare `value` with entry `name` of tests/snapshots/<ex_id>.json: small reference values
-    made from the solution on a tiny seeded input (6 significant digits). NANO_UPDATE_SNAPSHOTS=1
-    rewrites the entry from the code under test (run it on the repository, never on a copy)."""
-    path = os.path.join(SNAPSHOTS, ex_id + ".json")
-    data = json.load(open(path)) if os.path.exists(path) else {}
-    is_int = not torch.is_tensor(value) or not value.is_floating_point()   # ids stay integers
-    value = np.asarray(value, dtype=np.int64 if is_int else np.float64)
-    if os.environ.get("NANO_UPDATE_SNAPSHOTS") == "1":
-        data["_made_by"] = ("tests/test_sffn.py from the solution; regenerate with "
-                            "NANO_UPDATE_SNAPSHOTS=1 python -m pytest -q tests/test_sffn.py")
-        data[name] = value.tolist() if is_int else np.vectorize(lambda v: float(f"{v:.6g}"))(value).tolist()
-        os.makedirs(SNAPSHOTS, exist_ok=True)
-        with open(path, "w") as f:
-            f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
-                                        for k, v in sorted(data.items())) + "\n}\n")
-        return
-    assert name in data, f"{path} has no entry {name!r} (NANO_UPDATE_SNAPSHOTS=1 makes it)"
-    np.testing.assert_allclose(value, np.asarray(data[name], dtype=value.dtype), rtol=rtol,
-                               atol=atol, err_msg=f"snapshot {ex_id}/{name}")
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest (and immune to a busy machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SPARSE = ("avgk", "vanillam", "switch", "topk", "base", "hash", "pkm")

@@ -11,47 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from snapshot import snapshot
+
 import nano_simple_block as S
 
 SHAPED = S.SHAPED_BLOCKS
 SOFTMAX, CUMMEAN, SHAPED_MATRIX, BLOCK, PARAMS = (
     pytest.mark.exercise("sb_" + e) for e in ("softmax", "cummean", "shaped", "block", "params"))
-SNAPSHOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snapshots")
 
 
-def snapshot(ex_id, name, value, rtol=1e-5, atol=1e-9):
-    """Compare `value` with entry `name` of tests/snapshots/<ex_id>.json: small reference values
-    made from the solution on a tiny seeded input (6 significant digits). NANO_UPDATE_SNAPSHOTS=1
-    rewrites the entry from the code under test (run it on the repository, never on a copy)."""
-    path = os.path.join(SNAPSHOTS, ex_id + ".json")
-    data = json.load(open(path)) if os.path.exists(path) else {}
-    value = np.asarray(value.detach() if torch.is_tensor(value) else value)
-    is_int = value.dtype.kind in "iu"  # parameter counts stay exact integers
-    value = value.astype(np.int64 if is_int else np.float64)
-    if os.environ.get("NANO_UPDATE_SNAPSHOTS") == "1":
-        data["_made_by"] = ("tests/test_simple_block.py from the solution; regenerate with "
-                            "NANO_UPDATE_SNAPSHOTS=1 python -m pytest -q tests/test_simple_block.py")
-        data[name] = value.tolist() if is_int else np.vectorize(lambda v: float(f"{v:.6g}"))(value).tolist()
-        os.makedirs(SNAPSHOTS, exist_ok=True)
-        with open(path, "w") as f:
-            f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}"
-                                        for k, v in sorted(data.items())) + "\n}\n")
-        return
-    assert name in data, f"{path} has no entry {name!r} (NANO_UPDATE_SNAPSHOTS=1 makes it)"
-    if is_int:
-        np.testing.assert_array_equal(value, np.asarray(data[name]), err_msg=f"snapshot {ex_id}/{name}")
-    else:
-        np.testing.assert_allclose(value, np.asarray(data[name], dtype=np.float64), rtol=rtol,
-                                   atol=atol, err_msg=f"snapshot {ex_id}/{name}")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest (and immune to a busy machine); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(block="sasp", **kw):
