@@ -20,6 +20,15 @@ SOFTMAX, CUMMEAN, SHAPED_MATRIX, BLOCK, PARAMS = (
     pytest.mark.exercise("sb_" + e) for e in ("softmax", "cummean", "shaped", "block", "params"))
 
 
+def assert_same_model(a, b, idx, tol=1e-10):
+    """Two GPTs with the same weights (float64): equal logits and every gradient."""
+    la, loss_a = a(idx, idx)
+    lb, loss_b = b(idx, idx)
+    assert (la - lb).abs().max().item() < tol
+    loss_a.backward()
+    loss_b.backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert (pa.grad - pb.grad).abs().max().item() < tol, n
 
 
 def tiny(block="sasp", **kw):
@@ -324,14 +333,7 @@ def test_sdpa_path_equals_explicit_path_float64(block, variant):
     perturb(fast)  # random alpha, beta, gamma and W^Q
     slow = S.GPT(dataclasses.replace(cfg, attn_impl="explicit")).double()
     slow.load_state_dict(fast.state_dict())
-    idx = torch.randint(0, 64, (3, 6))
-    lf, loss_f = fast(idx, idx)
-    ls, loss_s = slow(idx, idx)
-    assert (lf - ls).abs().max().item() < 1e-10
-    loss_f.backward()
-    loss_s.backward()
-    for (n, pf), ps in zip(fast.named_parameters(), slow.parameters()):
-        assert (pf.grad - ps.grad).abs().max().item() < 1e-10, n
+    assert_same_model(fast, slow, torch.randint(0, 64, (3, 6)))
 
 
 # ----------------------------------------------------------------------------- blocks against the paper's equations
@@ -619,14 +621,7 @@ def test_fused_forms_equal_plain_forms_float64(block, variant):
     perturb(fast)
     plain = S.GPT(dataclasses.replace(cfg, fused=False)).double()
     plain.load_state_dict(fast.state_dict())
-    idx = torch.randint(0, 64, (3, 6))
-    lf, loss_f = fast(idx, idx)
-    lp, loss_p = plain(idx, idx)
-    assert (lf - lp).abs().max().item() < 1e-10
-    loss_f.backward()
-    loss_p.backward()
-    for (n, pf), pp in zip(fast.named_parameters(), plain.parameters()):
-        assert (pf.grad - pp.grad).abs().max().item() < 1e-10, n
+    assert_same_model(fast, plain, torch.randint(0, 64, (3, 6)))
 
 
 def test_all_plain_equals_all_fast_float64():
