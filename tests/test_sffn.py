@@ -563,12 +563,18 @@ def test_masked_gradient_reaches_only_the_chosen_blocks():
     assert (gw != 0).all()
 
 
-@MASKED
-def test_masked_snapshot():
-    torch.manual_seed(22)
-    layer, _ = make_layer("hash", g=2, d=4, d_m=8, d_ff=4)                # B = 4, b = 2
+def snapshot_layer(seed):
+    """A tiny fixed-selection layer (B = 4 blocks of g = 2, b = 2) with unit-scale K and V."""
+    torch.manual_seed(seed)
+    layer, _ = make_layer("hash", g=2, d=4, d_m=8, d_ff=4)
     with torch.no_grad():
         layer.K.normal_(), layer.V.normal_()
+    return layer
+
+
+@MASKED
+def test_masked_snapshot():
+    layer = snapshot_layer(22)
     x = torch.randn(2, 4, dtype=torch.float64)
     ids = torch.tensor([[0, 3], [2, 1]])
     w = torch.tensor([[0.25, 1.0], [0.5, 2.0]], dtype=torch.float64)
@@ -707,10 +713,7 @@ def test_grouped_direct_with_empty_and_crowded_blocks(dtype):
 
 @GROUPED
 def test_grouped_snapshot():
-    torch.manual_seed(29)
-    layer, _ = make_layer("hash", g=2, d=4, d_m=8, d_ff=4)                # B = 4, b = 2
-    with torch.no_grad():
-        layer.K.normal_(), layer.V.normal_()
+    layer = snapshot_layer(29)
     x = torch.randn(3, 4, dtype=torch.float64)
     ids = torch.tensor([[3, 1], [1, 3], [2, 1]])
     w = torch.tensor([[0.5, 1.0], [2.0, 0.25], [1.0, 1.0]], dtype=torch.float64)
