@@ -608,8 +608,10 @@ def sdpa_attention(att, q, k, v, scale=None):
     # the three terms are combined in float32 and rounded once; torch.compile fuses them
     acc = torch.promote_types(v.dtype, torch.float32)
     y = b * o.to(acc) + a * v.to(acc)
-    if att.matrix == "shaped":
-        y = y - c * cummean_fast(v, att.cummean_how)
+    if att.matrix == "shaped":  # C is the same for every head: one (T, T) x (T, d) per sequence
+        B, H, T, dh = v.shape   # (v is a head split of (B, T, d): no copy to merge the heads)
+        cm = cummean_fast(v.transpose(1, 2).reshape(B, T, H * dh), att.cummean_how)
+        y = y - c * cm.view(B, T, H, dh).transpose(1, 2)
     return y.to(v.dtype)
 
 

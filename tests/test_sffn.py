@@ -711,6 +711,24 @@ def test_grouped_direct_with_empty_and_crowded_blocks(dtype):
                 torch.testing.assert_close(a, b, **tol)
 
 
+def test_expand_and_sum_pairs_are_adjoint_gathers():
+    """The row moves of the grouped path: ExpandPairs x -> x[tok] and SumPairs ys -> sum of each
+    token's pairs, against plain indexing / index_add, and torch.autograd.gradcheck of both."""
+    torch.manual_seed(30)
+    N, b, d = 5, 3, 4
+    ids = torch.stack([torch.randperm(6)[:b] for _ in range(N)])            # (N, b) distinct
+    _, order = ids.reshape(-1).sort(stable=True)
+    tok = order // b
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * b)).view(N, b)
+    x = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    ys = torch.randn(N * b, d, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(S.ExpandPairs.apply(x, tok, inv), x[tok])
+    ref = torch.zeros(N, d, dtype=torch.float64).index_add(0, tok, ys)
+    torch.testing.assert_close(S.SumPairs.apply(ys, tok, inv), ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: S.ExpandPairs.apply(t, tok, inv), (x,))
+    assert torch.autograd.gradcheck(lambda t: S.SumPairs.apply(t, tok, inv), (ys,))
+
+
 @GROUPED
 def test_grouped_snapshot():
     layer = snapshot_layer(29)
