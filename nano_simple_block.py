@@ -67,7 +67,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -273,12 +272,11 @@ class Attention(nn.Module):
         self.n_head, self.d = H, d
         self.attn_impl, self.cummean_how = cfg.attn_impl, cfg.cummean
         shaped = cfg.block in SHAPED_BLOCKS
-        self.matrix = "softmax" if not shaped else cfg.attn_matrix
-        if cfg.block in ("preln", "parallel", "vskip"):
-            self.values, self.has_proj = "matrix", True
-        else:
-            self.values = "first" if (layer_idx == 0 and cfg.first_value) else "identity"
-            self.has_proj = False
+        self.matrix = cfg.attn_matrix if shaped else "softmax"
+        self.has_proj = cfg.block in ("preln", "parallel", "vskip")  # SAS: W^P = I
+        self.values = "first" if layer_idx == 0 and cfg.first_value else "identity"
+        if self.has_proj:
+            self.values = "matrix"
         # W^Q and W^K fused, with biases (the only biases in the model, as in the official code)
         self.c_qk = nn.Linear(d, 2 * d, bias=True)
         if self.values == "matrix":
@@ -335,12 +333,9 @@ class Attention(nn.Module):
 
     def coefficients(self, scale=None):
         """(alpha, beta, gamma) as (H or 1, 1, 1) tensors, times the branch gain if given."""
-        H = self.alpha.numel()
-        a, b = self.alpha, self.beta
-        c = self.gamma if self.matrix == "shaped" else torch.zeros_like(a)  # Eq. 4: no gamma C
-        if scale is not None:
-            a, b, c = a * scale, b * scale, c * scale
-        return a.view(H, 1, 1), b.view(H, 1, 1), c.view(H, 1, 1)
+        c = self.gamma if self.matrix == "shaped" else torch.zeros_like(self.alpha)  # Eq. 4: no C
+        return tuple((g if scale is None else g * scale).view(-1, 1, 1)
+                     for g in (self.alpha, self.beta, c))
 
     def attention_matrix(self, q, k, scale=None):  # (B, H, T, T), as the official code builds it
         A = causal_softmax(q, k)  # Eq. 2
@@ -499,10 +494,8 @@ def param_formula(cfg: Config, block: str) -> int:
 def param_table(cfg: Config):
     """Trainable parameters of every block at cfg's shape, counted on models built on the meta
     device (no memory, no compute); param_formula gives the same numbers by hand."""
-    counts = {}
-    for b in BLOCKS:
-        with torch.device("meta"):
-            counts[b] = count_params(GPT(with_block(cfg, b)))
+    with torch.device("meta"):
+        counts = {b: count_params(GPT(with_block(cfg, b))) for b in BLOCKS}
     return [{"block": b, "params": n, "reduction_vs_preln": 1 - n / counts["preln"]}
             for b, n in counts.items()]
 
@@ -521,35 +514,24 @@ def format_param_table(rows):
 
 def learned_gains(model):
     """The learned scalars per block (what the paper plots in Figs. 4, 16-20)."""
-    out = []
-    for b in model.blocks:
-        row = {n: float(getattr(b, n).detach()) for n in ("beta_sa", "beta_ff", "alpha_ff")
-               if hasattr(b, n)}
-        for n in ("alpha", "beta", "gamma", "alpha_v", "beta_v"):
-            if hasattr(b.attn, n):
-                row[n] = getattr(b.attn, n).detach().float().cpu().tolist()
-        out.append(row)
-    return out
+    names = ("beta_sa", "beta_ff", "alpha_ff", "alpha", "beta", "gamma", "alpha_v", "beta_v")
+    return [{n: getattr(m, n).detach().float().cpu().tolist() for n in names
+             for m in (b, b.attn) if hasattr(m, n)} for b in model.blocks]
 
 
 def plot_runs(runs, out_dir, prefix="loss"):
     """The paper's two views (Figs. 5, 23): validation loss against step and against time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.switch_backend("Agg")
     for xkey, xlabel, name in (("step", "step", "step"), ("train_s", "training time (s)", "time")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6, 4), layout="tight")
         for label, rows in runs.items():
-            pts = [(r[xkey], r["val_loss"]) for r in rows if r["step"] > 0]
-            if pts:
-                ax.plot(*zip(*pts), label=label, marker=".")
+            rows = [r for r in rows if r["step"] > 0]
+            ax.plot([r[xkey] for r in rows], [r["val_loss"] for r in rows], ".-", label=label)
         ax.set(xlabel=xlabel, ylabel="validation loss", title=f"validation loss vs {name}")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-        fig.tight_layout()
+        ax.legend()
         fig.savefig(os.path.join(out_dir, f"{prefix}_vs_{name}.png"), dpi=120)
         plt.close(fig)
 
@@ -558,8 +540,7 @@ def run_compare(cfg, ds, device, ddp):
     """Train each block with the same seed and data order (Fig. 5); a table and the two plots."""
     runs, table = {}, []
     for b in cfg.compare.split(","):
-        sub = dataclasses.replace(with_block(cfg, b), out_dir=os.path.join(cfg.out_dir, b),
-                                  compare="")
+        sub = with_block(cfg, b, out_dir=os.path.join(cfg.out_dir, b), compare="")
         os.makedirs(sub.out_dir, exist_ok=True)
         res, runs[b] = train(sub, ds, device, ddp)
         table.append({"block": b, **{k: res["final"][k] for k in (
@@ -574,8 +555,7 @@ def run_compare(cfg, ds, device, ddp):
          f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
          f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}"] for r in table])
     print(text)
-    with open(os.path.join(cfg.out_dir, "compare.md"), "w") as f:
-        f.write(text + "\n")
+    write_file(os.path.join(cfg.out_dir, "compare.md"), lambda f: f.write(text + "\n"))
     write_json({"script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "table": table,
                 "paper": PAPER_NUMBERS}, os.path.join(cfg.out_dir, "compare.json"))
     plot_runs(runs, cfg.out_dir, prefix="compare_loss")
@@ -781,11 +761,12 @@ def parse_config(argv=None) -> Config:
     return with_block(cfg, cfg.block)
 
 
-def with_block(cfg: Config, block: str) -> Config:
-    """cfg for this block: the gpu preset takes the block's tuned LR unless --lr was given."""
+def with_block(cfg: Config, block: str, **over) -> Config:
+    """cfg for this block (and overrides), keeping cfg.explicit: the gpu preset takes the block's
+    tuned LR unless --lr was given."""
     explicit = getattr(cfg, "explicit", set())
     lr = GPU_LR[block] if cfg.preset == "gpu" and "lr" not in explicit else cfg.lr
-    new = dataclasses.replace(cfg, block=block, lr=lr)
+    new = dataclasses.replace(cfg, block=block, lr=lr, **over)
     new.explicit = explicit
     return new
 
@@ -808,22 +789,21 @@ def validate(cfg: Config):
 
 
 def validate_numbers(c: Config):
-    for n in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
-              "eval_interval", "eval_iters", "log_interval", "bench_iters", "bench_rounds"):
-        if getattr(c, n) < 1:
-            raise BadInput(f"--{n} must be >= 1 (got {getattr(c, n)})")
-    for n in ("max_iters", "warmup_iters", "stop_at", "sample_tokens", "bench_warmup", "vocab_size",
-              "min_lr", "weight_decay", "grad_clip", "norm_eps"):
-        if not 0 <= getattr(c, n) < math.inf:
-            raise BadInput(f"--{n} must be >= 0 (got {getattr(c, n)})")
-    for n, ok, want in [("lr", 0 < c.lr < math.inf, "> 0"), ("min_lr", c.min_lr <= c.lr, "<= --lr"),
-                        ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"),
-                        ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
-                        ("adam_eps", 0 < c.adam_eps < math.inf, "> 0"),
-                        ("warmup_frac", 0 <= c.warmup_frac <= 1, "in [0, 1]"),
-                        ("beta_sa", math.isfinite(c.beta_sa), "finite"),
-                        ("beta_ff", math.isfinite(c.beta_ff), "finite (< 0: the default)"),
-                        ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)")]:
+    """One table of (flag, ok, what it must be), checked in order."""
+    checks = [(n, getattr(c, n) >= 1, ">= 1") for n in (
+        "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
+        "eval_interval", "eval_iters", "log_interval", "bench_iters", "bench_rounds")]
+    checks += [(n, 0 <= getattr(c, n) < math.inf, ">= 0") for n in (
+        "max_iters", "warmup_iters", "stop_at", "sample_tokens", "bench_warmup", "vocab_size",
+        "min_lr", "weight_decay", "grad_clip", "norm_eps")]
+    checks += [("lr", 0 < c.lr < math.inf, "> 0"), ("min_lr", c.min_lr <= c.lr, "<= --lr"),
+               ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
+               ("adam_eps", 0 < c.adam_eps < math.inf, "> 0"),
+               ("warmup_frac", 0 <= c.warmup_frac <= 1, "in [0, 1]"),
+               ("beta_sa", math.isfinite(c.beta_sa), "finite"),
+               ("beta_ff", math.isfinite(c.beta_ff), "finite (< 0: the default)"),
+               ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)")]
+    for n, ok, want in checks:
         if not ok:
             raise BadInput(f"--{n} must be {want} (got {getattr(c, n)})")
     if c.n_embd % c.n_head:
@@ -884,9 +864,8 @@ def make_optimizer(model, cfg, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             **({"fused": True} if fused else {}))
+                             fused=device_type == "cuda" or None)
 
 
 @torch.no_grad()
@@ -992,9 +971,8 @@ def train_step(r, ds, cfg, device, ddp):
     for micro in range(cfg.grad_accum):
         x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=device,
                             generator=r["gen"], rank=ddp[0], world_size=ddp[1])
-        sync = contextlib.nullcontext()
-        if ddp[1] > 1 and micro < cfg.grad_accum - 1:
-            sync = r["cmodel"].no_sync()  # DDP: all-reduce the gradients only once
+        last = micro == cfg.grad_accum - 1  # DDP: all-reduce the gradients only once, at the last
+        sync = r["cmodel"].no_sync() if ddp[1] > 1 and not last else contextlib.nullcontext()
         with sync, autocast_ctx(device, r["dtype"]):
             _, loss = r["cmodel"](x, y)
         r["scaler"].scale(loss / cfg.grad_accum).backward()
@@ -1014,8 +992,7 @@ def check_finite(r, loss, norm, step):
     device: reading it syncs, so on CUDA it is read only now and then)."""
     if loss is not None and bool(r["bad"]):
         what = f"loss is {float(loss)}" if not torch.isfinite(loss) else f"grad norm is {norm}"
-        kept = f"kept {kept_checkpoint(r)}" if r["ckpt_step"] is not None else "no checkpoint yet"
-        raise Diverged(f"step {step}: {what}; {kept}")
+        raise Diverged(f"step {step}: {what}; last good checkpoint: {kept_checkpoint(r)}")
 
 
 def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
@@ -1026,7 +1003,7 @@ def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
     model = r["cmodel"] if ddp[1] == 1 else r["cmodel"].module
     losses = evaluate(model, ds, cfg, device, r["dtype"], *ddp)
     tps = (tokens - r["tokens_mark"]) / interval if step > 0 and interval > 0 else float("nan")
-    mfu = tps * r["fpt"] / r["peak"] if r["peak"] and tps == tps else float("nan")
+    mfu = tps * r["fpt"] / r["peak"] if r["peak"] else float("nan")
     r["log"].append({"step": step, "tokens": tokens, "elapsed_s": round(now - r["t_start"], 3),
                      "train_s": round(r["train_s"], 3), "lr": lr, "train_loss": losses["train"],
                      "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu,
@@ -1041,18 +1018,18 @@ def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
 
 def gain_means(model):
     """Mean of beta_SA and beta_FF over blocks (learned; nan for blocks without them)."""
-    out = {}
-    for name in ("beta_sa", "beta_ff"):
-        vals = [float(getattr(b, name).detach()) for b in model.blocks if hasattr(b, name)]
-        out[name + "_mean"] = sum(vals) / len(vals) if vals else float("nan")
+    rows, out = learned_gains(model), {}
+    for n in ("beta_sa", "beta_ff"):
+        vals = [row[n] for row in rows if n in row]
+        out[n + "_mean"] = sum(vals) / len(vals) if vals else float("nan")
     return out
 
 
 def finish_run(r, cfg, ds, device, master):
     """results.json, the plots and a sample of text."""
     rows, model = r["log"], r["model"]
-    tps = [x["tokens_per_s"] for x in rows[2:] if x["tokens_per_s"] == x["tokens_per_s"]] or \
-        [x["tokens_per_s"] for x in rows if x["tokens_per_s"] == x["tokens_per_s"]]  # (compile)
+    tps = [x["tokens_per_s"] for x in rows if not math.isnan(x["tokens_per_s"])]
+    tps = tps[1:] or tps  # (the first interval includes compiling)
     last = rows[-1]
     final = {"train_loss": last["train_loss"], "val_loss": last["val_loss"],
              "val_ppl": math.exp(last["val_loss"]), "params": count_params(model),
@@ -1076,11 +1053,11 @@ def finish_run(r, cfg, ds, device, master):
 def save_checkpoint(r, cfg, step):
     """ckpt.pt: model, optimizer, config, step, log and RNG states; written atomically."""
     cuda = torch.cuda.get_rng_state() if r["device"].type == "cuda" else None
-    atomic_save({"script": SCRIPT, "model": r["model"].state_dict(), "step": step,
-                 "optimizer": r["optimizer"].state_dict(), "scaler": r["scaler"].state_dict(),
-                 "config": dataclasses.asdict(cfg), "log": r["log"], "train_s": r["train_s"],
-                 "rng": {"data": r["gen"].get_state(), "torch": torch.get_rng_state(),
-                         "cuda": cuda}}, r["ckpt"])
+    ck = {"script": SCRIPT, "model": r["model"].state_dict(), "step": step,
+          "optimizer": r["optimizer"].state_dict(), "scaler": r["scaler"].state_dict(),
+          "config": dataclasses.asdict(cfg), "log": r["log"], "train_s": r["train_s"],
+          "rng": {"data": r["gen"].get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
+    write_file(r["ckpt"], lambda f: torch.save(ck, f), "wb")
     r["ckpt_step"] = step
 
 
@@ -1106,7 +1083,7 @@ def load_checkpoint(path, cfg):
         if k in ARCH_FIELDS and k != "vocab_size" and ck["config"].get(k) != getattr(cfg, k):
             raise BadInput(f"checkpoint has {k}={ck['config'].get(k)} but --{k} "
                            f"{getattr(cfg, k)} was given")
-    return ck, dataclasses.replace(cfg, **{k: ck["config"][k] for k in ARCH_FIELDS})
+    return ck, with_block(cfg, **{k: ck["config"][k] for k in ARCH_FIELDS})
 
 
 def restore_checkpoint(r, ck, device):
@@ -1181,23 +1158,23 @@ def git_commit():
         return None
 
 
-def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
+def write_file(path, write, mode="w"):
+    """write(f) into path.tmp, then rename it: never a half-written file."""
+    with open(path + ".tmp", mode, newline=None if "b" in mode else "") as f:
+        write(f)
     os.replace(path + ".tmp", path)
 
 
 def write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
+    write_file(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
 def write_log(rows, path):
-    with open(path + ".tmp", "w", newline="") as f:
+    def write(f):
         w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(path + ".tmp", path)
+    write_file(path, write)
 
 
 def setup_ddp(cfg):
@@ -1219,12 +1196,10 @@ def prepare(argv):
     ck, ds = None, None
     if cfg.resume:
         ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
-    if cfg.bench:
-        cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 50257)
-    else:
+    if not cfg.bench:
         ds = load_data(cfg)
-        cfg = dataclasses.replace(cfg, vocab_size=max(cfg.vocab_size, ds.vocab_size))
-    return dataclasses.replace(cfg, vocab_size=64 * math.ceil(cfg.vocab_size / 64)), ds, ck
+    vocab = cfg.vocab_size or 50257 if ds is None else max(cfg.vocab_size, ds.vocab_size)
+    return with_block(cfg, cfg.block, vocab_size=64 * math.ceil(vocab / 64)), ds, ck
 
 
 def run_mode(cfg, ds, ck, device, ddp):
@@ -1255,7 +1230,7 @@ def main(argv=None):
         created = cfg.out_dir if not os.path.exists(cfg.out_dir) and ddp[0] == 0 else None
         try:
             run_mode(cfg, ds, ck, device, ddp)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        except RuntimeError as e:  # (torch.cuda.OutOfMemoryError is one)
             if not isinstance(e, torch.cuda.OutOfMemoryError) and "allocate memory" not in str(e):
                 raise
             raise BadInput(f"out of memory at batch_size {cfg.batch_size}, block_size "
@@ -1263,17 +1238,12 @@ def main(argv=None):
                            "lower them (or raise --grad_accum)") from None
         if ddp[1] > 1:
             torch.distributed.destroy_process_group()
-    except BadInput as e:
-        if created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):  # (keep results)
-            shutil.rmtree(created, ignore_errors=True)
-        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        print(f"{SCRIPT}.py: diverged: {e}", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt as e:
-        print(f"{SCRIPT}.py: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+    except (BadInput, Diverged, KeyboardInterrupt) as e:  # one line; exit 2, 3 or 130
+        code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
+        if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
+            shutil.rmtree(created, ignore_errors=True)  # (a run with a checkpoint is kept)
+        print(f"{SCRIPT}.py: {what}{e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
