@@ -274,9 +274,8 @@ class Attention(nn.Module):
         shaped = cfg.block in SHAPED_BLOCKS
         self.matrix = cfg.attn_matrix if shaped else "softmax"
         self.has_proj = cfg.block in ("preln", "parallel", "vskip")  # SAS: W^P = I
-        self.values = "first" if layer_idx == 0 and cfg.first_value else "identity"
-        if self.has_proj:
-            self.values = "matrix"
+        first = layer_idx == 0 and cfg.first_value
+        self.values = "matrix" if self.has_proj else "first" if first else "identity"
         # W^Q and W^K fused, with biases (the only biases in the model, as in the official code)
         self.c_qk = nn.Linear(d, 2 * d, bias=True)
         if self.values == "matrix":
