@@ -278,16 +278,15 @@ class Attention(nn.Module):
         self.values = "matrix" if self.has_proj else "first" if first else "identity"
         # W^Q and W^K fused, with biases (the only biases in the model, as in the official code)
         self.c_qk = nn.Linear(d, 2 * d, bias=True)
-        if self.values == "matrix":
+        if self.has_proj:  # (then values == "matrix")
             self.c_v = nn.Linear(d, d, bias=False)  # W^V
+            self.c_proj = nn.Linear(d, d, bias=False)  # W^P
         if self.values == "first":
             # Eq. 6 for W_1^V = alpha_V I + beta_V dW: dW = 0 at init, alpha_V = beta_V = 1 (fn. 6)
             self.dW_v = nn.Parameter(torch.zeros(d, d))
             _gain(self, "alpha_v", torch.tensor(1.0), cfg.trainable_gains)
             _gain(self, "beta_v", torch.tensor(1.0), cfg.trainable_gains)
             self.register_buffer("eye", torch.eye(d), persistent=False)
-        if self.has_proj:
-            self.c_proj = nn.Linear(d, d, bias=False)  # W^P
         if shaped:  # Eqs. 4-5: alpha_h, beta_h (, gamma_h) per head, trainable, no weight decay
             n = H if cfg.gains == "head" else 1
             _gain(self, "alpha", torch.ones(n), cfg.trainable_gains)
@@ -1118,8 +1117,7 @@ def flops_per_token(model, cfg):
 
 
 def resolve_device(cfg):
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    ok = {"cuda": torch.cuda.is_available(), "mps": mps, "cpu": True}
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if cfg.device == "auto":
         return torch.device(next(d for d, have in ok.items() if have))
     return torch.device(cfg.device if ok[cfg.device] else "cpu")
@@ -1141,8 +1139,8 @@ def autocast_ctx(device, dtype):
 def maybe_compile(model, cfg, device):
     if not (cfg.compile if cfg.compile is not None else device.type == "cuda"):
         return model, False
-    if not hasattr(torch, "compile") or device.type == "mps":
-        print("note: torch.compile is not available here; running eagerly", file=sys.stderr)
+    if device.type == "mps":
+        print("note: torch.compile is not available on MPS; running eagerly", file=sys.stderr)
         return model, False
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     return torch.compile(model, mode=mode), True
