@@ -40,7 +40,7 @@ block by the mean of its keys (no new parameters, no gradient) and keeps the top
 
 Compute paths (--impl): `masked` computes all d_m cells and zeroes the unselected blocks (the
 plain reference); `grouped` sorts the (token, block) pairs by block and runs one grouped GEMM per
-FFN matrix (section "making it fast"); `auto` takes grouped on CUDA for g >= 128.
+FFN matrix (section "making it fast"); `auto` takes grouped on CUDA for g >= 64.
 
 Departures (measured at the gpu preset; see README): VanillaM scores all d_m cells and PKM keeps
 H*k cells, so they are not compute-matched (+53% and -12% active FLOPs/token); the top-k aux loss
@@ -713,10 +713,10 @@ def compute_dtype(x):
 
 def use_grouped(layer, device_type, dtype, d):
     """--impl: grouped or masked as asked; auto = grouped only where it was measured faster
-    (CUDA, torch's grouped GEMM, g >= 128; see --bench). PKM: its EmbeddingBag read."""
+    (CUDA, torch's grouped GEMM, g >= 64; see --bench). PKM: its EmbeddingBag read."""
     if isinstance(layer, ProductKeyMemory) or layer.impl in ("grouped", "masked"):
         return layer.impl != "masked"
-    return (device_type == "cuda" and layer.g >= 128
+    return (device_type == "cuda" and layer.g >= 64
             and native_grouped_ok("cuda", dtype, d, layer.g, layer.B))
 
 

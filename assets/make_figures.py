@@ -75,6 +75,85 @@ def sffn_probe(rows):
                   f"{float(r['dead_frac']):.1%} | {r['dead_by_layer']} | {r['maxload_by_layer']} |")
 
 
+BLOCKS = ("preln", "parallel", "vskip", "sas", "sasp", "sasp_nonorm")
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def interval_tps(curve):
+    """Median tokens/s over a run's eval intervals: robust to the compile (first interval) and
+    to a recompile after --resume."""
+    return median([float(c["tokens_per_s"]) for c in curve if c["tokens_per_s"] != "nan"])
+
+
+def simple_block_bench(rows):
+    """--bench rows (assets/simple_block_bench.csv): ms/step and speed against Pre-LN."""
+    print("\nThroughput, full training steps, random tokens (best of 3 rounds):\n")
+    print("| shape | entry | params | ms/step | tokens/s | speed vs Pre-LN |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        params = f"{int(r['params']) / 1e6:.2f}M" if r["params"] else ""
+        speed = f"{float(r['speed_vs_preln']):.3f}x" if r["speed_vs_preln"] else ""
+        print(f"| {r['shape']} | {r['entry']} | {params} | {float(r['ms_per_step']):.2f} | "
+              f"{int(r['tokens_per_s']):,} | {speed} |")
+
+
+def simple_block_parity(rows, steps=5000):
+    """The per-step comparison at each block's tuned LR (issue 11): table, loss-vs-step/time."""
+    runs = defaultdict(list)  # block -> rows of full-budget runs
+    for r in rows:
+        if int(r["steps"]) == steps:
+            runs[r["block"]].append(r)
+    order = [b for b in BLOCKS if b in runs]
+    if not order:
+        return
+    base = mean_half_range([float(r["val_loss"]) for r in runs["preln"]])[0] if "preln" in runs \
+        else None
+    print(f"\nPer-step comparison, {steps} steps at each block's tuned LR (val loss mean ± "
+          "half-range over seeds):\n")
+    print("| block | params | peak LR | seeds | tokens/s (training) | val loss | val ppl | "
+          "vs Pre-LN (nats) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b in order:
+        v = [float(r["val_loss"]) for r in runs[b]]
+        m, h = mean_half_range(v)
+        tps = median([interval_tps(read(r["note"].split("curve: ")[-1].split(";")[0]))
+                      for r in runs[b]])
+        seeds = ",".join(r["seed"] for r in runs[b])
+        delta = "" if base is None or b == "preln" else f"{m - base:+.4f}"
+        print(f"| {b} | {int(runs[b][0]['params']) / 1e6:.2f}M | {float(runs[b][0]['lr']):g} | "
+              f"{seeds} | {tps:,.0f} | {m:.4f} ± {h:.4f} | {math.exp(m):.3f} | {delta} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = dict(zip(BLOCKS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for b in order:
+        for i, r in enumerate(runs[b]):
+            name = r["note"].split("curve: ")[-1].split(";")[0]
+            curve = read(name)
+            pts = [(int(c["step"]), float(c["train_s"]), float(c["val_loss"])) for c in curve
+                   if int(c["step"]) > 0]
+            kw = dict(color=colors[b], lw=1.2, ls="-" if i == 0 else "--",
+                      label=b if i == 0 else None)
+            axes[0].plot([p[0] for p in pts], [p[2] for p in pts], **kw)
+            axes[1].plot([p[1] for p in pts], [p[2] for p in pts], **kw)
+    for ax, xl in zip(axes, ("step", "training time (s, evaluation excluded)")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("val loss")
+        ax.set_ylim(1.3, 2.2)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="solid: seed 1337, dashed: seed 2")
+    fig.suptitle(f"18 x 768, T 128, batch 128, {steps} steps at each block's tuned LR (H200)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "simple_block_parity.png"), dpi=110)
+
+
 if __name__ == "__main__":
     simple_block_sweep(read("simple_block_gpu_runs.csv"))
+    simple_block_parity(read("simple_block_gpu_runs.csv"))
+    simple_block_bench(read("simple_block_bench.csv"))
     sffn_probe(read("sffn_gpu_runs.csv"))

@@ -318,7 +318,7 @@ def test_cummean_fast_equals_C_times_v(how):
     assert (out.double() - C @ vb.double()).abs().max().item() < 2e-2
 
 
-VARIANTS = [{}, {"gains": "layer"}, {"attn_matrix": "vskip"}, {"cummean": "matmul"}]
+VARIANTS = [{}, {"gains": "layer"}, {"attn_matrix": "vskip"}, {"cummean": "cumsum"}]
 
 
 @SOFTMAX
