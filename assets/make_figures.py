@@ -135,13 +135,15 @@ def simple_block_parity(rows, steps=5000):
         for i, r in enumerate(runs[b]):
             name = r["note"].split("curve: ")[-1].split(";")[0]
             curve = read(name)
-            pts = [(int(c["step"]), float(c["train_s"]), float(c["val_loss"])) for c in curve
+            tps = interval_tps(curve)  # time at the run's median speed: compile times vary
+            pts = [(int(c["step"]), int(c["tokens"]) / tps, float(c["val_loss"])) for c in curve
                    if int(c["step"]) > 0]
             kw = dict(color=colors[b], lw=1.2, ls="-" if i == 0 else "--",
                       label=b if i == 0 else None)
             axes[0].plot([p[0] for p in pts], [p[2] for p in pts], **kw)
             axes[1].plot([p[1] for p in pts], [p[2] for p in pts], **kw)
-    for ax, xl in zip(axes, ("step", "training time (s, evaluation excluded)")):
+    for ax, xl in zip(axes, ("step", "seconds at the run's median tokens/s\n(compile "
+                                      "and evaluation excluded)")):
         ax.set_xlabel(xl)
         ax.set_ylabel("val loss")
         ax.set_ylim(1.3, 2.2)
