@@ -838,22 +838,18 @@ class Parser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
-def build_parser():
+def parse_config(argv=None) -> Config:
+    """One flag per Config field; the preset first, then the flags given (cfg.explicit)."""
     p = Parser(prog="nano_sffn.py", argument_default=argparse.SUPPRESS,
                description="Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)")
     for f in dataclasses.fields(Config):
-        kw = dict(help=f"{f.metadata['help']} (default: {f.default})")
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
         if f.default is None or isinstance(f.default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw.update(type=type(f.default), choices=f.metadata["choices"])
         p.add_argument(f"--{f.name}", **kw)
-    return p
-
-
-def parse_config(argv=None) -> Config:
-    """Preset first, then the flags given; cfg.explicit = the names of the flags given."""
-    args = vars(build_parser().parse_args(argv))
+    args = vars(p.parse_args(argv))
     preset = args.get("preset", "auto")
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
@@ -883,27 +879,25 @@ def resolve_device(name):
     return name
 
 
-POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-            "eval_interval", "eval_iters", "sffn_every", "bench_tokens", "bench_iters",
-            "pkm_heads", "pkm_knn", "pkm_dq")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "stop_at", "d_ff", "d_m", "g", "b", "base_iters",
-                "sample_tokens", "weight_decay", "grad_clip", "aux_alpha", "capacity_factor")
+RULES = (  # (flags, what each must be, the test)
+    (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
+      "eval_iters", "sffn_every", "bench_tokens", "bench_iters", "pkm_heads", "pkm_knn",
+      "pkm_dq"), "an integer >= 1", lambda v: v >= 1),
+    (("max_iters", "warmup_iters", "stop_at", "d_ff", "d_m", "g", "b", "base_iters",
+      "sample_tokens", "weight_decay", "grad_clip", "aux_alpha", "capacity_factor"),
+     "a finite number >= 0", lambda v: 0 <= v < math.inf),
+    (("lr", "key_init_std", "balance_rate"), "a finite number > 0", lambda v: 0 < v < math.inf),
+    (("beta1", "beta2"), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("seed", "hash_seed"), "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
+)
 
 
 def validate(cfg: Config, device: str = "cpu") -> Config:
     """Reject bad settings (BadInput) and fill the derived sizes d_ff, d_m, g, b. Writes nothing."""
-    rules = [(n, "an integer >= 1", getattr(cfg, n) >= 1) for n in POSITIVE]
-    rules += [(n, "a finite number >= 0", 0 <= getattr(cfg, n) < math.inf) for n in NON_NEGATIVE]
-    rules += [("lr", "a finite number > 0", 0 < cfg.lr < math.inf),
-              ("min_lr", f"in [0, lr={cfg.lr}]", 0 <= cfg.min_lr <= cfg.lr),
-              ("beta1", "in [0, 1)", 0 <= cfg.beta1 < 1),
-              ("beta2", "in [0, 1)", 0 <= cfg.beta2 < 1),
-              ("key_init_std", "a finite number > 0", 0 < cfg.key_init_std < math.inf),
-              ("balance_rate", "a finite number > 0", 0 < cfg.balance_rate < math.inf),
-              ("seed", "in [0, 2**32)", 0 <= cfg.seed < 2 ** 32),
-              ("hash_seed", "in [0, 2**32)", 0 <= cfg.hash_seed < 2 ** 32)]
-    for name, want, ok in rules:
-        need(ok, f"--{name} must be {want} (got {getattr(cfg, name)})")
+    for names, want, ok in RULES:
+        for n in names:
+            need(ok(getattr(cfg, n)), f"--{n} must be {want} (got {getattr(cfg, n)})")
+    need(0 <= cfg.min_lr <= cfg.lr, f"--min_lr must be in [0, lr={cfg.lr}] (got {cfg.min_lr})")
     need(cfg.n_embd % cfg.n_head == 0, f"--n_head {cfg.n_head} does not divide --n_embd")
     need(cfg.avgk_balance == "none" or cfg.selector == "avgk" or cfg.compare,
          "--avgk_balance bias balances Avg-K: use it with --selector avgk")
@@ -992,25 +986,25 @@ def evaluate(raw, ds, cfg, run):
 def setup_run(cfg, device):
     """DDP (torchrun), device, dtype, autocast, compile: what a run is made of."""
     ddp, rank, world = int(os.environ.get("RANK", -1)) != -1, 0, 1
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if ddp:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     ptdtype = getattr(torch, dtype)
-    autocast = torch.autocast(device, dtype=ptdtype, enabled=ptdtype != torch.float32)
     use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     if use_compile and device == "mps":
         note("note: torch.compile is not used on MPS; running eagerly")
         use_compile = False
-    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None)
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
-                           dev=dev, dtype=dtype, ptdtype=ptdtype, autocast=autocast,
-                           compile=use_compile,
-                           tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
+    return SimpleNamespace(
+        ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, dtype=dtype,
+        dev=torch.device(device, local if device == "cuda" else None), ptdtype=ptdtype,
+        autocast=torch.autocast(device, dtype=ptdtype, enabled=ptdtype != torch.float32),
+        compile=use_compile, tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
 
 
 def train(cfg: Config, ds, device, ck=None):
@@ -1035,8 +1029,8 @@ def train(cfg: Config, ds, device, ck=None):
     first, t0, tps = st.step, time.time(), float("nan")
     mark = (t0, first)                           # start of the timed interval: (time, step)
     bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
-    pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector) \
-        if run.master and cfg.progress else None
+    pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector,
+                disable=not (run.master and cfg.progress))
     try:
         while True:
             stop = st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
@@ -1045,26 +1039,23 @@ def train(cfg: Config, ds, device, ck=None):
                 sync(device)
                 if st.step > mark[1]:
                     tps = (st.step - mark[1]) * run.tokens / (time.time() - mark[0])
-                log_eval(cfg, ds, run, st, tps, total, time.time() - t0, pbar)
+                log_eval(cfg, ds, run, st, tps, total, time.time() - t0)
                 mark = (time.time(), st.step)
             if stop:
                 break
             ce = train_step(model, ds, cfg, run, st, scaler, bad)
             if device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: with the loss sync
                 check_finite(bad, st)
-                if pbar is not None:
-                    pbar.set_postfix(loss=f"{ce.item():.3f}")
+                pbar.set_postfix(loss=f"{ce.item():.3f}")
             if st.step - first == 3:                   # compile and warm-up done: restart the clock
                 sync(device)
                 mark = (time.time(), st.step)
-            if pbar is not None:
-                pbar.update(1)
+            pbar.update(1)
     except KeyboardInterrupt:
         kept = f"{st.path} (step {st.ckpt})" if st.ckpt is not None else "none"
         raise KeyboardInterrupt(f"interrupted at step {st.step}; last checkpoint: {kept}") from None
     st.elapsed += time.time() - t0
-    if pbar is not None:
-        pbar.close()
+    pbar.close()
     return finish_run(cfg, ds, run, st, total, rows)
 
 
@@ -1106,7 +1097,12 @@ def check_finite(bad, st):
         raise Diverged(f"step {st.step}: {what} is not finite; {kept}")
 
 
-def log_eval(cfg, ds, run, st, tps, total, elapsed, pbar):
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
+             "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
+
+
+def log_eval(cfg, ds, run, st, tps, total, elapsed):
     """Evaluate, append a row to log.csv, print it, checkpoint (not at step 0: nanoGPT's rule)."""
     losses, health = evaluate(st.raw, ds, cfg, run)
     name = torch.cuda.get_device_name() if run.device == "cuda" else ""
@@ -1116,18 +1112,18 @@ def log_eval(cfg, ds, run, st, tps, total, elapsed, pbar):
                        train_loss=losses["train"], val_loss=losses["val"], tokens_per_s=tps,
                        mfu=tps * 3 * total["fwd_flops"] / peak if peak and tps == tps else None,
                        **health))
-    if run.master:
-        write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
-        msg = f"step {st.step}: train {losses['train']:.4f} val {losses['val']:.4f}"
-        msg += f" tok/s {tps:,.0f}"
-        ents = [v for k, v in health.items() if k.endswith("_entropy")]
+    if not run.master:
+        return
+    write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
+    msg = f"step {st.step}: train {losses['train']:.4f} val {losses['val']:.4f} tok/s {tps:,.0f}"
+    ents = [v for k, v in health.items() if k.endswith("_entropy")]
+    if ents:
         deads = [v for k, v in health.items() if k.endswith("_dead")]
-        if ents:
-            msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
-        (pbar.write if pbar is not None else print)(msg)
-        if st.step > 0:
-            save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
-            st.ckpt = st.step
+        msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
+    tqdm.write(msg)
+    if st.step > 0:
+        save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
+        st.ckpt = st.step
 
 
 def finish_run(cfg, ds, run, st, total, rows):
@@ -1161,11 +1157,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
-             "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
-
-
 def git_commit():
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
@@ -1192,10 +1183,10 @@ def write_csv(path, rows):
 def write_table(out_dir, name, rows, head=""):
     """name.csv and name.md (a markdown table under an optional head line); returns the md."""
     write_csv(os.path.join(out_dir, f"{name}.csv"), rows)
-    md = ([head, ""] if head else []) + markdown(rows)
+    md = "\n".join(([head, ""] if head else []) + markdown(rows))
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    return "\n".join(md)
+        f.write(md + "\n")
+    return md
 
 
 def write_run_info(cfg, ds, run, rows, total, vocab):
@@ -1222,7 +1213,6 @@ def save_checkpoint(st, cfg, device, elapsed):
     os.replace(st.path + ".tmp", st.path)
 
 
-CKPT_KEYS = ("script", "model", "optimizer", "step", "config")
 ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
         "sffn_every", "activation", "pkm_heads", "pkm_knn", "pkm_dq", "hash_seed", "dataset",
         "tokenizer")
@@ -1234,7 +1224,8 @@ def load_checkpoint(path, cfg):
     """Read and check a checkpoint; settings not given on the command line come from it."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        if not (isinstance(ck, dict) and set(CKPT_KEYS) <= set(ck)):
+        if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config"}
+                <= set(ck)):
             raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -1273,14 +1264,13 @@ def main(argv=None):
             need(not (cfg.bench or cfg.compare), "--resume cannot take --bench or --compare")
             ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
             validate(cfg, device)
-        ds = None
-        try:
-            if not cfg.bench:
+        if not cfg.bench:
+            try:
                 ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
                                        data_dir=cfg.data_dir or None)
                 ds.check_block_size(cfg.block_size)
-        except data.DataError as e:
-            raise BadInput(str(e)) from None
+            except data.DataError as e:
+                raise BadInput(str(e)) from None
         created = None if os.path.exists(cfg.out_dir) else cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.bench:
