@@ -2,9 +2,8 @@
 
 Paper: Zeyu Leo Liu, Tim Dettmers, Xi Victoria Lin, Veselin Stoyanov, Xian Li, "Towards A Unified
 View of Sparse Feed-Forward Network in Pretraining Large Language Model", EMNLP 2023,
-arXiv:2305.13999. No official code was released: this is a from-scratch reimplementation of the
-paper's framework, its method Avg-K, and the selectors it compares. Equations carry this file's
-numbers (1)-(5); the paper's own equation numbers are not quoted (its full text was not at hand).
+arXiv:2305.13999. A from-scratch reimplementation (no official code was released) of its framework,
+its method Avg-K and the selectors it compares. Equation numbers (1)-(5) are this file's own.
 
 The idea (the paper's unified view: MoE and sparse memory are both "memory with large key and
 value tables"). A transformer FFN is a key-value memory with keys K = W1 and values V = W2^T,
@@ -38,9 +37,8 @@ block by the mean of its keys (no new parameters, no gradient) and keeps the top
                 hash     : fixed random map token id -> blocks         (Roller et al. 2021)
                 avgk     : top-b of x . mean(K_beta)                   (this paper) (3)-(5)
 
-Compute paths (--impl): `masked` computes all d_m cells and zeroes the unselected blocks (the
-plain reference); `grouped` sorts the (token, block) pairs by block and runs one grouped GEMM per
-FFN matrix (section "making it fast"); `auto` takes grouped on CUDA for g >= 128.
+--impl: `masked` computes all d_m cells and zeroes the unselected blocks (the reference); `grouped`
+runs one grouped GEMM per FFN matrix ("making it fast"); `auto` = grouped on CUDA for g >= 128.
 
 Departures (measured at the gpu preset; see README): VanillaM scores all d_m cells and PKM keeps
 H*k cells, so they are not compute-matched (+53% and -12% active FLOPs/token); the top-k aux loss
@@ -55,13 +53,11 @@ Run it
     python nano_sffn.py --preset gpu --compare dense,switch:2048,hash:2048,topk:256,avgk:64
     python nano_sffn.py --bench 2048,512,256,64 --device cuda   # layer fwd+bwd timings per g
     torchrun --standalone --nproc_per_node 8 nano_sffn.py --preset gpu   # DDP
-    python -m pytest -q tests/test_sffn.py
 
 Reading map: Config -> the FFN as a memory (DenseFFN, (1)) -> the S-FFN (SparseFFN, (2)) and its
-selectors in the paper's order: sparse memory (VanillaM; PKM in its own module after the class),
-then the gates (Switch, top-k, BASE), Hash, and Avg-K -> the model (GPT) -> the experiment (FLOPs
-table, routing health, --compare, plots) -> making it fast (grouped GEMM, --bench) -> command
-line, validation, training loop, checkpoints, main().
+selectors: VanillaM (PKM: its own module), Switch, top-k, BASE, Hash, Avg-K -> the model (GPT) ->
+the experiment (FLOPs, routing health, --compare) -> making it fast (grouped GEMM, --bench) ->
+command line, training loop, checkpoints.
 """
 
 from __future__ import annotations
@@ -83,6 +79,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import data
@@ -108,9 +105,8 @@ class Config:
     activation: str = _f("gelu", "f, the FFN nonlinearity", ("gelu", "relu"))
     impl: str = _f("auto", "masked (reference) or grouped (fast)", ("auto", "masked", "grouped"))
     avgk_weight: str = _f("none", "Avg-K weight w: none (paper) or softmax", ("none", "softmax"))
-    # K init and score precision were probed for the dead blocks at the gpu preset (README):
-    # std 0.02 / 0.03 / 0.044 and float32 scores all left 34-37% of blocks dead, so the defaults
-    # stay nanoGPT's 0.02 and the autocast dtype (float32 cost 2% tokens/s for no change).
+    # probed for the dead blocks at the gpu preset (README): std 0.02 / 0.03 / 0.044 and float32
+    # scores all left 34-37% of blocks dead, so the defaults stay 0.02 and the autocast dtype
     key_init_std: float = _f(0.02, "std of the N(0, s^2) init of the keys K")
     select_fp32: bool = _f(False, "Avg-K selection scores in float32 (default: the autocast dtype)")
     avgk_balance: str = _f("none", "Avg-K load balancing: none (paper) | bias (loss-free, not in "
@@ -165,10 +161,8 @@ class Config:
 
 
 PRESETS = {
-    # laptop CPU, a few minutes: char Shakespeare, 4 layers, 2 sparse layers with d_m = 4c
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, d_ff=512, d_m=2048, g=64,
-                batch_size=16, max_iters=600, lr=2e-3, min_lr=2e-4, warmup_iters=60,
-                eval_interval=100, eval_iters=10),
+    # laptop CPU, a few minutes: Config's defaults (char Shakespeare, 4 layers, d_m = 4c)
+    "cpu": dict(),
     # one H100, the brief's miniature: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048.
     # 6000 x 16k = 98M tokens of pycode_all (~70-100M GPT-2 tokens): each token seen about once.
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, d_ff=2048, d_m=16384, g=256,
@@ -197,7 +191,6 @@ class DenseFFN(nn.Module):
         self.act = ACTIVATIONS[act]
         self.K = nn.Parameter(torch.randn(c, d) * 0.02)                           # keys k_i
         self.V = nn.Parameter(torch.randn(c, d) * 0.02 / math.sqrt(2 * n_layer))  # values v_i
-        self.track = False
 
     def forward(self, x, idx=None, ids=None):  # x (N, d) -> (N, d), aux
         return self.act(x @ self.K.t()) @ self.V, x.new_zeros(())             # (1)
@@ -360,8 +353,8 @@ class SparseFFN(nn.Module):
                 s_sel = f32(s_sel) + self.sel_bias
             ids = s_sel.topk(self.b, dim=-1).indices                  # (N, b) TopK_b (5)
         if self.balance and self.training:  # load of each block in this optimizer step
-            self.load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1),
-                                                                        dtype=self.load.dtype))
+            flat = ids.reshape(-1)
+            self.load.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
         w = None                                                      # w_beta = 1 (5)
         if self.avgk_weight == "softmax":  # optional: softmax of the kept scores (grad to x only)
             w = torch.softmax(f32(s).gather(1, ids), -1)
@@ -503,9 +496,8 @@ class GPT(nn.Module):
             logits[:, vocab_size:] = -float("inf")                    # never the padding ids
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
             logits[logits < v[:, [-1]]] = -float("inf")
-            probs = torch.softmax(logits.float(), -1).cpu()
-            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator).to(idx.device)],
-                            1)
+            nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator)
+            idx = torch.cat([idx, nxt.to(idx.device)], 1)
         return idx
 
 
@@ -545,16 +537,6 @@ def flop_table(cfg: Config, model: GPT):
                  params_ffn=sum(r["params"] for r in rows), ffn_flops=ffn,
                  select_flops=sum(r["select_flops"] for r in rows), fwd_flops=other + ffn)
     return rows, total
-
-
-def flop_summary(cfg, total):
-    """The head of flops.txt: the settings, then the whole model's totals."""
-    return [f"FLOPs/params per FFN layer (forward, per token): selector={cfg.selector} "
-            f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} B={cfg.d_m // cfg.g}",
-            f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward FLOPs/token "
-            f"{total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
-            f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
-            ""]
 
 
 def routing_health(layer):
@@ -623,21 +605,13 @@ def markdown(rows):
 
 def save_plot(path, title, panels):
     """One figure, one axis per panel; panels = [(axis title, [(label, steps, values), ...])]."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return note("note: matplotlib is not installed; plots skipped (pip install matplotlib)")
-    fig, axes = plt.subplots(1, len(panels), figsize=(1 + 4 * len(panels), 3.5), squeeze=False)
-    for ax, (name, lines) in zip(axes[0], panels):
+    fig = Figure(figsize=(1 + 4 * len(panels), 3.5), layout="tight")
+    for ax, (name, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, steps, values in lines:
             ax.plot(steps, values, label=label, marker=".")
         ax.set_title(name, fontsize=9), ax.set_xlabel("step"), ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_run(out_dir, rows, title):
@@ -646,13 +620,13 @@ def plot_run(out_dir, rows, title):
     save_plot(os.path.join(out_dir, "loss.png"), title, [("loss", [
         (split, steps, [r[f"{split}_loss"] for r in rows]) for split in ("train", "val")])])
     layers = sorted({k.split("_")[0] for k in rows[0] if k[0] == "L" and k.endswith("_entropy")})
-    panels = [(name, [(f"layer {L[1:]}", steps, [r.get(f"{L}_{key}", math.nan) for r in rows])
-                      for L in layers])
-              for key, name in (("entropy", "block-usage entropy / log B"),
-                                ("dead", "fraction of blocks never selected"),
-                                ("maxload", "max load / mean load"))]
     if layers:
-        save_plot(os.path.join(out_dir, "routing_health.png"), f"routing health: {title}", panels)
+        save_plot(os.path.join(out_dir, "routing_health.png"), f"routing health: {title}", [
+            (name, [(f"layer {L[1:]}", steps, [r.get(f"{L}_{key}", math.nan) for r in rows])
+                    for L in layers])
+            for key, name in (("entropy", "block-usage entropy / log B"),
+                              ("dead", "fraction of blocks never selected"),
+                              ("maxload", "max load / mean load"))])
 
 
 # ---------------------------------------------------------------- making it fast
@@ -871,7 +845,7 @@ def need(ok, msg):
 
 
 def resolve_device(name):
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     need((name != "cuda" or torch.cuda.is_available()) and (name != "mps" or mps),
@@ -948,7 +922,7 @@ def get_lr(it, cfg):
 
 def make_optimizer(model, cfg, device_type):
     """AdamW; decay on matrices and embeddings (K, V, gates) only, not on norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     extra = dict(fused=True) if device_type == "cuda" else {}
@@ -970,11 +944,10 @@ def evaluate(raw, ds, cfg, run):
                                 generator=egen, rank=run.rank, world_size=run.world)
             with run.autocast:
                 losses.append(raw(x, y)[1].float())
-        out[split] = torch.stack(losses).mean()
+        loss = torch.stack(losses).mean()
         if run.ddp:
-            torch.distributed.all_reduce(out[split])
-            out[split] /= run.world
-        out[split] = out[split].item()
+            torch.distributed.all_reduce(loss)
+        out[split] = loss.item() / run.world
     health = {}
     for i, layer in raw.sparse_layers():
         layer.track = False
@@ -1192,7 +1165,13 @@ def write_table(out_dir, name, rows, head=""):
 def write_run_info(cfg, ds, run, rows, total, vocab):
     """flops.txt (the paper's cost side, also printed) and config.json."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    text = "\n".join(flop_summary(cfg, total) + markdown(rows))
+    text = "\n".join([
+        f"FLOPs/params per FFN layer (forward, per token): selector={cfg.selector} "
+        f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} B={cfg.d_m // cfg.g}",
+        f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward FLOPs/token "
+        f"{total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
+        f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
+        ""] + markdown(rows))
     print(text)
     with open(os.path.join(cfg.out_dir, "flops.txt"), "w") as f:
         f.write(text + "\n")
