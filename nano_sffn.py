@@ -832,13 +832,6 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-def note(msg, _printed=set()):
-    """Print each note once."""
-    if msg not in _printed:
-        _printed.add(msg)
-        print(msg)
-
-
 def need(ok, msg):
     if not ok:
         raise BadInput(msg)
@@ -971,7 +964,7 @@ def setup_run(cfg, device):
     ptdtype = getattr(torch, dtype)
     use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     if use_compile and device == "mps":
-        note("note: torch.compile is not used on MPS; running eagerly")
+        print("note: torch.compile is not used on MPS; running eagerly")
         use_compile = False
     return SimpleNamespace(
         ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, dtype=dtype,
@@ -996,8 +989,8 @@ def train(cfg: Config, ds, device, ck=None):
     model = torch.compile(raw) if run.compile else raw
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        own = {} if cfg.avgk_balance == "none" else dict(broadcast_buffers=False)  # all-reduced
-        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None, **own)
+        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None,
+                    broadcast_buffers=cfg.avgk_balance == "none")  # bias: all-reduced load
     scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and device == "cuda"))
     first, t0, tps = st.step, time.time(), float("nan")
     mark = (t0, first)                           # start of the timed interval: (time, step)
@@ -1079,7 +1072,7 @@ def log_eval(cfg, ds, run, st, tps, total, elapsed):
     """Evaluate, append a row to log.csv, print it, checkpoint (not at step 0: nanoGPT's rule)."""
     losses, health = evaluate(st.raw, ds, cfg, run)
     name = torch.cuda.get_device_name() if run.device == "cuda" else ""
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if name else None
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
                        elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step, cfg),
                        train_loss=losses["train"], val_loss=losses["val"], tokens_per_s=tps,
@@ -1244,23 +1237,20 @@ def main(argv=None):
             ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
             validate(cfg, device)
         if not cfg.bench:
-            try:
-                ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
-                                       data_dir=cfg.data_dir or None)
-                ds.check_block_size(cfg.block_size)
-            except data.DataError as e:
-                raise BadInput(str(e)) from None
+            ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
+                                   data_dir=cfg.data_dir or None)
+            ds.check_block_size(cfg.block_size)
         created = None if os.path.exists(cfg.out_dir) else cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.bench:
             return run_bench(cfg, device)
         for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
-            note(n)
+            print(n)
         return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
-    except (BadInput, torch.cuda.OutOfMemoryError) as e:
+    except (BadInput, data.DataError, torch.cuda.OutOfMemoryError) as e:
         if created and os.path.isdir(created):
             shutil.rmtree(created, ignore_errors=True)
-        msg = str(e) if isinstance(e, BadInput) else (
+        msg = str(e) if not isinstance(e, torch.cuda.OutOfMemoryError) else (
             "out of memory; lower --batch_size, --block_size, --n_embd, --d_m or --n_layer")
         print(f"nano_sffn.py: error: {msg}", file=sys.stderr)
         sys.exit(2)
