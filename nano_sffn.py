@@ -504,8 +504,7 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------- the experiment: FLOPs, health
 def layer_flops(cfg: Config, selector: str):
     """Per token, forward, multiply-add = 2 FLOPs: (cell FLOPs, selection FLOPs, params)."""
-    d, c, d_m, g = cfg.n_embd, cfg.d_ff, cfg.d_m, cfg.g
-    B = d_m // g if g else 1
+    d, c, d_m, B = cfg.n_embd, cfg.d_ff, cfg.d_m, cfg.d_m // cfg.g
     if selector == "dense":
         return 4 * d * c, 0, 2 * d * c
     if selector == "avgk":      # 2dB scores (+ d_m*d per step for the key means, amortized away)
@@ -609,7 +608,9 @@ def save_plot(path, title, panels):
     for ax, (name, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, steps, values in lines:
             ax.plot(steps, values, label=label, marker=".")
-        ax.set_title(name, fontsize=9), ax.set_xlabel("step"), ax.legend(fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120)
 
