@@ -73,6 +73,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -1104,7 +1105,7 @@ def finish_run(cfg, ds, run, st, total, rows):
         flops=dict(total, per_ffn_layer=rows), impl=impl,     # forward FLOPs per token
         routing_health={k: v for k, v in f.items() if k[0] == "L"})
     if run.master:
-        write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        Path(cfg.out_dir, "results.json").write_text(json.dumps(results, indent=2))
         plot_run(cfg.out_dir, st.log, cfg.selector)
         if cfg.sample_tokens > 0:
             st.raw.eval()
@@ -1133,11 +1134,6 @@ def git_commit():
         return None
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
 def write_csv(path, rows):
     """rows (dicts) to path, atomically (log.csv is rewritten at every eval)."""
     with open(path + ".tmp", "w", newline="") as f:
@@ -1151,8 +1147,7 @@ def write_table(out_dir, name, rows, head=""):
     """name.csv and name.md (a markdown table under an optional head line); returns the md."""
     write_csv(os.path.join(out_dir, f"{name}.csv"), rows)
     md = "\n".join(([head, ""] if head else []) + markdown(rows))
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(md + "\n")
+    Path(out_dir, f"{name}.md").write_text(md + "\n")
     return md
 
 
@@ -1167,13 +1162,12 @@ def write_run_info(cfg, ds, run, rows, total, vocab):
         f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
         ""] + markdown(rows))
     print(text)
-    with open(os.path.join(cfg.out_dir, "flops.txt"), "w") as f:
-        f.write(text + "\n")
-    write_json(os.path.join(cfg.out_dir, "config.json"), dict(
+    Path(cfg.out_dir, "flops.txt").write_text(text + "\n")
+    Path(cfg.out_dir, "config.json").write_text(json.dumps(dict(
         config=asdict(cfg), torch=torch.__version__, device=run.device,
         device_name=torch.cuda.get_device_name() if run.device == "cuda" else run.device,
         git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
-        vocab_size=ds.vocab_size, vocab_padded=vocab))
+        vocab_size=ds.vocab_size, vocab_padded=vocab), indent=2))
 
 
 def save_checkpoint(st, cfg, device, elapsed):
