@@ -1232,9 +1232,12 @@ def main(argv=None):
             ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
             validate(cfg, device)
         if not cfg.bench:
-            ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
-                                   data_dir=cfg.data_dir or None)
-            ds.check_block_size(cfg.block_size)
+            try:
+                ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
+                                       data_dir=cfg.data_dir or None)
+                ds.check_block_size(cfg.block_size)
+            except data.DataError as e:  # only here: later ones must not remove a run's files
+                raise BadInput(str(e)) from None
         created = None if os.path.exists(cfg.out_dir) else cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.bench:
@@ -1242,10 +1245,10 @@ def main(argv=None):
         for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
             print(n)
         return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
-    except (BadInput, data.DataError, torch.cuda.OutOfMemoryError) as e:
+    except (BadInput, torch.cuda.OutOfMemoryError) as e:
         if created and os.path.isdir(created):
             shutil.rmtree(created, ignore_errors=True)
-        msg = str(e) if not isinstance(e, torch.cuda.OutOfMemoryError) else (
+        msg = str(e) if isinstance(e, BadInput) else (
             "out of memory; lower --batch_size, --block_size, --n_embd, --d_m or --n_layer")
         print(f"nano_sffn.py: error: {msg}", file=sys.stderr)
         sys.exit(2)
