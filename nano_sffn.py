@@ -2,9 +2,8 @@
 
 Paper: Zeyu Leo Liu, Tim Dettmers, Xi Victoria Lin, Veselin Stoyanov, Xian Li, "Towards A Unified
 View of Sparse Feed-Forward Network in Pretraining Large Language Model", EMNLP 2023,
-arXiv:2305.13999. No official code was released: this is a from-scratch reimplementation of the
-paper's framework, its method Avg-K, and the selectors it compares. Equations carry this file's
-numbers (1)-(5); the paper's own equation numbers are not quoted (its full text was not at hand).
+arXiv:2305.13999. A from-scratch reimplementation (no official code was released) of its framework,
+its method Avg-K and the selectors it compares. Equation numbers (1)-(5) are this file's own.
 
 The idea (the paper's unified view: MoE and sparse memory are both "memory with large key and
 value tables"). A transformer FFN is a key-value memory with keys K = W1 and values V = W2^T,
@@ -38,9 +37,8 @@ block by the mean of its keys (no new parameters, no gradient) and keeps the top
                 hash     : fixed random map token id -> blocks         (Roller et al. 2021)
                 avgk     : top-b of x . mean(K_beta)                   (this paper) (3)-(5)
 
-Compute paths (--impl): `masked` computes all d_m cells and zeroes the unselected blocks (the
-plain reference); `grouped` sorts the (token, block) pairs by block and runs one grouped GEMM per
-FFN matrix (section "making it fast"); `auto` takes grouped on CUDA for g >= 64.
+--impl: `masked` computes all d_m cells and zeroes the unselected blocks (the reference); `grouped`
+runs one grouped GEMM per FFN matrix ("making it fast"); `auto` = grouped on CUDA for g >= 64.
 
 Departures (measured at the gpu preset; see README): VanillaM scores all d_m cells and PKM keeps
 H*k cells, so they are not compute-matched (+53% and -12% active FLOPs/token); the top-k aux loss
@@ -55,13 +53,11 @@ Run it
     python nano_sffn.py --preset gpu --compare dense,switch:2048,hash:2048,topk:256,avgk:64
     python nano_sffn.py --bench 2048,512,256,64 --device cuda   # layer fwd+bwd timings per g
     torchrun --standalone --nproc_per_node 8 nano_sffn.py --preset gpu   # DDP
-    python -m pytest -q tests/test_sffn.py
 
 Reading map: Config -> the FFN as a memory (DenseFFN, (1)) -> the S-FFN (SparseFFN, (2)) and its
-selectors in the paper's order: sparse memory (VanillaM; PKM in its own module after the class),
-then the gates (Switch, top-k, BASE), Hash, and Avg-K -> the model (GPT) -> the experiment (FLOPs
-table, routing health, --compare, plots) -> making it fast (grouped GEMM, --bench) -> command
-line, validation, training loop, checkpoints, main().
+selectors: VanillaM (PKM: its own module), Switch, top-k, BASE, Hash, Avg-K -> the model (GPT) ->
+the experiment (FLOPs, routing health, --compare) -> making it fast (grouped GEMM, --bench) ->
+command line, training loop, checkpoints.
 """
 
 from __future__ import annotations
@@ -77,12 +73,14 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import data
@@ -108,9 +106,8 @@ class Config:
     activation: str = _f("gelu", "f, the FFN nonlinearity", ("gelu", "relu"))
     impl: str = _f("auto", "masked (reference) or grouped (fast)", ("auto", "masked", "grouped"))
     avgk_weight: str = _f("none", "Avg-K weight w: none (paper) or softmax", ("none", "softmax"))
-    # K init and score precision were probed for the dead blocks at the gpu preset (README):
-    # std 0.02 / 0.03 / 0.044 and float32 scores all left 34-37% of blocks dead, so the defaults
-    # stay nanoGPT's 0.02 and the autocast dtype (float32 cost 2% tokens/s for no change).
+    # probed for the dead blocks at the gpu preset (README): std 0.02 / 0.03 / 0.044 and float32
+    # scores all left 34-37% of blocks dead, so the defaults stay 0.02 and the autocast dtype
     key_init_std: float = _f(0.02, "std of the N(0, s^2) init of the keys K")
     select_fp32: bool = _f(False, "Avg-K selection scores in float32 (default: the autocast dtype)")
     avgk_balance: str = _f("none", "Avg-K load balancing: none (paper) | bias (loss-free, not in "
@@ -165,10 +162,8 @@ class Config:
 
 
 PRESETS = {
-    # laptop CPU, a few minutes: char Shakespeare, 4 layers, 2 sparse layers with d_m = 4c
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, d_ff=512, d_m=2048, g=64,
-                batch_size=16, max_iters=600, lr=2e-3, min_lr=2e-4, warmup_iters=60,
-                eval_interval=100, eval_iters=10),
+    # laptop CPU, a few minutes: Config's defaults (char Shakespeare, 4 layers, d_m = 4c)
+    "cpu": dict(),
     # one H100, the brief's miniature: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048.
     # 6000 x 16k = 98M tokens of pycode_all (~70-100M GPT-2 tokens): each token seen about once.
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, d_ff=2048, d_m=16384, g=256,
@@ -197,7 +192,6 @@ class DenseFFN(nn.Module):
         self.act = ACTIVATIONS[act]
         self.K = nn.Parameter(torch.randn(c, d) * 0.02)                           # keys k_i
         self.V = nn.Parameter(torch.randn(c, d) * 0.02 / math.sqrt(2 * n_layer))  # values v_i
-        self.track = False
 
     def forward(self, x, idx=None, ids=None):  # x (N, d) -> (N, d), aux
         return self.act(x @ self.K.t()) @ self.V, x.new_zeros(())             # (1)
@@ -360,8 +354,8 @@ class SparseFFN(nn.Module):
                 s_sel = f32(s_sel) + self.sel_bias
             ids = s_sel.topk(self.b, dim=-1).indices                  # (N, b) TopK_b (5)
         if self.balance and self.training:  # load of each block in this optimizer step
-            self.load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1),
-                                                                        dtype=self.load.dtype))
+            flat = ids.reshape(-1)
+            self.load.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
         w = None                                                      # w_beta = 1 (5)
         if self.avgk_weight == "softmax":  # optional: softmax of the kept scores (grad to x only)
             w = torch.softmax(f32(s).gather(1, ids), -1)
@@ -503,17 +497,15 @@ class GPT(nn.Module):
             logits[:, vocab_size:] = -float("inf")                    # never the padding ids
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
             logits[logits < v[:, [-1]]] = -float("inf")
-            probs = torch.softmax(logits.float(), -1).cpu()
-            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator).to(idx.device)],
-                            1)
+            nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator)
+            idx = torch.cat([idx, nxt.to(idx.device)], 1)
         return idx
 
 
 # ---------------------------------------------------------------- the experiment: FLOPs, health
 def layer_flops(cfg: Config, selector: str):
     """Per token, forward, multiply-add = 2 FLOPs: (cell FLOPs, selection FLOPs, params)."""
-    d, c, d_m, g = cfg.n_embd, cfg.d_ff, cfg.d_m, cfg.g
-    B = d_m // g if g else 1
+    d, c, d_m, B = cfg.n_embd, cfg.d_ff, cfg.d_m, cfg.d_m // cfg.g
     if selector == "dense":
         return 4 * d * c, 0, 2 * d * c
     if selector == "avgk":      # 2dB scores (+ d_m*d per step for the key means, amortized away)
@@ -545,16 +537,6 @@ def flop_table(cfg: Config, model: GPT):
                  params_ffn=sum(r["params"] for r in rows), ffn_flops=ffn,
                  select_flops=sum(r["select_flops"] for r in rows), fwd_flops=other + ffn)
     return rows, total
-
-
-def flop_summary(cfg, total):
-    """The head of flops.txt: the settings, then the whole model's totals."""
-    return [f"FLOPs/params per FFN layer (forward, per token): selector={cfg.selector} "
-            f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} B={cfg.d_m // cfg.g}",
-            f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward FLOPs/token "
-            f"{total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
-            f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
-            ""]
 
 
 def routing_health(layer):
@@ -623,21 +605,15 @@ def markdown(rows):
 
 def save_plot(path, title, panels):
     """One figure, one axis per panel; panels = [(axis title, [(label, steps, values), ...])]."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return note("note: matplotlib is not installed; plots skipped (pip install matplotlib)")
-    fig, axes = plt.subplots(1, len(panels), figsize=(1 + 4 * len(panels), 3.5), squeeze=False)
-    for ax, (name, lines) in zip(axes[0], panels):
+    fig = Figure(figsize=(1 + 4 * len(panels), 3.5), layout="tight")
+    for ax, (name, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, steps, values in lines:
             ax.plot(steps, values, label=label, marker=".")
-        ax.set_title(name, fontsize=9), ax.set_xlabel("step"), ax.legend(fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_run(out_dir, rows, title):
@@ -646,13 +622,13 @@ def plot_run(out_dir, rows, title):
     save_plot(os.path.join(out_dir, "loss.png"), title, [("loss", [
         (split, steps, [r[f"{split}_loss"] for r in rows]) for split in ("train", "val")])])
     layers = sorted({k.split("_")[0] for k in rows[0] if k[0] == "L" and k.endswith("_entropy")})
-    panels = [(name, [(f"layer {L[1:]}", steps, [r.get(f"{L}_{key}", math.nan) for r in rows])
-                      for L in layers])
-              for key, name in (("entropy", "block-usage entropy / log B"),
-                                ("dead", "fraction of blocks never selected"),
-                                ("maxload", "max load / mean load"))]
     if layers:
-        save_plot(os.path.join(out_dir, "routing_health.png"), f"routing health: {title}", panels)
+        save_plot(os.path.join(out_dir, "routing_health.png"), f"routing health: {title}", [
+            (name, [(f"layer {L[1:]}", steps, [r.get(f"{L}_{key}", math.nan) for r in rows])
+                    for L in layers])
+            for key, name in (("entropy", "block-usage entropy / log B"),
+                              ("dead", "fraction of blocks never selected"),
+                              ("maxload", "max load / mean load"))])
 
 
 # ---------------------------------------------------------------- making it fast
@@ -838,22 +814,18 @@ class Parser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
-def build_parser():
+def parse_config(argv=None) -> Config:
+    """One flag per Config field; the preset first, then the flags given (cfg.explicit)."""
     p = Parser(prog="nano_sffn.py", argument_default=argparse.SUPPRESS,
                description="Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)")
     for f in dataclasses.fields(Config):
-        kw = dict(help=f"{f.metadata['help']} (default: {f.default})")
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
         if f.default is None or isinstance(f.default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw.update(type=type(f.default), choices=f.metadata["choices"])
         p.add_argument(f"--{f.name}", **kw)
-    return p
-
-
-def parse_config(argv=None) -> Config:
-    """Preset first, then the flags given; cfg.explicit = the names of the flags given."""
-    args = vars(build_parser().parse_args(argv))
+    args = vars(p.parse_args(argv))
     preset = args.get("preset", "auto")
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
@@ -862,20 +834,13 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-def note(msg, _printed=set()):
-    """Print each note once."""
-    if msg not in _printed:
-        _printed.add(msg)
-        print(msg)
-
-
 def need(ok, msg):
     if not ok:
         raise BadInput(msg)
 
 
 def resolve_device(name):
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     need((name != "cuda" or torch.cuda.is_available()) and (name != "mps" or mps),
@@ -883,27 +848,25 @@ def resolve_device(name):
     return name
 
 
-POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-            "eval_interval", "eval_iters", "sffn_every", "bench_tokens", "bench_iters",
-            "pkm_heads", "pkm_knn", "pkm_dq")
-NON_NEGATIVE = ("max_iters", "warmup_iters", "stop_at", "d_ff", "d_m", "g", "b", "base_iters",
-                "sample_tokens", "weight_decay", "grad_clip", "aux_alpha", "capacity_factor")
+RULES = (  # (flags, what each must be, the test)
+    (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
+      "eval_iters", "sffn_every", "bench_tokens", "bench_iters", "pkm_heads", "pkm_knn",
+      "pkm_dq"), "an integer >= 1", lambda v: v >= 1),
+    (("max_iters", "warmup_iters", "stop_at", "d_ff", "d_m", "g", "b", "base_iters",
+      "sample_tokens", "weight_decay", "grad_clip", "aux_alpha", "capacity_factor"),
+     "a finite number >= 0", lambda v: 0 <= v < math.inf),
+    (("lr", "key_init_std", "balance_rate"), "a finite number > 0", lambda v: 0 < v < math.inf),
+    (("beta1", "beta2"), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("seed", "hash_seed"), "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
+)
 
 
 def validate(cfg: Config, device: str = "cpu") -> Config:
     """Reject bad settings (BadInput) and fill the derived sizes d_ff, d_m, g, b. Writes nothing."""
-    rules = [(n, "an integer >= 1", getattr(cfg, n) >= 1) for n in POSITIVE]
-    rules += [(n, "a finite number >= 0", 0 <= getattr(cfg, n) < math.inf) for n in NON_NEGATIVE]
-    rules += [("lr", "a finite number > 0", 0 < cfg.lr < math.inf),
-              ("min_lr", f"in [0, lr={cfg.lr}]", 0 <= cfg.min_lr <= cfg.lr),
-              ("beta1", "in [0, 1)", 0 <= cfg.beta1 < 1),
-              ("beta2", "in [0, 1)", 0 <= cfg.beta2 < 1),
-              ("key_init_std", "a finite number > 0", 0 < cfg.key_init_std < math.inf),
-              ("balance_rate", "a finite number > 0", 0 < cfg.balance_rate < math.inf),
-              ("seed", "in [0, 2**32)", 0 <= cfg.seed < 2 ** 32),
-              ("hash_seed", "in [0, 2**32)", 0 <= cfg.hash_seed < 2 ** 32)]
-    for name, want, ok in rules:
-        need(ok, f"--{name} must be {want} (got {getattr(cfg, name)})")
+    for names, want, ok in RULES:
+        for n in names:
+            need(ok(getattr(cfg, n)), f"--{n} must be {want} (got {getattr(cfg, n)})")
+    need(0 <= cfg.min_lr <= cfg.lr, f"--min_lr must be in [0, lr={cfg.lr}] (got {cfg.min_lr})")
     need(cfg.n_embd % cfg.n_head == 0, f"--n_head {cfg.n_head} does not divide --n_embd")
     need(cfg.avgk_balance == "none" or cfg.selector == "avgk" or cfg.compare,
          "--avgk_balance bias balances Avg-K: use it with --selector avgk")
@@ -954,7 +917,7 @@ def get_lr(it, cfg):
 
 def make_optimizer(model, cfg, device_type):
     """AdamW; decay on matrices and embeddings (K, V, gates) only, not on norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     extra = dict(fused=True) if device_type == "cuda" else {}
@@ -976,11 +939,10 @@ def evaluate(raw, ds, cfg, run):
                                 generator=egen, rank=run.rank, world_size=run.world)
             with run.autocast:
                 losses.append(raw(x, y)[1].float())
-        out[split] = torch.stack(losses).mean()
+        loss = torch.stack(losses).mean()
         if run.ddp:
-            torch.distributed.all_reduce(out[split])
-            out[split] /= run.world
-        out[split] = out[split].item()
+            torch.distributed.all_reduce(loss)
+        out[split] = loss.item() / run.world
     health = {}
     for i, layer in raw.sparse_layers():
         layer.track = False
@@ -992,25 +954,25 @@ def evaluate(raw, ds, cfg, run):
 def setup_run(cfg, device):
     """DDP (torchrun), device, dtype, autocast, compile: what a run is made of."""
     ddp, rank, world = int(os.environ.get("RANK", -1)) != -1, 0, 1
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if ddp:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         if device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     ptdtype = getattr(torch, dtype)
-    autocast = torch.autocast(device, dtype=ptdtype, enabled=ptdtype != torch.float32)
     use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     if use_compile and device == "mps":
-        note("note: torch.compile is not used on MPS; running eagerly")
+        print("note: torch.compile is not used on MPS; running eagerly")
         use_compile = False
-    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", 0)) if device == "cuda" else None)
-    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, device=device,
-                           dev=dev, dtype=dtype, ptdtype=ptdtype, autocast=autocast,
-                           compile=use_compile,
-                           tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
+    return SimpleNamespace(
+        ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, dtype=dtype,
+        dev=torch.device(device, local if device == "cuda" else None), ptdtype=ptdtype,
+        autocast=torch.autocast(device, dtype=ptdtype, enabled=ptdtype != torch.float32),
+        compile=use_compile, tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
 
 
 def train(cfg: Config, ds, device, ck=None):
@@ -1029,14 +991,14 @@ def train(cfg: Config, ds, device, ck=None):
     model = torch.compile(raw) if run.compile else raw
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        own = {} if cfg.avgk_balance == "none" else dict(broadcast_buffers=False)  # all-reduced
-        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None, **own)
+        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None,
+                    broadcast_buffers=cfg.avgk_balance == "none")  # bias: all-reduced load
     scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and device == "cuda"))
     first, t0, tps = st.step, time.time(), float("nan")
     mark = (t0, first)                           # start of the timed interval: (time, step)
     bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
-    pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector) \
-        if run.master and cfg.progress else None
+    pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector,
+                disable=not (run.master and cfg.progress))
     try:
         while True:
             stop = st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
@@ -1045,26 +1007,23 @@ def train(cfg: Config, ds, device, ck=None):
                 sync(device)
                 if st.step > mark[1]:
                     tps = (st.step - mark[1]) * run.tokens / (time.time() - mark[0])
-                log_eval(cfg, ds, run, st, tps, total, time.time() - t0, pbar)
+                log_eval(cfg, ds, run, st, tps, total, time.time() - t0)
                 mark = (time.time(), st.step)
             if stop:
                 break
             ce = train_step(model, ds, cfg, run, st, scaler, bad)
             if device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: with the loss sync
                 check_finite(bad, st)
-                if pbar is not None:
-                    pbar.set_postfix(loss=f"{ce.item():.3f}")
+                pbar.set_postfix(loss=f"{ce.item():.3f}")
             if st.step - first == 3:                   # compile and warm-up done: restart the clock
                 sync(device)
                 mark = (time.time(), st.step)
-            if pbar is not None:
-                pbar.update(1)
+            pbar.update(1)
     except KeyboardInterrupt:
         kept = f"{st.path} (step {st.ckpt})" if st.ckpt is not None else "none"
         raise KeyboardInterrupt(f"interrupted at step {st.step}; last checkpoint: {kept}") from None
     st.elapsed += time.time() - t0
-    if pbar is not None:
-        pbar.close()
+    pbar.close()
     return finish_run(cfg, ds, run, st, total, rows)
 
 
@@ -1106,28 +1065,33 @@ def check_finite(bad, st):
         raise Diverged(f"step {st.step}: {what} is not finite; {kept}")
 
 
-def log_eval(cfg, ds, run, st, tps, total, elapsed, pbar):
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
+             "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
+
+
+def log_eval(cfg, ds, run, st, tps, total, elapsed):
     """Evaluate, append a row to log.csv, print it, checkpoint (not at step 0: nanoGPT's rule)."""
     losses, health = evaluate(st.raw, ds, cfg, run)
     name = torch.cuda.get_device_name() if run.device == "cuda" else ""
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if name else None
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
                        elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step, cfg),
                        train_loss=losses["train"], val_loss=losses["val"], tokens_per_s=tps,
                        mfu=tps * 3 * total["fwd_flops"] / peak if peak and tps == tps else None,
                        **health))
-    if run.master:
-        write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
-        msg = f"step {st.step}: train {losses['train']:.4f} val {losses['val']:.4f}"
-        msg += f" tok/s {tps:,.0f}"
-        ents = [v for k, v in health.items() if k.endswith("_entropy")]
+    if not run.master:
+        return
+    write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
+    msg = f"step {st.step}: train {losses['train']:.4f} val {losses['val']:.4f} tok/s {tps:,.0f}"
+    ents = [v for k, v in health.items() if k.endswith("_entropy")]
+    if ents:
         deads = [v for k, v in health.items() if k.endswith("_dead")]
-        if ents:
-            msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
-        (pbar.write if pbar is not None else print)(msg)
-        if st.step > 0:
-            save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
-            st.ckpt = st.step
+        msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
+    tqdm.write(msg)
+    if st.step > 0:
+        save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
+        st.ckpt = st.step
 
 
 def finish_run(cfg, ds, run, st, total, rows):
@@ -1141,7 +1105,7 @@ def finish_run(cfg, ds, run, st, total, rows):
         flops=dict(total, per_ffn_layer=rows), impl=impl,     # forward FLOPs per token
         routing_health={k: v for k, v in f.items() if k[0] == "L"})
     if run.master:
-        write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        Path(cfg.out_dir, "results.json").write_text(json.dumps(results, indent=2))
         plot_run(cfg.out_dir, st.log, cfg.selector)
         if cfg.sample_tokens > 0:
             st.raw.eval()
@@ -1161,11 +1125,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
-             "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
-
-
 def git_commit():
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
@@ -1173,11 +1132,6 @@ def git_commit():
                                        stderr=subprocess.DEVNULL).strip()
     except Exception:
         return None
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def write_csv(path, rows):
@@ -1192,24 +1146,28 @@ def write_csv(path, rows):
 def write_table(out_dir, name, rows, head=""):
     """name.csv and name.md (a markdown table under an optional head line); returns the md."""
     write_csv(os.path.join(out_dir, f"{name}.csv"), rows)
-    md = ([head, ""] if head else []) + markdown(rows)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    return "\n".join(md)
+    md = "\n".join(([head, ""] if head else []) + markdown(rows))
+    Path(out_dir, f"{name}.md").write_text(md + "\n")
+    return md
 
 
 def write_run_info(cfg, ds, run, rows, total, vocab):
     """flops.txt (the paper's cost side, also printed) and config.json."""
     os.makedirs(cfg.out_dir, exist_ok=True)
-    text = "\n".join(flop_summary(cfg, total) + markdown(rows))
+    text = "\n".join([
+        f"FLOPs/params per FFN layer (forward, per token): selector={cfg.selector} "
+        f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} B={cfg.d_m // cfg.g}",
+        f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward FLOPs/token "
+        f"{total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
+        f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
+        ""] + markdown(rows))
     print(text)
-    with open(os.path.join(cfg.out_dir, "flops.txt"), "w") as f:
-        f.write(text + "\n")
-    write_json(os.path.join(cfg.out_dir, "config.json"), dict(
+    Path(cfg.out_dir, "flops.txt").write_text(text + "\n")
+    Path(cfg.out_dir, "config.json").write_text(json.dumps(dict(
         config=asdict(cfg), torch=torch.__version__, device=run.device,
         device_name=torch.cuda.get_device_name() if run.device == "cuda" else run.device,
         git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
-        vocab_size=ds.vocab_size, vocab_padded=vocab))
+        vocab_size=ds.vocab_size, vocab_padded=vocab), indent=2))
 
 
 def save_checkpoint(st, cfg, device, elapsed):
@@ -1222,7 +1180,6 @@ def save_checkpoint(st, cfg, device, elapsed):
     os.replace(st.path + ".tmp", st.path)
 
 
-CKPT_KEYS = ("script", "model", "optimizer", "step", "config")
 ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
         "sffn_every", "activation", "pkm_heads", "pkm_knn", "pkm_dq", "hash_seed", "dataset",
         "tokenizer")
@@ -1234,7 +1191,8 @@ def load_checkpoint(path, cfg):
     """Read and check a checkpoint; settings not given on the command line come from it."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        if not (isinstance(ck, dict) and set(CKPT_KEYS) <= set(ck)):
+        if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config"}
+                <= set(ck)):
             raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -1273,23 +1231,22 @@ def main(argv=None):
             need(not (cfg.bench or cfg.compare), "--resume cannot take --bench or --compare")
             ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
             validate(cfg, device)
-        ds = None
-        try:
-            if not cfg.bench:
+        if not cfg.bench:
+            try:
                 ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
                                        data_dir=cfg.data_dir or None)
                 ds.check_block_size(cfg.block_size)
-        except data.DataError as e:
-            raise BadInput(str(e)) from None
+            except data.DataError as e:  # only here: later ones must not remove a run's files
+                raise BadInput(str(e)) from None
         created = None if os.path.exists(cfg.out_dir) else cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.bench:
             return run_bench(cfg, device)
         for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
-            note(n)
+            print(n)
         return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
     except (BadInput, torch.cuda.OutOfMemoryError) as e:
-        if created and os.path.isdir(created):
+        if created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):  # keep models
             shutil.rmtree(created, ignore_errors=True)
         msg = str(e) if isinstance(e, BadInput) else (
             "out of memory; lower --batch_size, --block_size, --n_embd, --d_m or --n_layer")
