@@ -78,7 +78,6 @@ from tqdm import tqdm
 import data
 
 TASKS = ("copy", "succ", "recall", "cluster")
-COPY_IMPLS = ("olsson", "official")
 
 
 def _f(default, help, choices=None):
@@ -106,7 +105,7 @@ class Config:
     n_prefix_seq: int = _f(50, "random sequences for the prefix-matching and copying scores")
     prefix_len: int = _f(25, "length L of the repeated segment (capped so 2 + 4L fits)")
     copy_impl: str = _f("olsson", "copying score shown in the figures (both are saved)",
-                        COPY_IMPLS)
+                        ("olsson", "official"))
     analysis_batch: int = _f(256, "prompts per forward pass in the analysis")
     speed_batch: int = _f(64, "full-length sequences per forward in the physical-pruning timing")
     # --- model
@@ -156,9 +155,8 @@ class Config:
     # --- modes
     preset: str = _f("auto", "cpu (laptop, minutes) | gpu (one large GPU) | auto (gpu if CUDA)",
                      ("auto", "cpu", "gpu"))
-    compare: str = _f("", "comma list of head-score variants to compare with the default on the "
-                      "trained model, e.g. abs_per=example,imp_norm=official,agg_norm=sum1,"
-                      "layer_norm_imp (runs instead of the analysis)")
+    compare: str = _f("", "comma list of head-score variants to compare with the default, e.g. "
+                      "abs_per=example,layer_norm_imp (runs instead of the analysis)")
     bench: str = _f("", "comma list of head-prune percentages (p or p:n_ffn) for the physical-"
                     "pruning speed test, e.g. 50,70,90 (runs instead of the analysis)")
     analysis: bool = _f(True, "run the pruning / induction analysis after training")
@@ -314,20 +312,15 @@ class Batcher:
         early = it is not None and it < cfg.rep_early * cfg.max_iters
         n_rep = int(round(B * (cfg.rep_frac_early if early else cfg.rep_frac)))
         n_text = int(round(B * cfg.text_frac)) if self.text_ds is not None else 0
-        n_task = B - n_rep - n_text
-        xs, ys = [], []
-        for i, t in enumerate(TASKS):
-            n = n_task // len(TASKS) + (1 if i < n_task % len(TASKS) else 0)
-            if n:
-                x, y = self.tasks.train_rows(t, n, T, g)
-                xs.append(x), ys.append(y)
+        n_task, nt = B - n_rep - n_text, len(TASKS)
+        rows = [self.tasks.train_rows(t, n, T, g) for i, t in enumerate(TASKS)
+                if (n := n_task // nt + (i < n_task % nt))]
         if n_rep:
-            x, y = self.tasks.repeat_rows(n_rep, T, g)
-            xs.append(x), ys.append(y)
+            rows.append(self.tasks.repeat_rows(n_rep, T, g))
         if n_text:
             x, y = self.text_ds.get_batch(split, n_text, T, generator=g)
-            xs.append(x.cpu() + self.tasks.T0), ys.append(y.cpu() + self.tasks.T0)
-        return torch.cat(xs), torch.cat(ys)
+            rows.append((x.cpu() + self.tasks.T0, y.cpu() + self.tasks.T0))
+        return torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
 
 
 # ---- The model (Sec. 2.2-2.3): nanoGPT with a gate xi_h on every head (before W_O) and every FFN
@@ -362,10 +355,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         H, hs = self.n_head, self.head_size
-        q, k, v = self.c_attn(x).split(H * hs, dim=2)
-        q = q.view(B, T, H, hs).transpose(1, 2)  # (B, H, T, hs)
-        k = k.view(B, T, H, hs).transpose(1, 2)
-        v = v.view(B, T, H, hs).transpose(1, 2)
+        q, k, v = (t.view(B, T, H, hs).transpose(1, 2)  # each (B, H, T, hs)
+                   for t in self.c_attn(x).split(H * hs, dim=2))
         if self.explicit:  # analysis path: the same function, with the probabilities in hand
             y, att = gated_attention(q, k, v, self.head_mask)
         else:  # training path: the fused kernel, then the same gates
