@@ -1346,60 +1346,55 @@ def resolve_device(cfg: Config) -> str:
     return cfg.device
 
 
-def validate(cfg: Config):
-    """Every check that can fail runs here, before anything is read or written."""
-    c = cfg
-    sizes = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-             "eval_interval", "eval_iters", "n_eval", "n_imp", "n_dev", "n_random", "n_prefix_seq",
-             "prefix_len", "analysis_batch", "speed_batch", "n_labels", "n_clusters",
-             "recall_max_keys")
-    text = c.text_frac if c.dataset != "none" else 0.0
-    checks = [(math.isfinite(c.lr) and c.lr > 0, f"--lr must be positive and finite, not {c.lr}"),
-              (0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}]"),
-              (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
-              (c.weight_decay >= 0 and c.grad_clip >= 0,
-               "--weight_decay and --grad_clip must be >= 0"),
-              (0 <= c.seed < 2 ** 32 and 0 <= c.task_seed < 2 ** 32,
-               "--seed and --task_seed must be in [0, 2**32)"),
-              (min(c.max_iters, c.warmup_iters, c.stop_at) >= 0,
-               "--max_iters, --warmup_iters and --stop_at must be >= 0"),
-              (c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)"),
-              (0 <= c.dropout < 1, "--dropout must be in [0, 1)"),
-              (0 < c.topk_frac <= 1, "--topk_frac must be in (0, 1]"),
-              (0 <= c.grid_max_heads <= 100, "--grid_max_heads must be in [0, 100]"),
-              (0 <= c.rep_early <= 1, "--rep_early must be in [0, 1]"),
-              (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
-               and max(c.rep_frac, c.rep_frac_early) + text < 1,
-               f"--rep_frac {c.rep_frac} and --rep_frac_early {c.rep_frac_early} plus --text_frac "
-               f"{text} (with --dataset) must each stay below 1, all in [0, 1)"),
-              (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other"),
-              (not (c.bench and c.compare), "--bench and --compare each replace the analysis; "
-               "pick one")]
-    checks += [(getattr(c, name) >= 1, f"--{name} must be at least 1") for name in sizes]
-    checks += [(c.n_embd % c.n_head == 0, f"--n_embd {c.n_embd} must be a multiple of --n_head "
-                f"{c.n_head}"), (c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters")]
+def validate(c: Config):
+    """Every check that can fail runs here, before anything is read or written: (ok, message)."""
+    sizes = ("n_layer n_head n_embd block_size batch_size grad_accum eval_interval eval_iters "
+             "n_eval n_imp n_dev n_random n_prefix_seq prefix_len analysis_batch speed_batch "
+             "n_labels n_clusters recall_max_keys").split()
+    k, text = max(parse_ints(c.shots, "shots")), c.text_frac if c.dataset != "none" else 0.0
+    parse_compare(c.compare), parse_bench(c.bench, c.n_layer)
+    parent = os.path.abspath(c.out_dir)  # the out_dir's nearest existing parent must be writable
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    n_content = max(2 * c.n_clusters, 8, 2 * k + 2)
+    checks = [(getattr(c, name) >= 1, f"--{name} must be at least 1") for name in sizes] + [
+        (math.isfinite(c.lr) and c.lr > 0, f"--lr must be positive and finite, not {c.lr}"),
+        (0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}]"),
+        (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (c.weight_decay >= 0 and c.grad_clip >= 0, "--weight_decay and --grad_clip must be >= 0"),
+        (0 <= c.seed < 2 ** 32 and 0 <= c.task_seed < 2 ** 32,
+         "--seed and --task_seed must be in [0, 2**32)"),
+        (min(c.max_iters, c.warmup_iters, c.stop_at) >= 0,
+         "--max_iters, --warmup_iters and --stop_at must be >= 0"),
+        (c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)"),
+        (0 <= c.dropout < 1, "--dropout must be in [0, 1)"),
+        (0 < c.topk_frac <= 1, "--topk_frac must be in (0, 1]"),
+        (0 <= c.grid_max_heads <= 100, "--grid_max_heads must be in [0, 100]"),
+        (0 <= c.rep_early <= 1, "--rep_early must be in [0, 1]"),
+        (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
+         and max(c.rep_frac, c.rep_frac_early) + text < 1,
+         f"--rep_frac {c.rep_frac} and --rep_frac_early {c.rep_frac_early} plus --text_frac "
+         f"{text} (with --dataset) must each stay below 1, all in [0, 1)"),
+        (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other"),
+        (not (c.bench and c.compare), "--bench and --compare each replace the analysis; pick one"),
+        (c.n_head < 1 or c.n_embd % c.n_head == 0,
+         f"--n_embd {c.n_embd} must be a multiple of --n_head {c.n_head}"),
+        (c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters"),
+        (c.block_size >= max(3 + 2 * k, 18), f"--block_size {c.block_size} is too short: a {k}-"
+         f"shot prompt needs {3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots"),
+        (c.n_content >= n_content, f"--n_content {c.n_content} is too small for {c.n_clusters} "
+         f"clusters and {k} shots; use at least {n_content}"),
+        (c.dtype != "float16" or resolve_device(c) in ("cuda", "mps"),
+         "float16 needs CUDA or MPS; use float32 or bfloat16"),
+        (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
+         f"--out_dir {c.out_dir}: {parent} is not a writable directory; pick another"),
+        (c.skip_train or not c.resume or os.path.isfile(ckpt_path(c)),
+         f"--resume but {ckpt_path(c)} does not exist"),
+        (not c.skip_train or os.path.isfile(ckpt_path(c)),
+         f"checkpoint {ckpt_path(c)} not found; train first or pass --ckpt PATH")]
     for ok, msg in checks:
         if not ok:
             raise BadInput(msg)
-    k = max(parse_ints(c.shots, "shots"))
-    if c.block_size < max(3 + 2 * k, 18):
-        raise BadInput(f"--block_size {c.block_size} is too short: a {k}-shot prompt needs "
-                       f"{3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots")
-    if c.n_content < max(2 * c.n_clusters, 8, 2 * k + 2):
-        raise BadInput(f"--n_content {c.n_content} is too small for {c.n_clusters} clusters and "
-                       f"{k} shots; use at least {max(2 * c.n_clusters, 8, 2 * k + 2)}")
-    parse_compare(c.compare), parse_bench(c.bench, c.n_layer)
-    if c.dtype == "float16" and resolve_device(c) not in ("cuda", "mps"):
-        raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
-    parent = os.path.abspath(c.out_dir)  # the out_dir: its nearest existing parent is writable
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out_dir {c.out_dir}: {parent} is " + ("not writable" if os.path.isdir(
-            parent) else "a file") + "; pick another directory")
-    if (c.skip_train or c.resume) and not os.path.isfile(ckpt_path(c)):
-        raise BadInput(f"checkpoint {ckpt_path(c)} not found; train first or pass --ckpt PATH"
-                       if c.skip_train else f"--resume but {ckpt_path(c)} does not exist")
 
 
 def ckpt_path(cfg: Config) -> str:
