@@ -1312,8 +1312,8 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse generated from Config: every field is a flag with its help text and default."""
+def parse_config(argv=None) -> Config:
+    """A flag per Config field; defaults <- preset <- explicit flags (their names: cfg._given)."""
     p = _Parser(prog="nano_prune.py", description="Bansal et al. 2023 in miniature: head/FFN "
                 "importance, pruning curves and induction heads (defaults: the cpu preset's).")
     for f in dataclasses.fields(Config):
@@ -1323,12 +1323,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), **kw)
-    return p
-
-
-def parse_config(argv=None) -> Config:
-    """defaults <- preset <- explicit flags; cfg._given holds the names given explicitly."""
-    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "auto")
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
@@ -1441,9 +1436,8 @@ def peak_flops(device_type: str) -> float | None:
 
 
 def autocast_ctx(device_type: str, ptdtype):
-    if ptdtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=ptdtype)
+    return (contextlib.nullcontext() if ptdtype == torch.float32
+            else torch.autocast(device_type=device_type, dtype=ptdtype))
 
 
 @torch.no_grad()
@@ -1580,13 +1574,13 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
 
 
 def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int,
-                    gen: torch.Generator, extra: dict | None = None):
+                    gen: torch.Generator, extra: dict):
     obj = {"script": "nano_prune", "model": raw_model.state_dict(),
            "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg), "step": step,
            "gen_state": gen.get_state(), "torch_rng": torch.get_rng_state(),
            "numpy_rng": np.random.get_state(),
            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({**obj, **(extra or {})}, path + ".tmp")
+    torch.save({**obj, **extra}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a broken checkpoint
 
 
