@@ -63,6 +63,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -922,9 +923,8 @@ def fig10_induction_heads(st: Study):
     uni = (uni / uni.sum(-1, keepdim=True))[None, None].expand(len(rep), 1, T, T)
     floor = float(prefix_matching_score(uni, rep, 2 + Lp)[0])  # uniform attention's score
     prev = att[:, :, :, torch.arange(2, T), torch.arange(1, T - 1)].mean((0, 3)).numpy()  # j->j-1
-    Lc = min(25, tasks.N, cfg.block_size - 2)
-    uniq = torch.rand(cfg.n_prefix_seq, tasks.N, generator=gi).argsort(1)[:, :Lc] + tasks.C0
-    uniq = torch.cat([torch.tensor([tasks.BOS, tasks.REP]).expand(len(uniq), 2), uniq], 1)
+    Lc = min(25, tasks.N, cfg.block_size - 2)  # one non-repeated segment for the copying scores
+    uniq = tasks.repeated_sequences(cfg.n_prefix_seq, Lc, gi, reps=1)
     copying = {"olsson": copying_score_olsson(st.model, uniq, 2, st.device),
                "official": copying_score_official(st.model, uniq, st.device)}
     st.prefix, st.copy = prefix, copying[cfg.copy_impl]
@@ -965,10 +965,9 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
                     fig7_combined_pruning, fig8_agreement, fig10_induction_heads,
                     fig11_retained_capacity):
         section(st)
-    k, L = st.shots[-1], cfg.n_layer
+    L = cfg.n_layer
     st.res["physical_pruning"] = bench_physical_pruning(
-        model, cfg, st.agg[k], np.argsort(st.ffn_agg[k], kind="stable"), device, ctx,
-        [(50, 0), (70, 0), (70, max(1, L // 3)), (90, L // 2)])
+        st, [(50, 0), (70, 0), (70, max(1, L // 3)), (90, L // 2)])
     st.res["analysis_elapsed_s"] = time.time() - t0
     print(f"analysis done in {time.time() - t0:.0f}s")
     return st.res
@@ -1228,11 +1227,13 @@ def forward_flops_per_token(heads: list[int], ffns: list[bool], C, hs, T, V) -> 
 
 
 @torch.no_grad()
-def bench_physical_pruning(model: GPT, cfg: Config, head_imp, ffn_order, device, ctx,
-                           settings) -> list:
-    """For each (heads %, FFNs pruned): max |logit difference| between the gated and the
-    physically pruned model, and the forward speed-up: the median over rounds in which the two
-    take turns (a change of machine load hits both alike), next to the ideal FLOP ratio."""
+def bench_physical_pruning(st: Study, settings) -> list:
+    """For each (heads %, FFNs pruned), heads ranked by the aggregate IS_h and FFNs by the oracle
+    at the last shot: max |logit difference| between the gated and the physically pruned model,
+    and the forward speed-up: the median over rounds in which the two take turns (a change of
+    machine load hits both alike), next to the ideal FLOP ratio."""
+    model, cfg, device, k = st.model, st.cfg, st.device, st.shots[-1]
+    head_order, ffn_order = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
     L, H, T, C, hs, V = (cfg.n_layer, cfg.n_head, cfg.block_size, cfg.n_embd, model.head_size,
                          model.vocab_size)
     g = torch.Generator().manual_seed(cfg.seed + 5)
@@ -1248,13 +1249,13 @@ def bench_physical_pruning(model: GPT, cfg: Config, head_imp, ffn_order, device,
     rounds = 15 if "cuda" in device else 7
     out, full_flops = [], forward_flops_per_token([H] * L, [True] * L, C, hs, T, V)
     for p, nf in settings:
-        hm = prune_mask(order_heads(head_imp), p * L * H // 100, (L, H))
+        hm = prune_mask(head_order, p * L * H // 100, (L, H))
         fm = prune_mask(ffn_order, nf, L)
         small = physically_prune(model, cfg, hm, fm).eval()
         model.set_masks(hm, fm)
         diff = float((model(x[:8])[0].float() - small(x[:8])[0].float()).abs().max())
         model.set_masks(None, None)
-        with ctx:
+        with st.ctx:
             t = np.array([[seconds(model), seconds(small)] for _ in range(3 + rounds)])[3:]
         speed = float(np.median(t[:, 0] / t[:, 1]))  # 3 warm-up rounds left out
         ideal = full_flops / forward_flops_per_token(hm.sum(1).astype(int), fm.astype(bool),
@@ -1271,24 +1272,20 @@ def bench_physical_pruning(model: GPT, cfg: Config, head_imp, ffn_order, device,
 
 
 def run_bench(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> list:
-    """--bench p[:n_ffn],...: the physical-pruning speed test alone, heads ranked by the
-    aggregate IS_h and FFNs by the oracle, both at the last --shots value."""
+    """--bench p[:n_ffn],...: the physical-pruning speed test alone (scores at the last shot)."""
     last = str(parse_ints(cfg.shots, "shots")[-1])
     st = Study(model, tasks, dataclasses.replace(cfg, shots=last), device, ctx)
     fig3_head_importance(st)
     fig4_ffn_importance(st)
-    k = st.shots[-1]
-    return bench_physical_pruning(model, cfg, st.agg[k], np.argsort(st.ffn_agg[k], kind="stable"),
-                                  device, ctx, parse_bench(cfg.bench, cfg.n_layer))
+    return bench_physical_pruning(st, parse_bench(cfg.bench, cfg.n_layer))
 
 
 def parse_bench(spec: str, L: int) -> list[tuple[int, int]]:
     """'50,70:1' -> [(50, 0), (70, 1)]: head-prune percentages, optionally with FFNs pruned."""
     out = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
-        p, _, nf = item.partition(":")
-        ok = p.isdigit() and (nf == "" or nf.isdigit())
-        p, nf = (int(p), int(nf or 0)) if ok else (-1, 0)
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", item)  # p or p:n_ffn
+        p, nf = (int(m[1]), int(m[2] or 0)) if m else (-1, 0)
         if not (0 <= p <= 100 and 0 <= nf <= L):
             raise BadInput(f"bad --bench item {item!r}: use p or p:n_ffn with 0 <= p <= 100 "
                            f"(heads %) and 0 <= n_ffn <= n_layer ({L})")
