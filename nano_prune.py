@@ -753,7 +753,8 @@ def prompt_sets(tasks: ICLTasks, cfg: Config, shots: list[int]):
 
 
 class Study:
-    """What every section needs: the model, its tasks, the prompt sets, one random generator."""
+    """What every section needs: the model, its tasks, the prompt sets, one random generator.
+    Its results (res) may hold numpy arrays: write_json stores them as lists."""
 
     def __init__(self, model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx):
         self.model, self.tasks, self.cfg, self.device, self.ctx = model, tasks, cfg, device, ctx
@@ -818,12 +819,11 @@ def fig3_head_importance(st: Study):
     other = "example" if st.cfg.abs_per == "token" else "token"
     agree = {f"{t}/{k}": spearman(st.imp[k][t], st.score(t, k, abs_per=other, layer_norm=False))
              for t in TASKS for k in st.shots}
-    st.res.update(
-        head_importance={str(k): {t: v.tolist() for t, v in st.imp[k].items()} for k in st.shots},
-        head_importance_aggregate={str(k): st.agg[k].tolist() for k in st.shots},
-        spearman_token_vs_example_abs=agree,
-        importance_mass_per_layer={str(k): (a.sum(1) / max(a.sum(), 1e-30)).tolist()
-                                   for k, a in st.agg.items()})
+    st.res.update(head_importance={str(k): st.imp[k] for k in st.shots},
+                  head_importance_aggregate={str(k): st.agg[k] for k in st.shots},
+                  spearman_token_vs_example_abs=agree,
+                  importance_mass_per_layer={str(k): a.sum(1) / max(a.sum(), 1e-30)
+                                             for k, a in st.agg.items()})
     print(f"head importance done; Spearman of per-token vs per-example |.|: median "
           f"{np.nanmedian(list(agree.values())):.2f}")
 
@@ -833,8 +833,7 @@ def fig4_ffn_importance(st: Study):
     st.ffn = {k: {t: ffn_oracle(lambda fm, t=t, k=k: st.acc(t, k, fm=fm, split="dev"), st.L)
                   for t in TASKS} for k in st.shots}
     st.ffn_agg = {k: np.mean([st.ffn[k][t] for t in TASKS], 0) for k in st.shots}
-    st.res["ffn_oracle"] = {str(k): {t: v.tolist() for t, v in st.ffn[k].items()}
-                            for k in st.shots}
+    st.res["ffn_oracle"] = {str(k): st.ffn[k] for k in st.shots}
 
 
 def fig5_head_pruning(st: Study):
@@ -848,8 +847,7 @@ def fig5_head_pruning(st: Study):
         orders = {"task": o_task, "aggregate": order_heads(st.agg[k]), "reverse": o_task[::-1]}
         c = {name: [st.pruned(t, k, o, p) for p in pcts] for name, o in orders.items()}
         c["random"] = [[st.pruned(t, k, o, p) for p in pcts] for o in rand_orders]
-        c["random_mean"] = np.mean(c["random"], 0).tolist()
-        c["random_std"] = np.std(c["random"], 0).tolist()
+        c.update(random_mean=np.mean(c["random"], 0), random_std=np.std(c["random"], 0))
         curves[f"{t}/{k}"] = c
     st.res["head_pruning"] = {"percent": pcts, "curves": curves}
 
@@ -874,8 +872,8 @@ def fig6_ffn_pruning(st: Study):
             oracle = [st.acc(t, k, fm=prune_mask(o, n, L)) for n in range(L + 1)]
             rnd = [[st.acc(t, k, fm=prune_mask(st.rng.permutation(L), n, L))
                     for n in range(L + 1)] for _ in range(st.cfg.n_random)]
-            out[f"{t}/{k}"] = {"oracle": oracle, "random_mean": np.mean(rnd, 0).tolist(),
-                               "random_std": np.std(rnd, 0).tolist()}
+            out[f"{t}/{k}"] = {"oracle": oracle, "random_mean": np.mean(rnd, 0),
+                               "random_std": np.std(rnd, 0)}
     st.res["ffn_pruning"] = {"n_pruned": list(range(L + 1)), "curves": out,
                              "note": f"{L} FFNs: one step = {100 / L:.0f}% of the FFNs"}
 
@@ -887,7 +885,7 @@ def fig7_combined_pruning(st: Study):
         oh, of = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
         g = np.array([[[st.pruned(t, k, oh, p, prune_mask(of, nf, L)) for nf in range(L + 1)]
                        for p in gp] for t in TASKS])  # (tasks, heads %, FFNs pruned)
-        grids[str(k)] = {"per_task": g.tolist(), "mean": g.mean(0).tolist()}
+        grids[str(k)] = {"per_task": g, "mean": g.mean(0)}
     st.res["combined_grid"] = {"head_percent": gp, "ffn_pruned": list(range(L + 1)),
                                "grids": grids}
 
@@ -932,9 +930,9 @@ def fig10_induction_heads(st: Study):
     ind = [(l, h) for l in range(L) for h in range(H)
            if prefix[l, h] >= tp and st.copy[l, h] >= tc]
     st.res["induction"] = {
-        "prefix_matching": prefix.tolist(), "prefix_floor_uniform_attention": floor,
-        "previous_token": prev.tolist(), "prefix_len": Lp,
-        "copying": {c: v.tolist() for c, v in copying.items()}, "copy_impl_shown": cfg.copy_impl,
+        "prefix_matching": prefix, "prefix_floor_uniform_attention": floor,
+        "previous_token": prev, "prefix_len": Lp, "copying": copying,
+        "copy_impl_shown": cfg.copy_impl,
         "induction_heads_top10pct_both": ind,
         "spearman_copying_variants": {"olsson-official": spearman(*copying.values())}}
     top = np.argsort(-prefix.ravel(), kind="stable")[:5]
@@ -949,9 +947,9 @@ def fig11_retained_capacity(st: Study):
     cap = {}
     for k in st.shots:
         o = order_heads(st.agg[k])
-        cap[str(k)] = {"prefix": retained_capacity(st.prefix, o).tolist(),
-                       "prefix_minus_floor": retained_capacity(st.prefix - floor, o).tolist(),
-                       "copying": retained_capacity(st.copy, o).tolist()}
+        cap[str(k)] = {"prefix": retained_capacity(st.prefix, o),
+                       "prefix_minus_floor": retained_capacity(st.prefix - floor, o),
+                       "copying": retained_capacity(st.copy, o)}
     st.res["capacity"] = {"n_pruned": list(range(st.L * st.H + 1)), "curves": cap}
 
 
