@@ -210,9 +210,6 @@ class ICLTasks:
             return torch.arange(self.L0, self.L0 + self.n_labels)
         return torch.arange(self.C0, self.C0 + self.N)
 
-    def chance(self, task: str) -> float:
-        return 1.0 / len(self.candidates(task))
-
     @staticmethod
     def _seen_before(a: torch.Tensor) -> torch.Tensor:
         """(B, k) -> (B, k) bool: does a[b, i] occur among a[b, :i]?"""
@@ -668,8 +665,7 @@ def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
         H, hs = a.n_head, a.head_size
         q, k, v = a.c_attn(blk.ln_1(h0)).split(H * hs, dim=2)
         q, k, v = (t.view(n, T, H, hs).transpose(1, 2).float() for t in (q, k, v))
-        att = ((q @ k.transpose(-2, -1)) / math.sqrt(hs)).masked_fill(~causal, float("-inf"))
-        att = att.softmax(-1)
+        att = gated_attention(q, k, v, torch.ones(H, device=device))[1]  # (n, H, T, T)
         Wo = a.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
         o = torch.einsum("nhtd,hcd->nhtc", v, Wo)  # (n, H, T, C): W_O^h v_j
         probs = (o @ W_U.T).softmax(-1)  # (n, H, T, V)
@@ -777,13 +773,11 @@ class Study:
         """Accuracy with the first p% of the heads of `order` pruned (official: p * n // 100)."""
         return self.acc(t, k, prune_mask(order, p * self.L * self.H // 100, (self.L, self.H)), fm)
 
-    def score(self, t, k, hm=None, abs_per=None, layer_norm=None):
-        c = self.cfg
-        self.model.set_masks(hm, None)
-        X, Y = self.sets[t, k]["imp"]
+    def score(self, t, k, abs_per=None, layer_norm=None):
+        """IS_h on the importance prompts (Eq. 8); abs_per, layer_norm: None = the config's."""
+        c, (X, Y) = self.cfg, self.sets[t, k]["imp"]
         s = head_importance(self.model, X, Y, self.device, c.analysis_batch,
                             abs_per or c.abs_per, c.imp_norm)
-        self.model.set_masks(None, None)
         ln = c.layer_norm_imp if layer_norm is None else layer_norm
         return layer_l2_normalise(s) if ln else s
 
@@ -793,7 +787,7 @@ def sec_full_accuracy(st: Study):
     warnings where it is near chance or where few-shot accuracy is below 0.9."""
     n = st.cfg.n_eval
     full = {t: {k: st.acc(t, k) for k in st.shots} for t in TASKS}
-    chance = {t: st.tasks.chance(t) for t in TASKS}
+    chance = {t: 1.0 / len(st.tasks.candidates(t)) for t in TASKS}
     print(f"\nfull-model accuracy (n={n} per cell, +- binomial s.e.)")
     print("  task     " + "".join(f"{k:>4d}-shot     " for k in st.shots) + "chance")
     for t in TASKS:
