@@ -274,11 +274,8 @@ class ICLTasks:
         seq = torch.cat([torch.tensor([self.BOS, self.template[task]]).expand(B, 2), seq], 1)
         tgt = torch.full_like(seq, -100)
         tgt[:, 3::2] = torch.where(ok, y, torch.full_like(y, -100))
-        pad = T + 1 - seq.shape[1]
-        if pad > 0:
-            seq = F.pad(seq, (0, pad), value=self.PAD)
-            tgt = F.pad(tgt, (0, pad), value=-100)
-        return seq[:, :T], tgt[:, 1:T + 1]
+        pad = (0, T + 1 - seq.shape[1])  # to T + 1 tokens (the pad is >= 0)
+        return F.pad(seq, pad, value=self.PAD)[:, :T], F.pad(tgt, pad, value=-100)[:, 1:]
 
     def repeat_rows(self, B: int, T: int, g: torch.Generator, lo: int = 5, hi: int = 30):
         """[BOS][REP] s s s ... with s a random segment of unique tokens; loss on the repeats."""
@@ -361,9 +358,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
             y, att = y * self.head_mask.view(1, H, 1, 1).to(y.dtype), None  # xi_h * A_h
-        if self.keep:
-            self.att = att.detach() if att is not None else None
-            self.y = y
+        if self.keep:  # set together with explicit: att is in hand
+            self.att, self.y = att.detach(), y
             if y.requires_grad:
                 y.retain_grad()  # dL/dA_h, for IS_h = |A_h^T dL/dA_h|
         y = y.transpose(1, 2).reshape(B, T, H * hs)  # (B, T, H*hs)
@@ -542,7 +538,7 @@ def aggregate(imps: list[np.ndarray], how: str) -> np.ndarray:
 def ffn_oracle(acc_with, L: int) -> np.ndarray:
     """Eq. 7: IS_FFN_l = acc(model) - acc(model without FFN l), (L,). acc_with(ffn_mask) -> acc."""
     base = acc_with(None)
-    return np.array([base - acc_with(np.eye(L)[l] * -1 + 1) for l in range(L)])
+    return np.array([base - acc_with(1 - np.eye(L)[l]) for l in range(L)])
 
 
 # ---- Pruning (Sec. 5): one global ranking, least important first; and agreement (Sec. 6.1) -------
@@ -1322,10 +1318,10 @@ def parse_config(argv=None) -> Config:
 
 
 def resolve_device(cfg: Config) -> str:
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}[cfg.device]:
+        return next(d for d, there in ok.items() if there)
+    if not ok[cfg.device]:
         raise BadInput(f"--device {cfg.device} is not available here; use --device cpu (or auto)")
     return cfg.device
 
@@ -1656,7 +1652,7 @@ def run(cfg: Config, ck: dict | None, text_ds):
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), {
             "config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": device,
-            "device_name": torch.cuda.get_device_name() if device != "cpu" else device,
+            "device_name": torch.cuda.get_device_name() if "cuda" in device else device,
             "git_commit": git_commit(), "world_size": ddp["world"]})
     tasks = ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed,
                      text_ds.vocab_size if text_ds is not None else 0, cfg.recall_max_keys)
