@@ -619,27 +619,33 @@ def copy_ratio(logits_s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def explicit_forward(model: GPT, ids: torch.Tensor, device) -> list[tuple]:
+    """One forward pass with the probabilities in hand: per block, att (n, H, T, T) and the head
+    outputs xi_h A_h (n, H, T, d_h), both float32."""
+    model.eval()
+    model.set_analysis(explicit=True, keep=True)
+    model(ids.to(device))
+    out = [(blk.attn.att.float(), blk.attn.y.float()) for blk in model.blocks]
+    model.set_analysis(explicit=False, keep=False)
+    return out
+
+
+@torch.no_grad()
 def copying_score_olsson(model: GPT, ids: torch.Tensor, start: int, device) -> np.ndarray:
     """Olsson et al.: run the model on non-repeated random tokens; push each head's attention-
     weighted output along the direct path through W_O^h and the unembedding; how much does it
     raise the token it attends to most, among the sample's tokens? -> (L, H)."""
-    model.eval()
-    model.set_analysis(explicit=True, keep=True)
-    model(ids.to(device))
     W_U = model.lm_head.weight.float()  # (V, C)
-    sample = ids[:, start:].to(device)  # (n, S) the sample's unique content tokens
-    E_s = W_U[sample]  # (n, S, C)
+    E_s = W_U[ids[:, start:].to(device)]  # (n, S, C): the sample's S unique content tokens
     out = []
-    for blk in model.blocks:
-        a = blk.attn
-        H, hs = a.n_head, a.head_size
-        Wo = a.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
-        contrib = torch.einsum("nhtd,hcd->nhtc", a.y.float(), Wo)  # (n, H, T, C) in the residual
+    for blk, (att, y) in zip(model.blocks, explicit_forward(model, ids, device)):
+        H, hs = blk.attn.n_head, blk.attn.head_size
+        Wo = blk.attn.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
+        contrib = torch.einsum("nhtd,hcd->nhtc", y, Wo)  # (n, H, T, C) in the residual
         logits_s = torch.einsum("nhtc,nsc->nhts", contrib, E_s)  # (n, H, T, S) logit effects
-        tgt = a.att.argmax(-1) - start  # (n, H, T) attended position -> index in the sample
+        tgt = att.argmax(-1) - start  # (n, H, T) attended position -> index in the sample
         tgt = torch.where(tgt >= 0, tgt, torch.full_like(tgt, -1))
         out.append(copy_ratio(logits_s[:, :, start:], tgt[:, :, start:]).mean((0, 2)).cpu())
-    model.set_analysis(explicit=False, keep=False)
     return torch.stack(out).numpy()
 
 
@@ -674,17 +680,6 @@ def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
         score = torch.where(tot > 0, hit / tot.clamp(min=1e-30), torch.zeros_like(tot))
         out.append(score[:, :, 1:].mean((0, 2)).cpu())  # query positions 1..T-1 (after BOS)
     return torch.stack(out).numpy()
-
-
-@torch.no_grad()
-def attention_maps(model: GPT, ids: torch.Tensor, device) -> torch.Tensor:
-    """Attention probabilities of every head: (n, L, H, T, T)."""
-    model.eval()
-    model.set_analysis(explicit=True, keep=True)
-    model(ids.to(device))
-    att = torch.stack([blk.attn.att.float().cpu() for blk in model.blocks], 1)
-    model.set_analysis(explicit=False, keep=False)
-    return att
 
 
 def retained_capacity(score: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -903,8 +898,9 @@ def fig10_induction_heads(st: Study):
     cfg, tasks, L, H = st.cfg, st.tasks, st.L, st.H
     Lp = min(cfg.prefix_len, (cfg.block_size - 2) // 4, tasks.N)
     gi = torch.Generator().manual_seed(cfg.seed + 4242)
-    rep = tasks.repeated_sequences(cfg.n_prefix_seq, Lp, gi)  # (n, 2 + 4Lp)
-    att = attention_maps(st.model, rep, st.device)  # (n, L, H, T, T)
+    rep = tasks.repeated_sequences(cfg.n_prefix_seq, Lp, gi)  # (n, T = 2 + 4Lp)
+    att = [a.cpu() for a, _ in explicit_forward(st.model, rep, st.device)]
+    att = torch.stack(att, 1)  # (n, L, H, T, T)
     prefix = torch.stack([prefix_matching_score(att[:, l], rep, 2 + Lp) for l in range(L)])
     prefix, T = prefix.numpy(), rep.shape[1]
     uni = torch.ones(T, T).tril()
@@ -917,13 +913,11 @@ def fig10_induction_heads(st: Study):
                "official": copying_score_official(st.model, uniq, st.device)}
     st.prefix, st.copy = prefix, copying[cfg.copy_impl]
     tp, tc = np.quantile(prefix, 0.9), np.quantile(st.copy, 0.9)
-    ind = [(l, h) for l in range(L) for h in range(H)
-           if prefix[l, h] >= tp and st.copy[l, h] >= tc]
+    ind = [(l, h) for l, h in np.ndindex(L, H) if prefix[l, h] >= tp and st.copy[l, h] >= tc]
     st.res["induction"] = {
         "prefix_matching": prefix, "prefix_floor_uniform_attention": floor,
         "previous_token": prev, "prefix_len": Lp, "copying": copying,
-        "copy_impl_shown": cfg.copy_impl,
-        "induction_heads_top10pct_both": ind,
+        "copy_impl_shown": cfg.copy_impl, "induction_heads_top10pct_both": ind,
         "spearman_copying_variants": {"olsson-official": spearman(*copying.values())}}
     top = np.argsort(-prefix.ravel(), kind="stable")[:5]
     print("top prefix-matching heads: " + ", ".join(f"L{i // H}H{i % H}={prefix.ravel()[i]:.2f}"
@@ -931,8 +925,7 @@ def fig10_induction_heads(st: Study):
 
 
 def fig11_retained_capacity(st: Study):
-    """Fig. 11 (Sec. 6.3): prefix-matching and copying capacity left after pruning in aggregate
-    order."""
+    """Fig. 11 (Sec. 6.3): prefix-matching and copying capacity left, aggregate-order pruning."""
     floor = st.res["induction"]["prefix_floor_uniform_attention"]
     cap = {}
     for k in st.shots:
