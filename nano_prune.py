@@ -705,15 +705,17 @@ def fresh_prompts(tasks: ICLTasks, t: str, k: int, n: int, g, seen: set, top_up:
     """n prompts drawn from g, none of them in `seen` (eval prompts as bytes), topped up from
     further draws if top_up. Where the prompt space is too small (under n/4 unseen, e.g. 0-shot
     prompts), the plain draw. -> X, Y, fraction of the first draw that was in `seen`."""
-    Xs, Ys, overlap = [], [], None
-    for _ in range(9 if top_up else 1):
+    Xs, Ys = [], []
+    for i in range(9 if top_up else 1):
         X, Y = tasks.prompts(t, k, n, g)
         keep = torch.tensor([r.tobytes() not in seen for r in X.numpy()])
-        if overlap is None and keep.sum() < n // 4:
-            return X, Y, 1.0 - float(keep.float().mean())
-        overlap = 1.0 - float(keep.float().mean()) if overlap is None else overlap
-        Xs.append(X[keep]), Ys.append(Y[keep])
-        if sum(len(x) for x in Xs) >= n:
+        if i == 0:
+            overlap = 1.0 - float(keep.float().mean())
+            if keep.sum() < n // 4:
+                return X, Y, overlap
+        Xs.append(X[keep])
+        Ys.append(Y[keep])
+        if sum(map(len, Xs)) >= n:
             break
     return torch.cat(Xs)[:n], torch.cat(Ys)[:n], overlap
 
@@ -1198,12 +1200,14 @@ def physically_prune(model: GPT, cfg: Config, head_mask, ffn_mask) -> GPT:
     return small
 
 
-def forward_flops_per_token(heads: list[int], ffns: list[bool], C, hs, T, V) -> float:
-    """Matmul FLOPs per token of a forward pass (2 per multiply-add): the ideal speed-up."""
-    f = 2 * C * V  # lm_head
-    for h, keep in zip(heads, ffns):
+def forward_flops_per_token(m: GPT, T: int) -> float:
+    """Matmul FLOPs per token of m's forward pass (2 per multiply-add): the ideal speed-up."""
+    C, hs = m.wte.embedding_dim, m.head_size
+    f = 2 * C * m.vocab_size  # lm_head
+    for blk in m.blocks:
+        h = blk.attn.n_head if blk.attn is not None else 0
         f += 2 * C * 3 * h * hs + 2 * h * hs * C + 2 * 2 * h * hs * T  # qkv, W_O, QK^T and AV
-        f += 2 * 2 * C * 4 * C if keep else 0
+        f += 2 * 2 * C * 4 * C if blk.mlp is not None else 0
     return float(f)
 
 
@@ -1215,10 +1219,9 @@ def bench_physical_pruning(st: Study, settings) -> list:
     machine load hits both alike), next to the ideal FLOP ratio."""
     model, cfg, device, k = st.model, st.cfg, st.device, st.shots[-1]
     head_order, ffn_order = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
-    L, H, T, C, hs, V = (cfg.n_layer, cfg.n_head, cfg.block_size, cfg.n_embd, model.head_size,
-                         model.vocab_size)
+    L, H, T = cfg.n_layer, cfg.n_head, cfg.block_size
     g = torch.Generator().manual_seed(cfg.seed + 5)
-    x = torch.randint(V, (cfg.speed_batch, T), generator=g).to(device)
+    x = torch.randint(model.vocab_size, (cfg.speed_batch, T), generator=g).to(device)
     sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
 
     def seconds(m):
@@ -1228,7 +1231,7 @@ def bench_physical_pruning(st: Study, settings) -> list:
         return time.perf_counter() - t0
     model.eval()
     rounds = 15 if "cuda" in device else 7
-    out, full_flops = [], forward_flops_per_token([H] * L, [True] * L, C, hs, T, V)
+    out = []
     for p, nf in settings:
         hm = prune_mask(head_order, p * L * H // 100, (L, H))
         fm = prune_mask(ffn_order, nf, L)
@@ -1239,8 +1242,7 @@ def bench_physical_pruning(st: Study, settings) -> list:
         with st.ctx:
             t = np.array([[seconds(model), seconds(small)] for _ in range(3 + rounds)])[3:]
         speed = float(np.median(t[:, 0] / t[:, 1]))  # 3 warm-up rounds left out
-        ideal = full_flops / forward_flops_per_token(hm.sum(1).astype(int), fm.astype(bool),
-                                                     C, hs, T, V)
+        ideal = forward_flops_per_token(model, T) / forward_flops_per_token(small, T)
         out.append({"heads_pruned_pct": p, "ffns_pruned": nf, "params_full": model.num_params(),
                     "params_pruned": small.num_params(), "max_abs_logit_diff": diff,
                     "time_full_s": float(np.median(t[:, 0])),
@@ -1325,7 +1327,8 @@ def validate(c: Config):
              "n_eval n_imp n_dev n_random n_prefix_seq prefix_len analysis_batch speed_batch "
              "n_labels n_clusters recall_max_keys").split()
     k, text = max(parse_ints(c.shots, "shots")), c.text_frac if c.dataset != "none" else 0.0
-    parse_compare(c.compare), parse_bench(c.bench, c.n_layer)
+    parse_compare(c.compare)
+    parse_bench(c.bench, c.n_layer)
     parent = os.path.abspath(c.out_dir)  # the out_dir's nearest existing parent must be writable
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
