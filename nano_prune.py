@@ -415,15 +415,12 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.lm_head = nn.Linear(C, self.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        self.apply(self._init_weights)
+        for m in self.modules():  # GPT-2's init: N(0, 0.02) ...
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
         for n, p in self.named_parameters():
-            if n.endswith("c_proj.weight"):  # residual projections: 0.02 / sqrt(2L) (GPT-2)
+            if n.endswith("c_proj.weight"):  # ... and 0.02 / sqrt(2L) for residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * L))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
