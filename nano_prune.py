@@ -573,8 +573,7 @@ def spearman(a, b) -> float:
 def topk_overlap(a, b, frac: float) -> float:
     """|top-frac(a) & top-frac(b)| / |top-frac|, the paper's 'top-30% heads overlap'."""
     k = max(1, int(round(frac * np.size(a))))
-    ta = set(np.argsort(-np.asarray(a).ravel(), kind="stable")[:k])
-    tb = set(np.argsort(-np.asarray(b).ravel(), kind="stable")[:k])
+    ta, tb = (set(np.argsort(-np.ravel(v), kind="stable")[:k]) for v in (a, b))
     return len(ta & tb) / k
 
 
@@ -955,9 +954,8 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
 
 def _figure(out_dir: str, name: str, rows: list[list], draw, w: float, h: float) -> str:
     """A figure of panels, one per item of `rows` (a list of rows); draw(ax, item) fills one."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")
     plt.rcParams.update({"axes.titlesize": 9, "legend.fontsize": 7})
     fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(w * len(rows[0]), h * len(rows)),
                              squeeze=False, constrained_layout=True)
@@ -1440,9 +1438,9 @@ class EvalLog:
     """log.csv: one row per evaluation, with the accuracy of every (task, shot) on 128 prompts."""
 
     def __init__(self, cfg: Config, tasks: ICLTasks, master: bool):
-        self.path, self.shots = os.path.join(cfg.out_dir, "log.csv"), parse_ints(cfg.shots, "")
+        self.path, shots = os.path.join(cfg.out_dir, "log.csv"), parse_ints(cfg.shots, "shots")
         geval = torch.Generator().manual_seed(cfg.seed + 7)
-        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in self.shots}
+        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in shots}
         self.cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
                      "tokens_per_s", "mfu"] + [f"acc_{t}_{k}" for t, k in self.quick]
         if master and not (cfg.resume and os.path.exists(self.path)):
