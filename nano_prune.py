@@ -63,6 +63,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,6 @@ from tqdm import tqdm
 import data
 
 TASKS = ("copy", "succ", "recall", "cluster")
-COPY_IMPLS = ("olsson", "official")
 
 
 def _f(default, help, choices=None):
@@ -106,7 +106,7 @@ class Config:
     n_prefix_seq: int = _f(50, "random sequences for the prefix-matching and copying scores")
     prefix_len: int = _f(25, "length L of the repeated segment (capped so 2 + 4L fits)")
     copy_impl: str = _f("olsson", "copying score shown in the figures (both are saved)",
-                        COPY_IMPLS)
+                        ("olsson", "official"))
     analysis_batch: int = _f(256, "prompts per forward pass in the analysis")
     speed_batch: int = _f(64, "full-length sequences per forward in the physical-pruning timing")
     # --- model
@@ -156,9 +156,8 @@ class Config:
     # --- modes
     preset: str = _f("auto", "cpu (laptop, minutes) | gpu (one large GPU) | auto (gpu if CUDA)",
                      ("auto", "cpu", "gpu"))
-    compare: str = _f("", "comma list of head-score variants to compare with the default on the "
-                      "trained model, e.g. abs_per=example,imp_norm=official,agg_norm=sum1,"
-                      "layer_norm_imp (runs instead of the analysis)")
+    compare: str = _f("", "comma list of head-score variants to compare with the default, e.g. "
+                      "abs_per=example,layer_norm_imp (runs instead of the analysis)")
     bench: str = _f("", "comma list of head-prune percentages (p or p:n_ffn) for the physical-"
                     "pruning speed test, e.g. 50,70,90 (runs instead of the analysis)")
     analysis: bool = _f(True, "run the pruning / induction analysis after training")
@@ -210,9 +209,6 @@ class ICLTasks:
         if task == "cluster":
             return torch.arange(self.L0, self.L0 + self.n_labels)
         return torch.arange(self.C0, self.C0 + self.N)
-
-    def chance(self, task: str) -> float:
-        return 1.0 / len(self.candidates(task))
 
     @staticmethod
     def _seen_before(a: torch.Tensor) -> torch.Tensor:
@@ -278,11 +274,8 @@ class ICLTasks:
         seq = torch.cat([torch.tensor([self.BOS, self.template[task]]).expand(B, 2), seq], 1)
         tgt = torch.full_like(seq, -100)
         tgt[:, 3::2] = torch.where(ok, y, torch.full_like(y, -100))
-        pad = T + 1 - seq.shape[1]
-        if pad > 0:
-            seq = F.pad(seq, (0, pad), value=self.PAD)
-            tgt = F.pad(tgt, (0, pad), value=-100)
-        return seq[:, :T], tgt[:, 1:T + 1]
+        pad = (0, T + 1 - seq.shape[1])  # to T + 1 tokens (the pad is >= 0)
+        return F.pad(seq, pad, value=self.PAD)[:, :T], F.pad(tgt, pad, value=-100)[:, 1:]
 
     def repeat_rows(self, B: int, T: int, g: torch.Generator, lo: int = 5, hi: int = 30):
         """[BOS][REP] s s s ... with s a random segment of unique tokens; loss on the repeats."""
@@ -314,20 +307,15 @@ class Batcher:
         early = it is not None and it < cfg.rep_early * cfg.max_iters
         n_rep = int(round(B * (cfg.rep_frac_early if early else cfg.rep_frac)))
         n_text = int(round(B * cfg.text_frac)) if self.text_ds is not None else 0
-        n_task = B - n_rep - n_text
-        xs, ys = [], []
-        for i, t in enumerate(TASKS):
-            n = n_task // len(TASKS) + (1 if i < n_task % len(TASKS) else 0)
-            if n:
-                x, y = self.tasks.train_rows(t, n, T, g)
-                xs.append(x), ys.append(y)
+        n_task, nt = B - n_rep - n_text, len(TASKS)
+        rows = [self.tasks.train_rows(t, n, T, g) for i, t in enumerate(TASKS)
+                if (n := n_task // nt + (i < n_task % nt))]
         if n_rep:
-            x, y = self.tasks.repeat_rows(n_rep, T, g)
-            xs.append(x), ys.append(y)
+            rows.append(self.tasks.repeat_rows(n_rep, T, g))
         if n_text:
             x, y = self.text_ds.get_batch(split, n_text, T, generator=g)
-            xs.append(x.cpu() + self.tasks.T0), ys.append(y.cpu() + self.tasks.T0)
-        return torch.cat(xs), torch.cat(ys)
+            rows.append((x.cpu() + self.tasks.T0, y.cpu() + self.tasks.T0))
+        return torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
 
 
 # ---- The model (Sec. 2.2-2.3): nanoGPT with a gate xi_h on every head (before W_O) and every FFN
@@ -362,19 +350,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         H, hs = self.n_head, self.head_size
-        q, k, v = self.c_attn(x).split(H * hs, dim=2)
-        q = q.view(B, T, H, hs).transpose(1, 2)  # (B, H, T, hs)
-        k = k.view(B, T, H, hs).transpose(1, 2)
-        v = v.view(B, T, H, hs).transpose(1, 2)
+        q, k, v = (t.view(B, T, H, hs).transpose(1, 2)  # each (B, H, T, hs)
+                   for t in self.c_attn(x).split(H * hs, dim=2))
         if self.explicit:  # analysis path: the same function, with the probabilities in hand
             y, att = gated_attention(q, k, v, self.head_mask)
         else:  # training path: the fused kernel, then the same gates
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
             y, att = y * self.head_mask.view(1, H, 1, 1).to(y.dtype), None  # xi_h * A_h
-        if self.keep:
-            self.att = att.detach() if att is not None else None
-            self.y = y
+        if self.keep:  # set together with explicit: att is in hand
+            self.att, self.y = att.detach(), y
             if y.requires_grad:
                 y.retain_grad()  # dL/dA_h, for IS_h = |A_h^T dL/dA_h|
         y = y.transpose(1, 2).reshape(B, T, H * hs)  # (B, T, H*hs)
@@ -430,15 +415,12 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.lm_head = nn.Linear(C, self.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        self.apply(self._init_weights)
+        for m in self.modules():  # GPT-2's init: N(0, 0.02) ...
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
         for n, p in self.named_parameters():
-            if n.endswith("c_proj.weight"):  # residual projections: 0.02 / sqrt(2L) (GPT-2)
+            if n.endswith("c_proj.weight"):  # ... and 0.02 / sqrt(2L) for residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * L))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
@@ -553,7 +535,7 @@ def aggregate(imps: list[np.ndarray], how: str) -> np.ndarray:
 def ffn_oracle(acc_with, L: int) -> np.ndarray:
     """Eq. 7: IS_FFN_l = acc(model) - acc(model without FFN l), (L,). acc_with(ffn_mask) -> acc."""
     base = acc_with(None)
-    return np.array([base - acc_with(np.eye(L)[l] * -1 + 1) for l in range(L)])
+    return np.array([base - acc_with(1 - np.eye(L)[l]) for l in range(L)])
 
 
 # ---- Pruning (Sec. 5): one global ranking, least important first; and agreement (Sec. 6.1) -------
@@ -591,8 +573,7 @@ def spearman(a, b) -> float:
 def topk_overlap(a, b, frac: float) -> float:
     """|top-frac(a) & top-frac(b)| / |top-frac|, the paper's 'top-30% heads overlap'."""
     k = max(1, int(round(frac * np.size(a))))
-    ta = set(np.argsort(-np.asarray(a).ravel(), kind="stable")[:k])
-    tb = set(np.argsort(-np.asarray(b).ravel(), kind="stable")[:k])
+    ta, tb = (set(np.argsort(-np.ravel(v), kind="stable")[:k]) for v in (a, b))
     return len(ta & tb) / k
 
 
@@ -634,27 +615,33 @@ def copy_ratio(logits_s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def explicit_forward(model: GPT, ids: torch.Tensor, device) -> list[tuple]:
+    """One forward pass with the probabilities in hand: per block, att (n, H, T, T) and the head
+    outputs xi_h A_h (n, H, T, d_h), both float32."""
+    model.eval()
+    model.set_analysis(explicit=True, keep=True)
+    model(ids.to(device))
+    out = [(blk.attn.att.float(), blk.attn.y.float()) for blk in model.blocks]
+    model.set_analysis(explicit=False, keep=False)
+    return out
+
+
+@torch.no_grad()
 def copying_score_olsson(model: GPT, ids: torch.Tensor, start: int, device) -> np.ndarray:
     """Olsson et al.: run the model on non-repeated random tokens; push each head's attention-
     weighted output along the direct path through W_O^h and the unembedding; how much does it
     raise the token it attends to most, among the sample's tokens? -> (L, H)."""
-    model.eval()
-    model.set_analysis(explicit=True, keep=True)
-    model(ids.to(device))
     W_U = model.lm_head.weight.float()  # (V, C)
-    sample = ids[:, start:].to(device)  # (n, S) the sample's unique content tokens
-    E_s = W_U[sample]  # (n, S, C)
+    E_s = W_U[ids[:, start:].to(device)]  # (n, S, C): the sample's S unique content tokens
     out = []
-    for blk in model.blocks:
-        a = blk.attn
-        H, hs = a.n_head, a.head_size
-        Wo = a.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
-        contrib = torch.einsum("nhtd,hcd->nhtc", a.y.float(), Wo)  # (n, H, T, C) in the residual
+    for blk, (att, y) in zip(model.blocks, explicit_forward(model, ids, device)):
+        H, hs = blk.attn.n_head, blk.attn.head_size
+        Wo = blk.attn.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
+        contrib = torch.einsum("nhtd,hcd->nhtc", y, Wo)  # (n, H, T, C) in the residual
         logits_s = torch.einsum("nhtc,nsc->nhts", contrib, E_s)  # (n, H, T, S) logit effects
-        tgt = a.att.argmax(-1) - start  # (n, H, T) attended position -> index in the sample
+        tgt = att.argmax(-1) - start  # (n, H, T) attended position -> index in the sample
         tgt = torch.where(tgt >= 0, tgt, torch.full_like(tgt, -1))
         out.append(copy_ratio(logits_s[:, :, start:], tgt[:, :, start:]).mean((0, 2)).cpu())
-    model.set_analysis(explicit=False, keep=False)
     return torch.stack(out).numpy()
 
 
@@ -676,8 +663,7 @@ def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
         H, hs = a.n_head, a.head_size
         q, k, v = a.c_attn(blk.ln_1(h0)).split(H * hs, dim=2)
         q, k, v = (t.view(n, T, H, hs).transpose(1, 2).float() for t in (q, k, v))
-        att = ((q @ k.transpose(-2, -1)) / math.sqrt(hs)).masked_fill(~causal, float("-inf"))
-        att = att.softmax(-1)
+        att = gated_attention(q, k, v, torch.ones(H, device=device))[1]  # (n, H, T, T)
         Wo = a.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
         o = torch.einsum("nhtd,hcd->nhtc", v, Wo)  # (n, H, T, C): W_O^h v_j
         probs = (o @ W_U.T).softmax(-1)  # (n, H, T, V)
@@ -690,17 +676,6 @@ def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
         score = torch.where(tot > 0, hit / tot.clamp(min=1e-30), torch.zeros_like(tot))
         out.append(score[:, :, 1:].mean((0, 2)).cpu())  # query positions 1..T-1 (after BOS)
     return torch.stack(out).numpy()
-
-
-@torch.no_grad()
-def attention_maps(model: GPT, ids: torch.Tensor, device) -> torch.Tensor:
-    """Attention probabilities of every head: (n, L, H, T, T)."""
-    model.eval()
-    model.set_analysis(explicit=True, keep=True)
-    model(ids.to(device))
-    att = torch.stack([blk.attn.att.float().cpu() for blk in model.blocks], 1)
-    model.set_analysis(explicit=False, keep=False)
-    return att
 
 
 def retained_capacity(score: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -726,15 +701,17 @@ def fresh_prompts(tasks: ICLTasks, t: str, k: int, n: int, g, seen: set, top_up:
     """n prompts drawn from g, none of them in `seen` (eval prompts as bytes), topped up from
     further draws if top_up. Where the prompt space is too small (under n/4 unseen, e.g. 0-shot
     prompts), the plain draw. -> X, Y, fraction of the first draw that was in `seen`."""
-    Xs, Ys, overlap = [], [], None
-    for _ in range(9 if top_up else 1):
+    Xs, Ys = [], []
+    for i in range(9 if top_up else 1):
         X, Y = tasks.prompts(t, k, n, g)
         keep = torch.tensor([r.tobytes() not in seen for r in X.numpy()])
-        if overlap is None and keep.sum() < n // 4:
-            return X, Y, 1.0 - float(keep.float().mean())
-        overlap = 1.0 - float(keep.float().mean()) if overlap is None else overlap
-        Xs.append(X[keep]), Ys.append(Y[keep])
-        if sum(len(x) for x in Xs) >= n:
+        if i == 0:
+            overlap = 1.0 - float(keep.float().mean())
+            if keep.sum() < n // 4:
+                return X, Y, overlap
+        Xs.append(X[keep])
+        Ys.append(Y[keep])
+        if sum(map(len, Xs)) >= n:
             break
     return torch.cat(Xs)[:n], torch.cat(Ys)[:n], overlap
 
@@ -761,7 +738,8 @@ def prompt_sets(tasks: ICLTasks, cfg: Config, shots: list[int]):
 
 
 class Study:
-    """What every section needs: the model, its tasks, the prompt sets, one random generator."""
+    """What every section needs: the model, its tasks, the prompt sets, one random generator.
+    Its results (res) may hold numpy arrays: write_json stores them as lists."""
 
     def __init__(self, model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx):
         self.model, self.tasks, self.cfg, self.device, self.ctx = model, tasks, cfg, device, ctx
@@ -784,13 +762,11 @@ class Study:
         """Accuracy with the first p% of the heads of `order` pruned (official: p * n // 100)."""
         return self.acc(t, k, prune_mask(order, p * self.L * self.H // 100, (self.L, self.H)), fm)
 
-    def score(self, t, k, hm=None, abs_per=None, layer_norm=None):
-        c = self.cfg
-        self.model.set_masks(hm, None)
-        X, Y = self.sets[t, k]["imp"]
+    def score(self, t, k, abs_per=None, layer_norm=None):
+        """IS_h on the importance prompts (Eq. 8); abs_per, layer_norm: None = the config's."""
+        c, (X, Y) = self.cfg, self.sets[t, k]["imp"]
         s = head_importance(self.model, X, Y, self.device, c.analysis_batch,
                             abs_per or c.abs_per, c.imp_norm)
-        self.model.set_masks(None, None)
         ln = c.layer_norm_imp if layer_norm is None else layer_norm
         return layer_l2_normalise(s) if ln else s
 
@@ -800,7 +776,7 @@ def sec_full_accuracy(st: Study):
     warnings where it is near chance or where few-shot accuracy is below 0.9."""
     n = st.cfg.n_eval
     full = {t: {k: st.acc(t, k) for k in st.shots} for t in TASKS}
-    chance = {t: st.tasks.chance(t) for t in TASKS}
+    chance = {t: 1.0 / len(st.tasks.candidates(t)) for t in TASKS}
     print(f"\nfull-model accuracy (n={n} per cell, +- binomial s.e.)")
     print("  task     " + "".join(f"{k:>4d}-shot     " for k in st.shots) + "chance")
     for t in TASKS:
@@ -826,12 +802,11 @@ def fig3_head_importance(st: Study):
     other = "example" if st.cfg.abs_per == "token" else "token"
     agree = {f"{t}/{k}": spearman(st.imp[k][t], st.score(t, k, abs_per=other, layer_norm=False))
              for t in TASKS for k in st.shots}
-    st.res.update(
-        head_importance={str(k): {t: v.tolist() for t, v in st.imp[k].items()} for k in st.shots},
-        head_importance_aggregate={str(k): st.agg[k].tolist() for k in st.shots},
-        spearman_token_vs_example_abs=agree,
-        importance_mass_per_layer={str(k): (a.sum(1) / max(a.sum(), 1e-30)).tolist()
-                                   for k, a in st.agg.items()})
+    st.res.update(head_importance={str(k): st.imp[k] for k in st.shots},
+                  head_importance_aggregate={str(k): st.agg[k] for k in st.shots},
+                  spearman_token_vs_example_abs=agree,
+                  importance_mass_per_layer={str(k): a.sum(1) / max(a.sum(), 1e-30)
+                                             for k, a in st.agg.items()})
     print(f"head importance done; Spearman of per-token vs per-example |.|: median "
           f"{np.nanmedian(list(agree.values())):.2f}")
 
@@ -841,8 +816,7 @@ def fig4_ffn_importance(st: Study):
     st.ffn = {k: {t: ffn_oracle(lambda fm, t=t, k=k: st.acc(t, k, fm=fm, split="dev"), st.L)
                   for t in TASKS} for k in st.shots}
     st.ffn_agg = {k: np.mean([st.ffn[k][t] for t in TASKS], 0) for k in st.shots}
-    st.res["ffn_oracle"] = {str(k): {t: v.tolist() for t, v in st.ffn[k].items()}
-                            for k in st.shots}
+    st.res["ffn_oracle"] = {str(k): st.ffn[k] for k in st.shots}
 
 
 def fig5_head_pruning(st: Study):
@@ -856,8 +830,7 @@ def fig5_head_pruning(st: Study):
         orders = {"task": o_task, "aggregate": order_heads(st.agg[k]), "reverse": o_task[::-1]}
         c = {name: [st.pruned(t, k, o, p) for p in pcts] for name, o in orders.items()}
         c["random"] = [[st.pruned(t, k, o, p) for p in pcts] for o in rand_orders]
-        c["random_mean"] = np.mean(c["random"], 0).tolist()
-        c["random_std"] = np.std(c["random"], 0).tolist()
+        c.update(random_mean=np.mean(c["random"], 0), random_std=np.std(c["random"], 0))
         curves[f"{t}/{k}"] = c
     st.res["head_pruning"] = {"percent": pcts, "curves": curves}
 
@@ -882,8 +855,8 @@ def fig6_ffn_pruning(st: Study):
             oracle = [st.acc(t, k, fm=prune_mask(o, n, L)) for n in range(L + 1)]
             rnd = [[st.acc(t, k, fm=prune_mask(st.rng.permutation(L), n, L))
                     for n in range(L + 1)] for _ in range(st.cfg.n_random)]
-            out[f"{t}/{k}"] = {"oracle": oracle, "random_mean": np.mean(rnd, 0).tolist(),
-                               "random_std": np.std(rnd, 0).tolist()}
+            out[f"{t}/{k}"] = {"oracle": oracle, "random_mean": np.mean(rnd, 0),
+                               "random_std": np.std(rnd, 0)}
     st.res["ffn_pruning"] = {"n_pruned": list(range(L + 1)), "curves": out,
                              "note": f"{L} FFNs: one step = {100 / L:.0f}% of the FFNs"}
 
@@ -895,7 +868,7 @@ def fig7_combined_pruning(st: Study):
         oh, of = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
         g = np.array([[[st.pruned(t, k, oh, p, prune_mask(of, nf, L)) for nf in range(L + 1)]
                        for p in gp] for t in TASKS])  # (tasks, heads %, FFNs pruned)
-        grids[str(k)] = {"per_task": g.tolist(), "mean": g.mean(0).tolist()}
+        grids[str(k)] = {"per_task": g, "mean": g.mean(0)}
     st.res["combined_grid"] = {"head_percent": gp, "ffn_pruned": list(range(L + 1)),
                                "grids": grids}
 
@@ -923,28 +896,26 @@ def fig10_induction_heads(st: Study):
     cfg, tasks, L, H = st.cfg, st.tasks, st.L, st.H
     Lp = min(cfg.prefix_len, (cfg.block_size - 2) // 4, tasks.N)
     gi = torch.Generator().manual_seed(cfg.seed + 4242)
-    rep = tasks.repeated_sequences(cfg.n_prefix_seq, Lp, gi)  # (n, 2 + 4Lp)
-    att = attention_maps(st.model, rep, st.device)  # (n, L, H, T, T)
+    rep = tasks.repeated_sequences(cfg.n_prefix_seq, Lp, gi)  # (n, T = 2 + 4Lp)
+    att = [a.cpu() for a, _ in explicit_forward(st.model, rep, st.device)]
+    att = torch.stack(att, 1)  # (n, L, H, T, T)
     prefix = torch.stack([prefix_matching_score(att[:, l], rep, 2 + Lp) for l in range(L)])
     prefix, T = prefix.numpy(), rep.shape[1]
     uni = torch.ones(T, T).tril()
     uni = (uni / uni.sum(-1, keepdim=True))[None, None].expand(len(rep), 1, T, T)
     floor = float(prefix_matching_score(uni, rep, 2 + Lp)[0])  # uniform attention's score
     prev = att[:, :, :, torch.arange(2, T), torch.arange(1, T - 1)].mean((0, 3)).numpy()  # j->j-1
-    Lc = min(25, tasks.N, cfg.block_size - 2)
-    uniq = torch.rand(cfg.n_prefix_seq, tasks.N, generator=gi).argsort(1)[:, :Lc] + tasks.C0
-    uniq = torch.cat([torch.tensor([tasks.BOS, tasks.REP]).expand(len(uniq), 2), uniq], 1)
+    Lc = min(25, tasks.N, cfg.block_size - 2)  # one non-repeated segment for the copying scores
+    uniq = tasks.repeated_sequences(cfg.n_prefix_seq, Lc, gi, reps=1)
     copying = {"olsson": copying_score_olsson(st.model, uniq, 2, st.device),
                "official": copying_score_official(st.model, uniq, st.device)}
     st.prefix, st.copy = prefix, copying[cfg.copy_impl]
     tp, tc = np.quantile(prefix, 0.9), np.quantile(st.copy, 0.9)
-    ind = [(l, h) for l in range(L) for h in range(H)
-           if prefix[l, h] >= tp and st.copy[l, h] >= tc]
+    ind = [(l, h) for l, h in np.ndindex(L, H) if prefix[l, h] >= tp and st.copy[l, h] >= tc]
     st.res["induction"] = {
-        "prefix_matching": prefix.tolist(), "prefix_floor_uniform_attention": floor,
-        "previous_token": prev.tolist(), "prefix_len": Lp,
-        "copying": {c: v.tolist() for c, v in copying.items()}, "copy_impl_shown": cfg.copy_impl,
-        "induction_heads_top10pct_both": ind,
+        "prefix_matching": prefix, "prefix_floor_uniform_attention": floor,
+        "previous_token": prev, "prefix_len": Lp, "copying": copying,
+        "copy_impl_shown": cfg.copy_impl, "induction_heads_top10pct_both": ind,
         "spearman_copying_variants": {"olsson-official": spearman(*copying.values())}}
     top = np.argsort(-prefix.ravel(), kind="stable")[:5]
     print("top prefix-matching heads: " + ", ".join(f"L{i // H}H{i % H}={prefix.ravel()[i]:.2f}"
@@ -952,15 +923,14 @@ def fig10_induction_heads(st: Study):
 
 
 def fig11_retained_capacity(st: Study):
-    """Fig. 11 (Sec. 6.3): prefix-matching and copying capacity left after pruning in aggregate
-    order."""
+    """Fig. 11 (Sec. 6.3): prefix-matching and copying capacity left, aggregate-order pruning."""
     floor = st.res["induction"]["prefix_floor_uniform_attention"]
     cap = {}
     for k in st.shots:
         o = order_heads(st.agg[k])
-        cap[str(k)] = {"prefix": retained_capacity(st.prefix, o).tolist(),
-                       "prefix_minus_floor": retained_capacity(st.prefix - floor, o).tolist(),
-                       "copying": retained_capacity(st.copy, o).tolist()}
+        cap[str(k)] = {"prefix": retained_capacity(st.prefix, o),
+                       "prefix_minus_floor": retained_capacity(st.prefix - floor, o),
+                       "copying": retained_capacity(st.copy, o)}
     st.res["capacity"] = {"n_pruned": list(range(st.L * st.H + 1)), "curves": cap}
 
 
@@ -974,10 +944,9 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
                     fig7_combined_pruning, fig8_agreement, fig10_induction_heads,
                     fig11_retained_capacity):
         section(st)
-    k, L = st.shots[-1], cfg.n_layer
+    L = cfg.n_layer
     st.res["physical_pruning"] = bench_physical_pruning(
-        model, cfg, st.agg[k], np.argsort(st.ffn_agg[k], kind="stable"), device, ctx,
-        [(50, 0), (70, 0), (70, max(1, L // 3)), (90, L // 2)])
+        st, [(50, 0), (70, 0), (70, max(1, L // 3)), (90, L // 2)])
     st.res["analysis_elapsed_s"] = time.time() - t0
     print(f"analysis done in {time.time() - t0:.0f}s")
     return st.res
@@ -985,9 +954,8 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
 
 def _figure(out_dir: str, name: str, rows: list[list], draw, w: float, h: float) -> str:
     """A figure of panels, one per item of `rows` (a list of rows); draw(ax, item) fills one."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")
     plt.rcParams.update({"axes.titlesize": 9, "legend.fontsize": 7})
     fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(w * len(rows[0]), h * len(rows)),
                              squeeze=False, constrained_layout=True)
@@ -1227,25 +1195,28 @@ def physically_prune(model: GPT, cfg: Config, head_mask, ffn_mask) -> GPT:
     return small
 
 
-def forward_flops_per_token(heads: list[int], ffns: list[bool], C, hs, T, V) -> float:
-    """Matmul FLOPs per token of a forward pass (2 per multiply-add): the ideal speed-up."""
-    f = 2 * C * V  # lm_head
-    for h, keep in zip(heads, ffns):
+def forward_flops_per_token(m: GPT, T: int) -> float:
+    """Matmul FLOPs per token of m's forward pass (2 per multiply-add): the ideal speed-up."""
+    C, hs = m.wte.embedding_dim, m.head_size
+    f = 2 * C * m.vocab_size  # lm_head
+    for blk in m.blocks:
+        h = blk.attn.n_head if blk.attn is not None else 0
         f += 2 * C * 3 * h * hs + 2 * h * hs * C + 2 * 2 * h * hs * T  # qkv, W_O, QK^T and AV
-        f += 2 * 2 * C * 4 * C if keep else 0
+        f += 2 * 2 * C * 4 * C if blk.mlp is not None else 0
     return float(f)
 
 
 @torch.no_grad()
-def bench_physical_pruning(model: GPT, cfg: Config, head_imp, ffn_order, device, ctx,
-                           settings) -> list:
-    """For each (heads %, FFNs pruned): max |logit difference| between the gated and the
-    physically pruned model, and the forward speed-up: the median over rounds in which the two
-    take turns (a change of machine load hits both alike), next to the ideal FLOP ratio."""
-    L, H, T, C, hs, V = (cfg.n_layer, cfg.n_head, cfg.block_size, cfg.n_embd, model.head_size,
-                         model.vocab_size)
+def bench_physical_pruning(st: Study, settings) -> list:
+    """For each (heads %, FFNs pruned), heads ranked by the aggregate IS_h and FFNs by the oracle
+    at the last shot: max |logit difference| between the gated and the physically pruned model,
+    and the forward speed-up: the median over rounds in which the two take turns (a change of
+    machine load hits both alike), next to the ideal FLOP ratio."""
+    model, cfg, device, k = st.model, st.cfg, st.device, st.shots[-1]
+    head_order, ffn_order = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
+    L, H, T = cfg.n_layer, cfg.n_head, cfg.block_size
     g = torch.Generator().manual_seed(cfg.seed + 5)
-    x = torch.randint(V, (cfg.speed_batch, T), generator=g).to(device)
+    x = torch.randint(model.vocab_size, (cfg.speed_batch, T), generator=g).to(device)
     sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
 
     def seconds(m):
@@ -1255,19 +1226,18 @@ def bench_physical_pruning(model: GPT, cfg: Config, head_imp, ffn_order, device,
         return time.perf_counter() - t0
     model.eval()
     rounds = 15 if "cuda" in device else 7
-    out, full_flops = [], forward_flops_per_token([H] * L, [True] * L, C, hs, T, V)
+    out = []
     for p, nf in settings:
-        hm = prune_mask(order_heads(head_imp), p * L * H // 100, (L, H))
+        hm = prune_mask(head_order, p * L * H // 100, (L, H))
         fm = prune_mask(ffn_order, nf, L)
         small = physically_prune(model, cfg, hm, fm).eval()
         model.set_masks(hm, fm)
         diff = float((model(x[:8])[0].float() - small(x[:8])[0].float()).abs().max())
         model.set_masks(None, None)
-        with ctx:
+        with st.ctx:
             t = np.array([[seconds(model), seconds(small)] for _ in range(3 + rounds)])[3:]
         speed = float(np.median(t[:, 0] / t[:, 1]))  # 3 warm-up rounds left out
-        ideal = full_flops / forward_flops_per_token(hm.sum(1).astype(int), fm.astype(bool),
-                                                     C, hs, T, V)
+        ideal = forward_flops_per_token(model, T) / forward_flops_per_token(small, T)
         out.append({"heads_pruned_pct": p, "ffns_pruned": nf, "params_full": model.num_params(),
                     "params_pruned": small.num_params(), "max_abs_logit_diff": diff,
                     "time_full_s": float(np.median(t[:, 0])),
@@ -1280,24 +1250,20 @@ def bench_physical_pruning(model: GPT, cfg: Config, head_imp, ffn_order, device,
 
 
 def run_bench(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> list:
-    """--bench p[:n_ffn],...: the physical-pruning speed test alone, heads ranked by the
-    aggregate IS_h and FFNs by the oracle, both at the last --shots value."""
+    """--bench p[:n_ffn],...: the physical-pruning speed test alone (scores at the last shot)."""
     last = str(parse_ints(cfg.shots, "shots")[-1])
     st = Study(model, tasks, dataclasses.replace(cfg, shots=last), device, ctx)
     fig3_head_importance(st)
     fig4_ffn_importance(st)
-    k = st.shots[-1]
-    return bench_physical_pruning(model, cfg, st.agg[k], np.argsort(st.ffn_agg[k], kind="stable"),
-                                  device, ctx, parse_bench(cfg.bench, cfg.n_layer))
+    return bench_physical_pruning(st, parse_bench(cfg.bench, cfg.n_layer))
 
 
 def parse_bench(spec: str, L: int) -> list[tuple[int, int]]:
     """'50,70:1' -> [(50, 0), (70, 1)]: head-prune percentages, optionally with FFNs pruned."""
     out = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
-        p, _, nf = item.partition(":")
-        ok = p.isdigit() and (nf == "" or nf.isdigit())
-        p, nf = (int(p), int(nf or 0)) if ok else (-1, 0)
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", item)  # p or p:n_ffn
+        p, nf = (int(m[1]), int(m[2] or 0)) if m else (-1, 0)
         if not (0 <= p <= 100 and 0 <= nf <= L):
             raise BadInput(f"bad --bench item {item!r}: use p or p:n_ffn with 0 <= p <= 100 "
                            f"(heads %) and 0 <= n_ffn <= n_layer ({L})")
@@ -1321,8 +1287,8 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse generated from Config: every field is a flag with its help text and default."""
+def parse_config(argv=None) -> Config:
+    """A flag per Config field; defaults <- preset <- explicit flags (their names: cfg._given)."""
     p = _Parser(prog="nano_prune.py", description="Bansal et al. 2023 in miniature: head/FFN "
                 "importance, pruning curves and induction heads (defaults: the cpu preset's).")
     for f in dataclasses.fields(Config):
@@ -1332,12 +1298,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), **kw)
-    return p
-
-
-def parse_config(argv=None) -> Config:
-    """defaults <- preset <- explicit flags; cfg._given holds the names given explicitly."""
-    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = given.get("preset", "auto")
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
@@ -1347,68 +1308,64 @@ def parse_config(argv=None) -> Config:
 
 
 def resolve_device(cfg: Config) -> str:
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": mps}[cfg.device]:
+        return next(d for d, there in ok.items() if there)
+    if not ok[cfg.device]:
         raise BadInput(f"--device {cfg.device} is not available here; use --device cpu (or auto)")
     return cfg.device
 
 
-def validate(cfg: Config):
-    """Every check that can fail runs here, before anything is read or written."""
-    c = cfg
-    sizes = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-             "eval_interval", "eval_iters", "n_eval", "n_imp", "n_dev", "n_random", "n_prefix_seq",
-             "prefix_len", "analysis_batch", "speed_batch", "n_labels", "n_clusters",
-             "recall_max_keys")
-    text = c.text_frac if c.dataset != "none" else 0.0
-    checks = [(math.isfinite(c.lr) and c.lr > 0, f"--lr must be positive and finite, not {c.lr}"),
-              (0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}]"),
-              (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
-              (c.weight_decay >= 0 and c.grad_clip >= 0,
-               "--weight_decay and --grad_clip must be >= 0"),
-              (0 <= c.seed < 2 ** 32 and 0 <= c.task_seed < 2 ** 32,
-               "--seed and --task_seed must be in [0, 2**32)"),
-              (min(c.max_iters, c.warmup_iters, c.stop_at) >= 0,
-               "--max_iters, --warmup_iters and --stop_at must be >= 0"),
-              (c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)"),
-              (0 <= c.dropout < 1, "--dropout must be in [0, 1)"),
-              (0 < c.topk_frac <= 1, "--topk_frac must be in (0, 1]"),
-              (0 <= c.grid_max_heads <= 100, "--grid_max_heads must be in [0, 100]"),
-              (0 <= c.rep_early <= 1, "--rep_early must be in [0, 1]"),
-              (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
-               and max(c.rep_frac, c.rep_frac_early) + text < 1,
-               f"--rep_frac {c.rep_frac} and --rep_frac_early {c.rep_frac_early} plus --text_frac "
-               f"{text} (with --dataset) must each stay below 1, all in [0, 1)"),
-              (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other"),
-              (not (c.bench and c.compare), "--bench and --compare each replace the analysis; "
-               "pick one")]
-    checks += [(getattr(c, name) >= 1, f"--{name} must be at least 1") for name in sizes]
-    checks += [(c.n_embd % c.n_head == 0, f"--n_embd {c.n_embd} must be a multiple of --n_head "
-                f"{c.n_head}"), (c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters")]
+def validate(c: Config):
+    """Every check that can fail runs here, before anything is read or written: (ok, message)."""
+    sizes = ("n_layer n_head n_embd block_size batch_size grad_accum eval_interval eval_iters "
+             "n_eval n_imp n_dev n_random n_prefix_seq prefix_len analysis_batch speed_batch "
+             "n_labels n_clusters recall_max_keys").split()
+    k, text = max(parse_ints(c.shots, "shots")), c.text_frac if c.dataset != "none" else 0.0
+    parse_compare(c.compare)
+    parse_bench(c.bench, c.n_layer)
+    parent = os.path.abspath(c.out_dir)  # the out_dir's nearest existing parent must be writable
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    n_content = max(2 * c.n_clusters, 8, 2 * k + 2)
+    checks = [(getattr(c, name) >= 1, f"--{name} must be at least 1") for name in sizes] + [
+        (math.isfinite(c.lr) and c.lr > 0, f"--lr must be positive and finite, not {c.lr}"),
+        (0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}]"),
+        (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (c.weight_decay >= 0 and c.grad_clip >= 0, "--weight_decay and --grad_clip must be >= 0"),
+        (0 <= c.seed < 2 ** 32 and 0 <= c.task_seed < 2 ** 32,
+         "--seed and --task_seed must be in [0, 2**32)"),
+        (min(c.max_iters, c.warmup_iters, c.stop_at) >= 0,
+         "--max_iters, --warmup_iters and --stop_at must be >= 0"),
+        (c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)"),
+        (0 <= c.dropout < 1, "--dropout must be in [0, 1)"),
+        (0 < c.topk_frac <= 1, "--topk_frac must be in (0, 1]"),
+        (0 <= c.grid_max_heads <= 100, "--grid_max_heads must be in [0, 100]"),
+        (0 <= c.rep_early <= 1, "--rep_early must be in [0, 1]"),
+        (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
+         and max(c.rep_frac, c.rep_frac_early) + text < 1,
+         f"--rep_frac {c.rep_frac} and --rep_frac_early {c.rep_frac_early} plus --text_frac "
+         f"{text} (with --dataset) must each stay below 1, all in [0, 1)"),
+        (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other"),
+        (not (c.bench and c.compare), "--bench and --compare each replace the analysis; pick one"),
+        (c.n_head < 1 or c.n_embd % c.n_head == 0,
+         f"--n_embd {c.n_embd} must be a multiple of --n_head {c.n_head}"),
+        (c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters"),
+        (c.block_size >= max(3 + 2 * k, 18), f"--block_size {c.block_size} is too short: a {k}-"
+         f"shot prompt needs {3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots"),
+        (c.n_content >= n_content, f"--n_content {c.n_content} is too small for {c.n_clusters} "
+         f"clusters and {k} shots; use at least {n_content}"),
+        (c.dtype != "float16" or resolve_device(c) in ("cuda", "mps"),
+         "float16 needs CUDA or MPS; use float32 or bfloat16"),
+        (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
+         f"--out_dir {c.out_dir}: {parent} is not a writable directory; pick another"),
+        (c.skip_train or not c.resume or os.path.isfile(ckpt_path(c)),
+         f"--resume but {ckpt_path(c)} does not exist"),
+        (not c.skip_train or os.path.isfile(ckpt_path(c)),
+         f"checkpoint {ckpt_path(c)} not found; train first or pass --ckpt PATH")]
     for ok, msg in checks:
         if not ok:
             raise BadInput(msg)
-    k = max(parse_ints(c.shots, "shots"))
-    if c.block_size < max(3 + 2 * k, 18):
-        raise BadInput(f"--block_size {c.block_size} is too short: a {k}-shot prompt needs "
-                       f"{3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots")
-    if c.n_content < max(2 * c.n_clusters, 8, 2 * k + 2):
-        raise BadInput(f"--n_content {c.n_content} is too small for {c.n_clusters} clusters and "
-                       f"{k} shots; use at least {max(2 * c.n_clusters, 8, 2 * k + 2)}")
-    parse_compare(c.compare), parse_bench(c.bench, c.n_layer)
-    if c.dtype == "float16" and resolve_device(c) not in ("cuda", "mps"):
-        raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
-    parent = os.path.abspath(c.out_dir)  # the out_dir: its nearest existing parent is writable
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out_dir {c.out_dir}: {parent} is " + ("not writable" if os.path.isdir(
-            parent) else "a file") + "; pick another directory")
-    if (c.skip_train or c.resume) and not os.path.isfile(ckpt_path(c)):
-        raise BadInput(f"checkpoint {ckpt_path(c)} not found; train first or pass --ckpt PATH"
-                       if c.skip_train else f"--resume but {ckpt_path(c)} does not exist")
 
 
 def ckpt_path(cfg: Config) -> str:
@@ -1455,9 +1412,8 @@ def peak_flops(device_type: str) -> float | None:
 
 
 def autocast_ctx(device_type: str, ptdtype):
-    if ptdtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=ptdtype)
+    return (contextlib.nullcontext() if ptdtype == torch.float32
+            else torch.autocast(device_type=device_type, dtype=ptdtype))
 
 
 @torch.no_grad()
@@ -1482,9 +1438,9 @@ class EvalLog:
     """log.csv: one row per evaluation, with the accuracy of every (task, shot) on 128 prompts."""
 
     def __init__(self, cfg: Config, tasks: ICLTasks, master: bool):
-        self.path, self.shots = os.path.join(cfg.out_dir, "log.csv"), parse_ints(cfg.shots, "")
+        self.path, shots = os.path.join(cfg.out_dir, "log.csv"), parse_ints(cfg.shots, "shots")
         geval = torch.Generator().manual_seed(cfg.seed + 7)
-        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in self.shots}
+        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in shots}
         self.cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
                      "tokens_per_s", "mfu"] + [f"acc_{t}_{k}" for t, k in self.quick]
         if master and not (cfg.resume and os.path.exists(self.path)):
@@ -1594,13 +1550,13 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
 
 
 def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int,
-                    gen: torch.Generator, extra: dict | None = None):
+                    gen: torch.Generator, extra: dict):
     obj = {"script": "nano_prune", "model": raw_model.state_dict(),
            "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg), "step": step,
            "gen_state": gen.get_state(), "torch_rng": torch.get_rng_state(),
            "numpy_rng": np.random.get_state(),
            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({**obj, **(extra or {})}, path + ".tmp")
+    torch.save({**obj, **extra}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a broken checkpoint
 
 
@@ -1687,7 +1643,7 @@ def run(cfg: Config, ck: dict | None, text_ds):
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), {
             "config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": device,
-            "device_name": torch.cuda.get_device_name() if device != "cpu" else device,
+            "device_name": torch.cuda.get_device_name() if "cuda" in device else device,
             "git_commit": git_commit(), "world_size": ddp["world"]})
     tasks = ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed,
                      text_ds.vocab_size if text_ds is not None else 0, cfg.recall_max_keys)
