@@ -1126,10 +1126,17 @@ def sync(device):
 
 
 def git_commit():
+    """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
+    the tree whose .git is missing or stale, as on a remote GPU machine)."""
+    if os.environ.get("NANO_GIT_COMMIT"):
+        return os.environ["NANO_GIT_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL).strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], timeout=5, cwd=here,
+                               capture_output=True).returncode == 1
+        return (head + "-dirty" * dirty) or None
     except Exception:
         return None
 

@@ -253,3 +253,18 @@ def test_no_line_over_100_characters(name):
     long = [i + 1 for i, ln in enumerate(open(path, encoding="utf-8").read().split("\n"))
             if len(ln) > 100 and "http" not in ln and 'NotImplementedError("exercise ' not in ln]
     assert not long, f"{name}.py lines over 100 characters: {long[:10]}"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_git_commit_is_head_or_the_override(name, monkeypatch):
+    """config.json's git_commit: $NANO_GIT_COMMIT wins, else HEAD (+ "-dirty"); None outside git."""
+    mod = importlib.import_module(name)
+    monkeypatch.setenv("NANO_GIT_COMMIT", "abc1234")
+    assert mod.git_commit() == "abc1234"
+    monkeypatch.delenv("NANO_GIT_COMMIT")
+    src = os.path.dirname(mod.__file__)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=src)
+    if head.returncode != 0:
+        assert mod.git_commit() is None
+    else:
+        assert mod.git_commit() in (head.stdout.strip(), head.stdout.strip() + "-dirty")
