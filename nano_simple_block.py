@@ -563,7 +563,7 @@ def run_compare(cfg, ds, device, ddp):
 
 # ---- making it fast: the same functions, computed faster (tests/test_simple_block.py checks
 # each against the plain form above, in float64)
-def cummean_fast(v, how="cumsum"):
+def cummean_fast(v, how="matmul"):
     """cummean(v) (part 2) as the training path computes it (--cummean): matmul (default),
     tril(ones) @ v on the tensor cores (float32 accumulation, the sum rounded once to v.dtype);
     cumsum, the same float32 scan. v: (..., T, C) -> float32 (float64 stays float64). Its own
@@ -992,7 +992,8 @@ def check_finite(r, loss, norm, step):
     device: reading it syncs, so on CUDA it is read only now and then)."""
     if loss is not None and bool(r["bad"]):
         what = f"loss is {float(loss)}" if not torch.isfinite(loss) else f"grad norm is {norm}"
-        raise Diverged(f"step {step}: {what}; last good checkpoint: {kept_checkpoint(r)}")
+        kept = f"kept {kept_checkpoint(r)}" if r["ckpt_step"] is not None else "no checkpoint yet"
+        raise Diverged(f"step {step}: {what}; {kept}")
 
 
 def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
