@@ -75,6 +75,65 @@ def sffn_probe(rows):
                   f"{float(r['dead_frac']):.1%} | {r['dead_by_layer']} | {r['maxload_by_layer']} |")
 
 
+PAPER_PPL = dict(dense=16.96, switch=16.45, avgk=14.80)  # ICLR version; its g was not retrieved
+
+
+def sffn_compare(rows, steps=6000):
+    """The paper's comparison at the gpu preset (issue 10): one row per arm, seeds pooled."""
+    arms = defaultdict(list)  # (selector, g, balance, lr) -> rows
+    for r in rows:
+        if int(r["steps"]) == steps:
+            arms[(r["selector"], int(r["g"]), r["avgk_balance"], float(r["lr"]))].append(r)
+    if not arms:
+        return
+    dense = [float(r["val_loss"]) for k, v in arms.items() if k[0] == "dense" for r in v]
+    d_loss = mean_half_range(dense)[0] if dense else None
+    d_tps = median([float(r["tokens_per_s"]) for k, v in arms.items() if k[0] == "dense"
+                    for r in v]) if dense else None
+    print(f"\nS-FFN at the gpu preset, {steps} steps (val loss mean ± half-range over seeds):\n")
+    print("| selector | g | b | balance | LR | seeds | val loss | val ppl | ppl vs dense | "
+          "params | fwd FLOPs/token | tokens/s (vs dense) | dead blocks | max/mean load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    order = ("dense", "switch", "hash", "topk", "base", "avgk", "vanillam", "pkm")
+    for k in sorted(arms, key=lambda k: (order.index(k[0]), -k[1], k[2], k[3])):
+        v = arms[k]
+        m, h = mean_half_range([float(r["val_loss"]) for r in v])
+        tps = median([float(r["tokens_per_s"]) for r in v])
+        rel = "" if d_loss is None or k[0] == "dense" else f"{math.exp(m - d_loss) - 1:+.1%}"
+        dead = median([float(r["dead_frac"]) for r in v]) if v[0]["dead_frac"] else None
+        b = 1 if k[0] == "dense" else 2048 // k[1]
+        print(f"| {k[0]} | {k[1]} | {b} | {k[2]} | {k[3]:g} | {','.join(r['seed'] for r in v)} | "
+              f"{m:.4f} ± {h:.4f} | {math.exp(m):.3f} | {rel} | {int(v[0]['params']) / 1e6:.1f}M | "
+              f"{int(v[0]['fwd_flops_per_token']) / 1e6:.1f}M | {tps:,.0f} ({tps / d_tps:.2f}x) | "
+              f"{'' if dead is None else f'{dead:.0%}'} | {v[0]['maxload_by_layer']} |")
+    print("\nThe paper (ICLR version), ppl vs dense: " + ", ".join(
+        f"{s} {p} ({p / PAPER_PPL['dense'] - 1:+.1%})" for s, p in PAPER_PPL.items()))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (sel, bal), style in {("avgk", "none"): "o-", ("avgk", "bias"): "s--",
+                              ("switch", "none"): "^", ("hash", "none"): "v",
+                              ("topk", "none"): "D"}.items():
+        pts = sorted((k[1], [math.exp(float(r["val_loss"])) for r in v]) for k, v in arms.items()
+                     if k[0] == sel and k[2] == bal)
+        if pts:
+            xs, ys = [p[0] for p in pts], [sum(p[1]) / len(p[1]) for p in pts]
+            err = [(max(p[1]) - min(p[1])) / 2 for p in pts]
+            ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3,
+                        label=sel + (" + bias balancing" if bal == "bias" else ""))
+    if dense:
+        ax.axhline(math.exp(d_loss), color="k", lw=1, ls=":", label="dense")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size g (cells per block; b = 2048 / g blocks chosen)")
+    ax.set_ylabel("val perplexity (GPT-2 BPE)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("S-FFN, 8L/512d, d_m 16384, 98M tokens (H200)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "sffn_ppl_vs_g.png"), dpi=110)
+
+
 BLOCKS = ("preln", "parallel", "vskip", "sas", "sasp", "sasp_nonorm")
 
 
@@ -159,3 +218,4 @@ if __name__ == "__main__":
     simple_block_parity(read("simple_block_gpu_runs.csv"))
     simple_block_bench(read("simple_block_bench.csv"))
     sffn_probe(read("sffn_gpu_runs.csv"))
+    sffn_compare(read("sffn_gpu_runs.csv"))
