@@ -75,7 +75,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -88,10 +87,10 @@ SHAPED_BLOCKS = ("vskip", "sas", "sasp", "sasp_nonorm")  # skipless, shaped atte
 
 def _f(default, help, choices=None):
     """A Config field with its --help text (and allowed values): the parser is built from these."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices))
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # --- the paper
     block: str = _f("sasp", "block type (paper Secs. 3-4)", BLOCKS)
@@ -104,8 +103,8 @@ class Config:
     gains: str = _f("head", "alpha, beta, gamma per head (paper) or per layer", ("head", "layer"))
     norm_eps: float = _f(1e-5, "RMSNorm epsilon (official code: 1e-5)")
     attn_impl: str = _f("sdpa", "explicit: the T x T matrix (plain)", ("sdpa", "explicit"))
-    cummean: str = _f("matmul", "C @ V: tril(ones) @ V on the tensor cores (3.6% faster SAS-P step "
-                      "on an H200), or a float32 cumsum", ("matmul", "cumsum"))
+    cummean: str = _f("matmul", "C @ V: tril(ones) @ V on the tensor cores, or a float32 cumsum",
+                      ("matmul", "cumsum"))
     fused: bool = _f(True, "fused block forms (one GEMM for both branches, gains in the weights)")
     # --- model
     n_layer: int = _f(6, "number of blocks L (paper: 18)")
@@ -130,17 +129,13 @@ class Config:
     weight_decay: float = _f(0.1, "AdamW weight decay on matrices and embeddings only")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2 (paper: 0.999)")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm (0 = off)")
     eval_interval: int = _f(100, "evaluate / log / checkpoint every this many steps")
     eval_iters: int = _f(10, "batches per evaluation")
-    log_interval: int = _f(10, "update the progress bar every this many steps")
     # --- system
     device: str = _f("auto", "auto: cuda > mps > cpu", ("auto", "cpu", "cuda", "mps"))
     dtype: str = _f("auto", "auto: bfloat16 on CUDA", ("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = _f(None, "torch.compile (default: on for CUDA, off elsewhere)")
-    compile_mode: str = _f("default", "torch.compile mode", ("default", "reduce-overhead",
-                           "max-autotune", "max-autotune-no-cudagraphs"))
     seed: int = _f(1337, "random seed (model init and data order)")
     out_dir: str = _f("out_simple_block", "output directory")
     resume: bool = _f(False, "continue from out_dir/ckpt.pt")
@@ -153,9 +148,7 @@ class Config:
     compare: str = _f("", "comma list of blocks to train in turn (same seed and data)")
     bench: str = _f("", "comma list of blocks to time side by side (random tokens); entries take "
                     "overrides, e.g. sasp:cummean=matmul:gains=layer")
-    bench_warmup: int = _f(5, "bench: untimed steps per model (the first compiles)")
-    bench_iters: int = _f(15, "bench: timed steps per model per round")
-    bench_rounds: int = _f(3, "bench: interleaved timing rounds (the best is reported)")
+    bench_iters: int = _f(15, "bench: timed steps per model in each of 3 rounds (after 5 untimed)")
 
 
 PRESETS = {
@@ -271,8 +264,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config, layer_idx: int):
         super().__init__()
         d, H = cfg.n_embd, cfg.n_head
-        self.n_head, self.d = H, d
-        self.attn_impl, self.cummean_how = cfg.attn_impl, cfg.cummean
+        self.n_head, self.attn_impl, self.cummean_how = H, cfg.attn_impl, cfg.cummean
         shaped = cfg.block in SHAPED_BLOCKS
         self.matrix = cfg.attn_matrix if shaped else "softmax"
         self.has_proj = cfg.block in ("preln", "parallel", "vskip")  # SAS: W^P = I
@@ -305,9 +297,6 @@ class Attention(nn.Module):
         elif self.values == "first":
             ws.append(self.alpha_v * self.eye + self.beta_v * self.dW_v)  # W_1^V (Sec. 4.2, fn. 6)
         return ws
-
-    def n_in(self):
-        return 3 * self.d if self.values != "identity" else 2 * self.d
 
     def forward(self, h, scale=None):  # (B, T, d) -> (B, T, d)
         z = F.linear(h, torch.cat(self.in_weights()))  # h [W^Q; W^K; (W^V)]^T: (B, T, 2d or 3d)
@@ -342,11 +331,6 @@ class Attention(nn.Module):
         return A if self.matrix == "softmax" else skipless_matrix(A, *self.coefficients(scale))
 
 
-def default_beta_ff(cfg):
-    """beta_FF = O(1/sqrt(L)): the paper's 0.1 at L = 18 (App. D.1), rescaled to n_layer."""
-    return cfg.beta_ff if cfg.beta_ff >= 0 else 0.1 * math.sqrt(18 / cfg.n_layer)
-
-
 # ---- 4-5. The blocks: the MLP skip goes in parallel (Sec. 4.3), then the norms (Sec. 4.4)
 class Block(nn.Module):
     """One transformer block of type cfg.block (paper Secs. 3-4)."""
@@ -363,8 +347,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         if cfg.block in SHAPED_BLOCKS:
+            # App. D.1: beta_FF = O(1/sqrt(L)), 0.1 at L = 18; --beta_ff < 0 rescales it to n_layer
+            beta_ff = cfg.beta_ff if cfg.beta_ff >= 0 else 0.1 * math.sqrt(18 / cfg.n_layer)
             _gain(self, "beta_sa", torch.tensor(float(cfg.beta_sa)), cfg.trainable_gains)
-            _gain(self, "beta_ff", torch.tensor(float(default_beta_ff(cfg))), cfg.trainable_gains)
+            _gain(self, "beta_ff", torch.tensor(float(beta_ff)), cfg.trainable_gains)
             if cfg.block in ("vskip", "sas") and cfg.mlp_skip:  # trainable in the official code
                 _gain(self, "alpha_ff", torch.tensor(1.0), cfg.trainable_gains)
 
@@ -506,10 +492,22 @@ def md_table(header, rows):
                      for r in [header, ["---"] * len(header)] + rows)
 
 
-def format_param_table(rows):
-    return md_table(["block", "params", "vs Pre-LN"], [
-        [r["block"], f"{r['params'] / 1e6:.3f}M", f"{-100 * r['reduction_vs_preln']:+.1f}%"]
-        for r in rows])
+def write_table(cfg, name, rows, cols, head="", **extra):
+    """Print rows (dicts with block, params, tokens_per_s) as a table, parameters and speed
+    relative to preln (or the first row), then cols: (title, key, format); write name.md/json."""
+    base = next((r for r in rows if r["block"] == "preln"), rows[0])
+    for r in rows:
+        r["params_vs_base"] = r["params"] / base["params"] - 1
+        r["speed_vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
+    text = head + md_table(
+        ["block", "params", f"vs {base['block']}", "tokens/s", "speed"] + [c[0] for c in cols],
+        [[r["block"], f"{r['params'] / 1e6:.3f}M", f"{100 * r['params_vs_base']:+.1f}%",
+          f"{r['tokens_per_s']:,.0f}", f"{r['speed_vs_base']:.3f}x"]
+         + [fmt.format(r[k]) if r[k] is not None else "n/a" for _, k, fmt in cols] for r in rows])
+    print(text)
+    write_file(os.path.join(cfg.out_dir, name + ".md"), lambda f: f.write(text + "\n"))
+    write_json({"script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "table": rows,
+                **extra}, os.path.join(cfg.out_dir, name + ".json"))
 
 
 def learned_gains(model):
@@ -545,20 +543,11 @@ def run_compare(cfg, ds, device, ddp):
         res, runs[b] = train(sub, ds, device, ddp)
         table.append({"block": b, **{k: res["final"][k] for k in (
             "params", "tokens_per_s", "train_loss", "val_loss", "train_s")}})
-    if ddp[0] != 0:
-        return
-    base = next((r for r in table if r["block"] == "preln"), table[0])
-    text = md_table(["block", "params", f"vs {base['block']}", "tokens/s", "speed",
-                     "final train loss", "final val loss"], [
-        [r["block"], f"{r['params'] / 1e6:.3f}M",
-         f"{100 * (r['params'] / base['params'] - 1):+.1f}%",
-         f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
-         f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}"] for r in table])
-    print(text)
-    write_file(os.path.join(cfg.out_dir, "compare.md"), lambda f: f.write(text + "\n"))
-    write_json({"script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "table": table,
-                "paper": PAPER_NUMBERS}, os.path.join(cfg.out_dir, "compare.json"))
-    plot_runs(runs, cfg.out_dir, prefix="compare_loss")
+    if ddp[0] == 0:
+        write_table(cfg, "compare", table, [("final train loss", "train_loss", "{:.4f}"),
+                                            ("final val loss", "val_loss", "{:.4f}")],
+                    paper=PAPER_NUMBERS)
+        plot_runs(runs, cfg.out_dir, prefix="compare_loss")
 
 
 # ---- making it fast: the same functions, computed faster (tests/test_simple_block.py checks
@@ -606,8 +595,9 @@ def fused_block_forward(blk, x):
         m = F.linear(r, blk.beta_ff * blk.mlp.c_proj.weight)  # r (beta_FF W_out)^T
         return blk.alpha_ff * x_hat + m if blk.mlp_skip else m
     h = blk.norm1(x)  # (B, T, d)
-    n_in = blk.attn.n_in()
-    z = F.linear(h, torch.cat(blk.attn.in_weights() + [blk.mlp.c_fc.weight]))  # (B, T, n_in+4d)
+    w_in = blk.attn.in_weights()  # [W^Q; W^K; (W^V)]: n_in = 2d or 3d rows
+    n_in = sum(w.size(0) for w in w_in)
+    z = F.linear(h, torch.cat(w_in + [blk.mlp.c_fc.weight]))  # (B, T, n_in + 4d)
     r = F.relu(z[..., n_in:])  # (B, T, 4d)
     if blk.kind == "parallel":
         return x + blk.attn.from_projections(z[..., :n_in], h) + F.linear(r, blk.mlp.c_proj.weight)
@@ -620,25 +610,24 @@ def fused_block_forward(blk, x):
 
 
 def parse_bench_entry(entry, cfg):
-    """'sasp:cummean=matmul:gains=layer' -> (label, Config)."""
+    """'sasp:cummean=matmul:gains=layer' -> the Config of that --bench entry."""
     block, *overrides = entry.split(":")
     fields, over = {f.name: f.default for f in dataclasses.fields(Config)}, {"block": block}
     for p in overrides:
         k, _, v = p.partition("=")
         if k not in fields or not v:
             raise BadInput(f"bad bench entry {entry!r}: use block[:field=value...], a Config field")
-        typ = bool if fields[k] is None or isinstance(fields[k], bool) else type(fields[k])
-        if typ is bool and v.lower() not in ("true", "false"):
-            raise BadInput(f"bench entry {entry!r}: {k} takes true or false")
+        typ = bool if fields[k] is None else type(fields[k])  # (--compile's default is None)
         try:
-            over[k] = v.lower() == "true" if typ is bool else typ(v)
-        except ValueError:
-            raise BadInput(f"bench entry {entry!r}: {k} takes a {typ.__name__}") from None
-    return entry, dataclasses.replace(cfg, **over)
+            over[k] = {"true": True, "false": False}[v.lower()] if typ is bool else typ(v)
+        except (KeyError, ValueError):
+            want = "true or false" if typ is bool else f"a {typ.__name__}"
+            raise BadInput(f"bench entry {entry!r}: {k} takes {want}") from None
+    return dataclasses.replace(cfg, **over)
 
 
 def bench_step(c, x, y, device, dtype):
-    """One model of --bench: a closure running one full training step, and the model."""
+    """One --bench entry: a closure running one full training step, and the model."""
     torch.manual_seed(c.seed)
     model = GPT(c).to(device)
     opt = make_optimizer(model, c, device.type)
@@ -657,11 +646,10 @@ def bench_step(c, x, y, device, dtype):
 
 def run_bench(cfg, device):
     """Time full training steps (forward, backward, clip, AdamW) of each --bench entry in one
-    process on random tokens, in interleaved rounds (clock drift hits every entry alike)."""
-    dtype = resolve_dtype(cfg, device)
-    for k in ("cache_size_limit", "recompile_limit"):  # one compiled graph per entry
-        if hasattr(torch, "_dynamo") and hasattr(torch._dynamo.config, k):
-            setattr(torch._dynamo.config, k, max(64, getattr(torch._dynamo.config, k)))
+    process on random tokens: 5 untimed steps (the first compiles), then 3 interleaved rounds of
+    --bench_iters steps (clock drift hits every entry alike); the best round counts."""
+    dtype, peak = resolve_dtype(cfg, device), peak_flops(device)
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     xy = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1),
                        generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
@@ -675,49 +663,30 @@ def run_bench(cfg, device):
         sync()
         return time.perf_counter() - t0
 
-    models = {}
-    for label, c in (parse_bench_entry(e, cfg) for e in cfg.bench.split(",")):
+    rows, steps = [], []
+    for entry in cfg.bench.split(","):
+        c = parse_bench_entry(entry, cfg)
         step, model, compiled = bench_step(c, x, y, device, dtype)
-        warm = timed(step, cfg.bench_warmup)  # (the first step compiles)
-        models[label] = {"step": step, "params": count_params(model), "warmup_s": warm,
-                         "fpt": flops_per_token(model, c), "compiled": compiled, "ms": []}
-        print(f"bench {label}: {models[label]['params'] / 1e6:.2f}M params, warm-up {warm:.1f}s")
-    for r in range(cfg.bench_rounds):
-        for m in models.values():
-            m["ms"].append(1000 * timed(m["step"], cfg.bench_iters) / cfg.bench_iters)
-        print(f"round {r}: " + ", ".join(f"{k} {m['ms'][-1]:.2f} ms" for k, m in models.items()))
-    return write_bench_table(cfg, models, device, dtype)
-
-
-def write_bench_table(cfg, models, device, dtype):
-    """bench.md / bench.json: ms/step (best round), tokens/s, MFU, speed and parameters relative
-    to preln (or the first entry)."""
-    peak, table = peak_flops(device), []
-    for label, m in models.items():
-        tps = cfg.batch_size * cfg.block_size / (min(m["ms"]) / 1000)
-        table.append({"block": label, "params": m["params"], "ms_per_step": min(m["ms"]),
-                      "ms_rounds": m["ms"], "tokens_per_s": tps, "warmup_s": m["warmup_s"],
-                      "mfu": tps * m["fpt"] / peak if peak else None, "compiled": m["compiled"]})
-    base = next((r for r in table if r["block"] == "preln"), table[0])
-    for r in table:
-        r["speed_vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["params_vs_base"] = r["params"] / base["params"] - 1
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    head = (f"device {dev}, torch {torch.__version__}, {dtype}, compile {table[0]['compiled']} "
-            f"({cfg.compile_mode}), L {cfg.n_layer}, d {cfg.n_embd}, H {cfg.n_head}, "
+        steps.append(step)
+        rows.append({"block": entry, "params": count_params(model), "ms_rounds": [],
+                     "warmup_s": timed(step, 5), "flops_per_token": flops_per_token(model, c),
+                     "compiled": compiled})
+        print(f"bench {entry}: {rows[-1]['params'] / 1e6:.2f}M params, "
+              f"warm-up {rows[-1]['warmup_s']:.1f}s")
+    for i in range(3):
+        for r, step in zip(rows, steps):
+            r["ms_rounds"].append(1000 * timed(step, cfg.bench_iters) / cfg.bench_iters)
+        print(f"round {i}: " + ", ".join(f"{r['block']} {r['ms_rounds'][-1]:.2f} ms" for r in rows))
+    for r in rows:
+        r["ms_per_step"] = min(r["ms_rounds"])
+        r["tokens_per_s"] = cfg.batch_size * cfg.block_size / (r["ms_per_step"] / 1000)
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak if peak else None
+    head = (f"device {device_name(device)}, torch {torch.__version__}, {dtype}, compile "
+            f"{rows[0]['compiled']}, L {cfg.n_layer}, d {cfg.n_embd}, H {cfg.n_head}, "
             f"T {cfg.block_size}, B {cfg.batch_size}, vocab {cfg.vocab_size}; best of "
-            f"{cfg.bench_rounds} rounds x {cfg.bench_iters} steps")
-    text = head + "\n\n" + md_table(
-        ["block", "params", f"vs {base['block']}", "ms/step", "tokens/s", "speed", "MFU"],
-        [[r["block"], f"{r['params'] / 1e6:.2f}M", f"{100 * r['params_vs_base']:+.1f}%",
-          f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['speed_vs_base']:.3f}x",
-          f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"] for r in table])
-    print(text)
-    with open(os.path.join(cfg.out_dir, "bench.md"), "w") as f:
-        f.write(text + "\n")
-    write_json({"script": SCRIPT + ".py", "header": head, "config": dataclasses.asdict(cfg),
-                "table": table}, os.path.join(cfg.out_dir, "bench.json"))
-    return table
+            f"3 rounds x {cfg.bench_iters} steps")
+    cols = [("ms/step", "ms_per_step", "{:.2f}"), ("MFU", "mfu", "{:.1%}")]
+    write_table(cfg, "bench", rows, cols, head=head + "\n\n", header=head)
 
 
 # ---- command line
@@ -792,13 +761,12 @@ def validate_numbers(c: Config):
     """One table of (flag, ok, what it must be), checked in order."""
     checks = [(n, getattr(c, n) >= 1, ">= 1") for n in (
         "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
-        "eval_interval", "eval_iters", "log_interval", "bench_iters", "bench_rounds")]
+        "eval_interval", "eval_iters", "bench_iters")]
     checks += [(n, 0 <= getattr(c, n) < math.inf, ">= 0") for n in (
-        "max_iters", "warmup_iters", "stop_at", "sample_tokens", "bench_warmup", "vocab_size",
-        "min_lr", "weight_decay", "grad_clip", "norm_eps")]
+        "max_iters", "warmup_iters", "stop_at", "sample_tokens", "vocab_size", "min_lr",
+        "weight_decay", "grad_clip", "norm_eps")]
     checks += [("lr", 0 < c.lr < math.inf, "> 0"), ("min_lr", c.min_lr <= c.lr, "<= --lr"),
                ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
-               ("adam_eps", 0 < c.adam_eps < math.inf, "> 0"),
                ("warmup_frac", 0 <= c.warmup_frac <= 1, "in [0, 1]"),
                ("beta_sa", math.isfinite(c.beta_sa), "finite"),
                ("beta_ff", math.isfinite(c.beta_ff), "finite (< 0: the default)"),
@@ -822,7 +790,7 @@ def run_configs(cfg: Config):
             raise BadInput(f"--compare {cfg.compare} lists a block twice")
         return configs
     if cfg.bench:
-        return [parse_bench_entry(e, cfg)[1] for e in cfg.bench.split(",")]
+        return [parse_bench_entry(e, cfg) for e in cfg.bench.split(",")]
     if cfg.block not in SHAPED_BLOCKS and (cfg.attn_matrix, cfg.gains) != ("shaped", "head"):
         raise BadInput(f"--attn_matrix/--gains change shaped attention, which --block {cfg.block} "
                        f"does not have; use one of {', '.join(SHAPED_BLOCKS)}")
@@ -864,8 +832,8 @@ def make_optimizer(model, cfg, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             fused=device_type == "cuda" or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda" or None)  # (eps 1e-8, as the paper)
 
 
 @torch.no_grad()
@@ -922,9 +890,9 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
             loss, norm = train_step(r, ds, cfg, device, ddp)
             step += 1
             bar.update(1)
-            if device.type != "cuda" or step % cfg.log_interval == 0:
-                check_finite(r, loss, norm, step)  # every step on CPU, now and then on CUDA
-            if step % cfg.log_interval == 0 and master:
+            if device.type != "cuda" or step % 10 == 0:
+                check_finite(r, loss, norm, step)  # every step on CPU, every 10th on CUDA (a sync)
+            if step % 10 == 0 and master:
                 tps = (step * r["tokens_per_step"] - r["tokens_mark"]) / (time.time() - r["t_mark"])
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
     except KeyboardInterrupt:
@@ -956,8 +924,8 @@ def setup_run(cfg, ds, device, ddp, ck):
     r["fpt"], r["peak"] = flops_per_token(model, cfg), peak_flops(device)
     if ddp[0] == 0:
         n = count_params(model)
-        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        write_json({"config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": dev,
+        write_json({"config": dataclasses.asdict(cfg), "torch": torch.__version__,
+                    "device": device_name(device),
                     "dtype": str(dtype), "compiled": r["compiled"], "world_size": ddp[1],
                     "git_commit": git_commit(), "params": n, "dataset": ds.name,
                     "tokenizer": ds.tokenizer}, os.path.join(cfg.out_dir, "config.json"))
@@ -1019,11 +987,9 @@ def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
 
 def gain_means(model):
     """Mean of beta_SA and beta_FF over blocks (learned; nan for blocks without them)."""
-    rows, out = learned_gains(model), {}
-    for n in ("beta_sa", "beta_ff"):
-        vals = [row[n] for row in rows if n in row]
-        out[n + "_mean"] = sum(vals) / len(vals) if vals else float("nan")
-    return out
+    rows = learned_gains(model)
+    vals = {n: [row[n] for row in rows if n in row] for n in ("beta_sa", "beta_ff")}
+    return {n + "_mean": sum(v) / len(v) if v else float("nan") for n, v in vals.items()}
 
 
 def finish_run(r, cfg, ds, device, master):
@@ -1108,9 +1074,12 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B
              "A10": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def peak_flops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16.items() if k in device_name(device)), None)
 
 
 def flops_per_token(model, cfg):
@@ -1140,28 +1109,25 @@ def autocast_ctx(device, dtype):
 
 
 def maybe_compile(model, cfg, device):
+    """(model, compiled): torch.compile by default on CUDA, never on MPS."""
     if not (cfg.compile if cfg.compile is not None else device.type == "cuda"):
         return model, False
     if device.type == "mps":
         print("note: torch.compile is not available on MPS; running eagerly", file=sys.stderr)
         return model, False
-    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-    return torch.compile(model, mode=mode), True
+    return torch.compile(model), True
 
 
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
-    if os.environ.get("NANO_GIT_COMMIT"):
-        return os.environ["NANO_GIT_COMMIT"]
-    here = os.path.dirname(os.path.abspath(__file__))
+    def git(*args):  # its output, "" outside a git checkout
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], timeout=5, cwd=here,
-                               capture_output=True).returncode == 1
-        return (head + "-dirty" * dirty) or None
-    except Exception:
+        dirty = "-dirty" if git("diff", "--name-only", "HEAD", "--") else ""
+        return os.environ.get("NANO_GIT_COMMIT") or (git("rev-parse", "HEAD") + dirty) or None
+    except (OSError, subprocess.SubprocessError):  # no git, or it hangs
         return None
 
 
@@ -1215,7 +1181,9 @@ def run_mode(cfg, ds, ck, device, ddp):
         os.makedirs(cfg.out_dir, exist_ok=True)
         table = param_table(cfg)
         print(f"trainable parameters at L={cfg.n_layer}, d={cfg.n_embd}, H={cfg.n_head}, "
-              f"vocab={cfg.vocab_size}:\n" + format_param_table(table))
+              f"vocab={cfg.vocab_size}:\n" + md_table(["block", "params", "vs Pre-LN"], [
+                  [r["block"], f"{r['params'] / 1e6:.3f}M",
+                   f"{-100 * r['reduction_vs_preln']:+.1f}%"] for r in table]))
         write_json({"config": {k: getattr(cfg, k) for k in ARCH_FIELDS}, "table": table},
                    os.path.join(cfg.out_dir, "params.json"))
     if cfg.bench:
