@@ -75,6 +75,7 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -115,7 +116,7 @@ class Config:
     vocab_size: int = _f(0, "vocabulary; 0 = the dataset's (bench: 50257), padded to 64")
     # --- data
     dataset: str = _f("pycode", "shakespeare | pycode (Python stdlib) | pycode_all | a text file")
-    tokenizer: str = _f("char", "char | gpt2 (the gpu presets use gpt2)", ("char", "gpt2"))
+    tokenizer: str = _f("char", "char | gpt2 (the gpu preset uses gpt2)", ("char", "gpt2"))
     data_dir: str = _f("", "where source text files are looked for ($NANO_DATA_DIR or data/)")
     # --- training (paper: AdamW (0.9, 0.999), wd 0.1, clip 1, 5% warmup + linear decay)
     batch_size: int = _f(16, "sequences per micro-batch (paper: 128)")
@@ -143,8 +144,8 @@ class Config:
     progress: bool = _f(True, "show the tqdm progress bar")
     sample_tokens: int = _f(200, "tokens of text sampled at the end (0 = none)")
     # --- modes
-    preset: str = _f("auto", "cpu (laptop), gpu (paper shape), gpu_mini (12 x 512); auto: gpu if "
-                     "CUDA; explicit flags win", ("auto", "cpu", "gpu", "gpu_mini", "none"))
+    preset: str = _f("auto", "cpu (laptop), gpu (paper shape); auto: gpu if CUDA",
+                     ("auto", "cpu", "gpu"))
     compare: str = _f("", "comma list of blocks to train in turn (same seed and data)")
     bench: str = _f("", "comma list of blocks to time side by side (random tokens); entries take "
                     "overrides, e.g. sasp:cummean=matmul:gains=layer")
@@ -152,22 +153,14 @@ class Config:
 
 
 PRESETS = {
-    # a laptop CPU in a few minutes: 6 x 128, char tokens of Python source
-    "cpu": dict(n_layer=6, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=600,
-                lr=3e-3, eval_interval=100, eval_iters=10, tokenizer="char", dataset="pycode"),
+    "cpu": {},  # the defaults: 6 x 128, char tokens of Python source, a few minutes on a laptop
     # the paper's CodeParrot shape (18 x 768, 12 heads, T 128, batch 128); 5000 steps = 82M tokens
-    # (its lr is GPU_LR[block], below)
     "gpu": dict(n_layer=18, n_head=12, n_embd=768, block_size=128, batch_size=128, max_iters=5000,
                 eval_interval=250, eval_iters=50, tokenizer="gpt2", dataset="pycode_all"),
-    # a miniature for quick GPU runs: 12 x 512, 8 heads
-    "gpu_mini": dict(n_layer=12, n_head=8, n_embd=512, block_size=128, batch_size=128,
-                     max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50, tokenizer="gpt2",
-                     dataset="pycode_all"),
 }
-# The gpu preset's peak LR depends on the block, as in the paper (which tuned it per block): the
-# best of a factor-2 sweep at this shape, 1000 steps, one H200 (README; assets/
-# simple_block_gpu_runs.csv). Pre-LN is clearly worse at 1e-3; SAS-P without norms gives
-# NaN from 5e-4. An explicit --lr wins.
+# The gpu preset's peak LR per block, as the paper tuned it per block: the best of a factor-2
+# sweep at this shape, 1000 steps, one H200 (README; assets/simple_block_gpu_runs.csv). Pre-LN is
+# clearly worse at 1e-3; SAS-P without norms gives NaN from 5e-4. An explicit --lr wins.
 GPU_LR = dict(preln=5e-4, parallel=5e-4, vskip=2.5e-4, sas=2e-3, sasp=2e-3, sasp_nonorm=2.5e-4)
 ARCH_FIELDS = ("block", "n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "attn_matrix",
                "gains", "mlp_skip", "first_value", "trainable_gains", "vocab_size")
@@ -725,7 +718,7 @@ def parse_config(argv=None) -> Config:
     preset = args.preset
     if preset == "auto":
         preset = "gpu" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    cfg = dataclasses.replace(Config(), **{**PRESETS.get(preset, {}), **given, "preset": preset})
+    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
     cfg.explicit = set(given)  # (they win over presets and checkpoints)
     return with_block(cfg, cfg.block)
 
@@ -866,37 +859,34 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
     from tqdm.auto import tqdm
 
     r = setup_run(cfg, ds, device, ddp, ck)
-    master, step, loss, norm = ddp[0] == 0, r["step"], None, None
-    bar = tqdm(total=cfg.max_iters, initial=step, desc=cfg.block, dynamic_ncols=True,
+    master = ddp[0] == 0
+    bar = tqdm(total=cfg.max_iters, initial=r.step, desc=cfg.block, dynamic_ncols=True,
                disable=not (master and cfg.progress))
-    r["t_start"] = time.time() - (r["log"][-1]["elapsed_s"] if r["log"] else 0.0)
-    r["t_mark"], r["tokens_mark"] = time.time(), step * r["tokens_per_step"]
     try:
         while True:
-            lr = get_lr(step, cfg)
-            for g in r["optimizer"].param_groups:
+            lr = get_lr(r.step, cfg)
+            for g in r.optimizer.param_groups:
                 g["lr"] = lr
-            stop = step >= cfg.max_iters or 0 < cfg.stop_at <= step
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                check_finite(r, loss, norm, step)  # before the checkpoint is written
-                if not (r["log"] and r["log"][-1]["step"] == step):  # (resumed: logged already)
-                    log_eval(r, cfg, ds, device, ddp, step, lr, bar)
-                r["t_mark"], r["tokens_mark"] = time.time(), step * r["tokens_per_step"]
+            stop = r.step >= cfg.max_iters or 0 < cfg.stop_at <= r.step
+            if r.step % cfg.eval_interval == 0 or r.step == cfg.max_iters:
+                check_finite(r)  # before the checkpoint is written
+                if not (r.log and r.log[-1]["step"] == r.step):  # (resumed: logged already)
+                    log_eval(r, cfg, ds, device, ddp, lr, bar)
+                r.t_mark, r.tokens_mark = time.time(), r.step * r.tokens_per_step
             elif stop and master:
-                check_finite(r, loss, norm, step)
-                save_checkpoint(r, cfg, step)  # --stop_at between two evals
+                check_finite(r)
+                save_checkpoint(r, cfg)  # --stop_at between two evals
             if stop:
                 break
-            loss, norm = train_step(r, ds, cfg, device, ddp)
-            step += 1
+            train_step(r, ds, cfg, device, ddp)
             bar.update(1)
-            if device.type != "cuda" or step % 10 == 0:
-                check_finite(r, loss, norm, step)  # every step on CPU, every 10th on CUDA (a sync)
-            if step % 10 == 0 and master:
-                tps = (step * r["tokens_per_step"] - r["tokens_mark"]) / (time.time() - r["t_mark"])
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+            if device.type != "cuda" or r.step % 10 == 0:
+                check_finite(r)  # every step on CPU, every 10th on CUDA (it syncs)
+            if r.step % 10 == 0 and master:
+                tps = (r.step * r.tokens_per_step - r.tokens_mark) / (time.time() - r.t_mark)
+                bar.set_postfix(loss=f"{r.loss.item():.3f}", tok_s=f"{tps:,.0f}")
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {step}; last checkpoint: "
+        raise KeyboardInterrupt(f"interrupted at step {r.step}; last checkpoint: "
                                 f"{kept_checkpoint(r)}") from None
     finally:
         bar.close()
@@ -904,85 +894,90 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
 
 
 def setup_run(cfg, ds, device, ddp, ck):
-    """The model, optimizer and data order of a run (restored from the checkpoint ck if given)."""
+    """A run's state: model, optimizer, data order, log and clocks (restored from the checkpoint
+    ck if given); writes config.json."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
     dtype = resolve_dtype(cfg, device)
-    r = {"model": model, "optimizer": make_optimizer(model, cfg, device.type), "dtype": dtype,
-         "scaler": torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
-         "gen": torch.Generator().manual_seed(cfg.seed), "step": 0, "log": [], "train_s": 0.0,
-         "ckpt": os.path.join(cfg.out_dir, "ckpt.pt"), "ckpt_step": None,
-         "device": device, "bad": torch.zeros((), dtype=torch.bool, device=device)}
+    r = SimpleNamespace(
+        model=model, optimizer=make_optimizer(model, cfg, device.type), dtype=dtype, device=device,
+        scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
+        gen=torch.Generator().manual_seed(cfg.seed), step=0, log=[], train_s=0.0,
+        ckpt=os.path.join(cfg.out_dir, "ckpt.pt"), ckpt_step=None, loss=None, norm=None,
+        bad=torch.zeros((), dtype=torch.bool, device=device),  # a non-finite loss or grad norm
+        tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1])
     if ck is not None:
         restore_checkpoint(r, ck, device)
-    r["cmodel"], r["compiled"] = maybe_compile(model, cfg, device)
+    r.cmodel, r.compiled = maybe_compile(model, cfg, device)
     if ddp[1] > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        r["cmodel"] = DDP(r["cmodel"], device_ids=[device.index] if device.type == "cuda" else None)
-    r["tokens_per_step"] = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1]
-    r["fpt"], r["peak"] = flops_per_token(model, cfg), peak_flops(device)
+        r.cmodel = DDP(r.cmodel, device_ids=[device.index] if device.type == "cuda" else None)
+    r.fpt, r.peak = flops_per_token(model, cfg), peak_flops(device)
     if ddp[0] == 0:
         n = count_params(model)
         write_json({"config": dataclasses.asdict(cfg), "torch": torch.__version__,
-                    "device": device_name(device),
-                    "dtype": str(dtype), "compiled": r["compiled"], "world_size": ddp[1],
-                    "git_commit": git_commit(), "params": n, "dataset": ds.name,
-                    "tokenizer": ds.tokenizer}, os.path.join(cfg.out_dir, "config.json"))
-        print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {r['tokens_per_step']} tokens/step, "
-              f"device {device}, dtype {dtype}, compile {r['compiled']}")
+                    "device": device_name(device), "dtype": str(dtype), "compiled": r.compiled,
+                    "world_size": ddp[1], "git_commit": git_commit(), "params": n,
+                    "dataset": ds.name, "tokenizer": ds.tokenizer},
+                   os.path.join(cfg.out_dir, "config.json"))
+        print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {r.tokens_per_step} tokens/step, "
+              f"device {device}, dtype {dtype}, compile {r.compiled}")
+    r.t_start = time.time() - (r.log[-1]["elapsed_s"] if r.log else 0.0)
+    r.t_mark, r.tokens_mark = time.time(), r.step * r.tokens_per_step
     return r
 
 
 def train_step(r, ds, cfg, device, ddp):
-    """One optimizer step (grad_accum micro-steps); returns the last loss and the grad norm."""
+    """One optimizer step (grad_accum micro-steps); r.loss: the last micro-step's, r.norm: the
+    gradient norm; r.bad records a non-finite one without a sync."""
     for micro in range(cfg.grad_accum):
         x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=device,
-                            generator=r["gen"], rank=ddp[0], world_size=ddp[1])
+                            generator=r.gen, rank=ddp[0], world_size=ddp[1])
         last = micro == cfg.grad_accum - 1  # DDP: all-reduce the gradients only once, at the last
-        sync = r["cmodel"].no_sync() if ddp[1] > 1 and not last else contextlib.nullcontext()
-        with sync, autocast_ctx(device, r["dtype"]):
-            _, loss = r["cmodel"](x, y)
-        r["scaler"].scale(loss / cfg.grad_accum).backward()
-    norm = None
+        sync = r.cmodel.no_sync() if ddp[1] > 1 and not last else contextlib.nullcontext()
+        with sync, autocast_ctx(device, r.dtype):
+            _, loss = r.cmodel(x, y)
+        r.scaler.scale(loss / cfg.grad_accum).backward()
+    r.loss, r.norm = loss.detach(), None
     if cfg.grad_clip > 0:
-        r["scaler"].unscale_(r["optimizer"])
-        norm = torch.nn.utils.clip_grad_norm_(r["model"].parameters(), cfg.grad_clip)
-    r["scaler"].step(r["optimizer"])
-    r["scaler"].update()
-    r["optimizer"].zero_grad(set_to_none=True)
-    r["bad"] |= ~torch.isfinite(loss.detach() + (0 if norm is None else norm))  # (no sync)
-    return loss.detach(), norm
+        r.scaler.unscale_(r.optimizer)
+        r.norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.bad |= ~torch.isfinite(r.loss + (0 if r.norm is None else r.norm))
+    r.step += 1
 
 
-def check_finite(r, loss, norm, step):
-    """Diverged if a loss or grad norm since the last check was not finite (r["bad"] lives on the
+def check_finite(r):
+    """Diverged if a loss or grad norm since the last check was not finite (r.bad lives on the
     device: reading it syncs, so on CUDA it is read only now and then)."""
-    if loss is not None and bool(r["bad"]):
-        what = f"loss is {float(loss)}" if not torch.isfinite(loss) else f"grad norm is {norm}"
-        kept = f"kept {kept_checkpoint(r)}" if r["ckpt_step"] is not None else "no checkpoint yet"
-        raise Diverged(f"step {step}: {what}; {kept}")
+    if bool(r.bad):
+        what = f"grad norm is {r.norm}" if torch.isfinite(r.loss) else f"loss is {float(r.loss)}"
+        kept = f"kept {kept_checkpoint(r)}" if r.ckpt_step is not None else "no checkpoint yet"
+        raise Diverged(f"step {r.step}: {what}; {kept}")
 
 
-def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
+def log_eval(r, cfg, ds, device, ddp, lr, bar):
     """Evaluate, append a row to log.csv, and checkpoint (not at step 0)."""
-    now = time.time()
-    interval, tokens = now - r["t_mark"], step * r["tokens_per_step"]
-    r["train_s"] += interval
-    model = r["cmodel"] if ddp[1] == 1 else r["cmodel"].module
-    losses = evaluate(model, ds, cfg, device, r["dtype"], *ddp)
-    tps = (tokens - r["tokens_mark"]) / interval if step > 0 and interval > 0 else float("nan")
-    mfu = tps * r["fpt"] / r["peak"] if r["peak"] else float("nan")
-    r["log"].append({"step": step, "tokens": tokens, "elapsed_s": round(now - r["t_start"], 3),
-                     "train_s": round(r["train_s"], 3), "lr": lr, "train_loss": losses["train"],
+    step, now = r.step, time.time()
+    interval, tokens = now - r.t_mark, step * r.tokens_per_step
+    r.train_s += interval
+    model = r.cmodel if ddp[1] == 1 else r.cmodel.module
+    losses = evaluate(model, ds, cfg, device, r.dtype, *ddp)
+    tps = (tokens - r.tokens_mark) / interval if step > 0 and interval > 0 else float("nan")
+    mfu = tps * r.fpt / r.peak if r.peak else float("nan")
+    r.log.append({"step": step, "tokens": tokens, "elapsed_s": round(now - r.t_start, 3),
+                     "train_s": round(r.train_s, 3), "lr": lr, "train_loss": losses["train"],
                      "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu,
-                     "block": cfg.block, **gain_means(r["model"])})
+                     "block": cfg.block, **gain_means(r.model)})
     if ddp[0] == 0:
         bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
                   f"lr {lr:.2e}, {tps:,.0f} tok/s")
-        write_log(r["log"], os.path.join(cfg.out_dir, "log.csv"))
+        write_log(r.log, os.path.join(cfg.out_dir, "log.csv"))
         if step > 0 or cfg.max_iters == 0:
-            save_checkpoint(r, cfg, step)
+            save_checkpoint(r, cfg)
 
 
 def gain_means(model):
@@ -994,7 +989,7 @@ def gain_means(model):
 
 def finish_run(r, cfg, ds, device, master):
     """results.json, the plots and a sample of text."""
-    rows, model = r["log"], r["model"]
+    rows, model = r.log, r.model
     tps = [x["tokens_per_s"] for x in rows if not math.isnan(x["tokens_per_s"])]
     tps = tps[1:] or tps  # (the first interval includes compiling)
     last = rows[-1]
@@ -1010,26 +1005,26 @@ def finish_run(r, cfg, ds, device, master):
         plot_runs({cfg.block: rows}, cfg.out_dir, prefix="loss")
         if cfg.sample_tokens > 0:
             idx = torch.tensor([ds.encode("def " if "pycode" in ds.name else "\n")], device=device)
-            with autocast_ctx(device, r["dtype"]):
+            with autocast_ctx(device, r.dtype):
                 out = model.generate(idx, cfg.sample_tokens, ds.vocab_size)[0].tolist()
             print("---- sample ----\n" + ds.decode(out) + "\n----------------")
     return results, rows
 
 
 # ---- checkpoints
-def save_checkpoint(r, cfg, step):
+def save_checkpoint(r, cfg):
     """ckpt.pt: model, optimizer, config, step, log and RNG states; written atomically."""
-    cuda = torch.cuda.get_rng_state() if r["device"].type == "cuda" else None
-    ck = {"script": SCRIPT, "model": r["model"].state_dict(), "step": step,
-          "optimizer": r["optimizer"].state_dict(), "scaler": r["scaler"].state_dict(),
-          "config": dataclasses.asdict(cfg), "log": r["log"], "train_s": r["train_s"],
-          "rng": {"data": r["gen"].get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
-    write_file(r["ckpt"], lambda f: torch.save(ck, f), "wb")
-    r["ckpt_step"] = step
+    cuda = torch.cuda.get_rng_state() if r.device.type == "cuda" else None
+    ck = {"script": SCRIPT, "model": r.model.state_dict(), "step": r.step,
+          "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
+          "config": dataclasses.asdict(cfg), "log": r.log, "train_s": r.train_s,
+          "rng": {"data": r.gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
+    write_file(r.ckpt, lambda f: torch.save(ck, f), "wb")
+    r.ckpt_step = r.step
 
 
 def kept_checkpoint(r):
-    return f"{r['ckpt']} (step {r['ckpt_step']})" if r["ckpt_step"] is not None else "none yet"
+    return f"{r.ckpt} (step {r.ckpt_step})" if r.ckpt_step is not None else "none yet"
 
 
 def load_checkpoint(path, cfg):
@@ -1055,17 +1050,18 @@ def load_checkpoint(path, cfg):
 
 def restore_checkpoint(r, ck, device):
     try:
-        r["model"].load_state_dict(ck["model"])
-        r["optimizer"].load_state_dict(ck["optimizer"])
+        r.model.load_state_dict(ck["model"])
+        r.optimizer.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise BadInput(f"checkpoint {r['ckpt']} does not fit this model: "
+        raise BadInput(f"checkpoint {r.ckpt} does not fit this model: "
                        f"{str(e).splitlines()[0]}") from None
-    r["scaler"].load_state_dict(ck["scaler"])
-    r["gen"].set_state(ck["rng"]["data"])
+    r.scaler.load_state_dict(ck["scaler"])
+    r.gen.set_state(ck["rng"]["data"])
     torch.set_rng_state(ck["rng"]["torch"])
     if device.type == "cuda" and ck["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
-    r.update(step=ck["step"], log=ck["log"], train_s=ck["train_s"], ckpt_step=ck["step"])
+    r.step = r.ckpt_step = ck["step"]
+    r.log, r.train_s = ck["log"], ck["train_s"]
 
 
 # ---- system helpers

@@ -682,7 +682,7 @@ def test_gpu_preset_takes_each_blocks_tuned_lr():
         assert S.parse_config(["--preset", "gpu", "--block", block]).lr == lr
     assert S.GPU_LR["sasp"] == 4 * S.GPU_LR["preln"]
     assert S.parse_config(["--preset", "gpu", "--block", "preln", "--lr", "1e-3"]).lr == 1e-3
-    assert S.parse_config(["--preset", "cpu", "--block", "preln"]).lr == S.PRESETS["cpu"]["lr"]
+    assert S.parse_config(["--preset", "cpu", "--block", "preln"]).lr == S.Config().lr
     cfg = S.parse_config(["--preset", "gpu", "--compare", "preln,sasp"])
     assert [c.lr for c in S.run_configs(cfg)] == [S.GPU_LR["preln"], S.GPU_LR["sasp"]]
     cfg = S.parse_config(["--preset", "gpu", "--compare", "preln,sasp", "--lr", "1e-4"])
