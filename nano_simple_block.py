@@ -608,8 +608,8 @@ def parse_bench_entry(entry, cfg):
     fields, over = {f.name: f.default for f in dataclasses.fields(Config)}, {"block": block}
     for p in overrides:
         k, _, v = p.partition("=")
-        if k not in fields or not v:
-            raise BadInput(f"bad bench entry {entry!r}: use block[:field=value...], a Config field")
+        need(k in fields and v,
+             f"bad bench entry {entry!r}: use block[:field=value...], a Config field")
         typ = bool if fields[k] is None else type(fields[k])  # (--compile's default is None)
         try:
             over[k] = {"true": True, "false": False}[v.lower()] if typ is bool else typ(v)
@@ -696,14 +696,13 @@ class OneLineParser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
-def build_parser(suppress_defaults=False):
-    """argparse generated from Config: every field is a flag (booleans as --x / --no-x)."""
-    p = OneLineParser(prog=SCRIPT + ".py", add_help=not suppress_defaults,
-                      description="Simplifying Transformer Blocks (He & Hofmann, ICLR 2024).",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    """One flag per Config field (booleans as --x / --no-x); flags not given stay out of the
+    result (argparse.SUPPRESS), so that parse_config knows which were given."""
+    p = OneLineParser(prog=SCRIPT + ".py", argument_default=argparse.SUPPRESS,
+                      description="Simplifying Transformer Blocks (He & Hofmann, ICLR 2024).")
     for f in dataclasses.fields(Config):
-        kw = dict(default=argparse.SUPPRESS if suppress_defaults else f.default,
-                  help=f.metadata["help"].replace("%", "%%"))
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
         if isinstance(f.default, bool) or f.default is None:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -713,11 +712,11 @@ def build_parser(suppress_defaults=False):
 
 def parse_config(argv=None) -> Config:
     """Config = defaults, then the preset, then the flags given; cfg.explicit = their names."""
-    args = build_parser().parse_args(argv)  # checks choices and types, handles --help
-    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    preset = args.preset
+    given = vars(build_parser().parse_args(argv))
+    preset = given.get("preset", "auto")
     if preset == "auto":
-        preset = "gpu" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        cuda = given.get("device", "auto") in ("auto", "cuda") and torch.cuda.is_available()
+        preset = "gpu" if cuda else "cpu"
     cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
     cfg.explicit = set(given)  # (they win over presets and checkpoints)
     return with_block(cfg, cfg.block)
@@ -727,68 +726,67 @@ def with_block(cfg: Config, block: str, **over) -> Config:
     """cfg for this block (and overrides), keeping cfg.explicit: the gpu preset takes the block's
     tuned LR unless --lr was given."""
     explicit = getattr(cfg, "explicit", set())
-    lr = GPU_LR[block] if cfg.preset == "gpu" and "lr" not in explicit else cfg.lr
+    lr = GPU_LR.get(block, cfg.lr) if cfg.preset == "gpu" and "lr" not in explicit else cfg.lr
     new = dataclasses.replace(cfg, block=block, lr=lr, **over)
     new.explicit = explicit
     return new
 
 
+def need(ok, message):
+    if not ok:
+        raise BadInput(message)
+
+
+RULES = (  # (flags, what each must be, the test)
+    (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
+      "eval_interval", "eval_iters", "bench_iters"), ">= 1", lambda v: v >= 1),
+    (("max_iters", "warmup_iters", "stop_at", "sample_tokens", "vocab_size", "min_lr",
+      "weight_decay", "grad_clip", "norm_eps"), "finite and >= 0", lambda v: 0 <= v < math.inf),
+    (("lr",), "finite and > 0", lambda v: 0 < v < math.inf),
+    (("beta1", "beta2"), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("warmup_frac",), "in [0, 1]", lambda v: 0 <= v <= 1),
+    (("beta_sa", "beta_ff"), "finite (--beta_ff < 0: the default)", math.isfinite),
+    (("seed",), "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
+)
+
+
 def validate(cfg: Config):
     """Every check that can fail before anything is written (for each --compare/--bench entry)."""
     for c in run_configs(cfg):
-        validate_numbers(c)
-    if resolve_device(cfg).type == "cpu" and cfg.device not in ("cpu", "auto"):
-        raise BadInput(f"--device {cfg.device} is not available here; use --device cpu")
-    if cfg.dtype == "float16" and resolve_device(cfg).type == "cpu":
-        raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
-    parent = os.path.abspath(cfg.out_dir)
+        for names, want, ok in RULES:
+            for n in names:
+                need(ok(getattr(c, n)), f"--{n} must be {want} (got {getattr(c, n)})")
+        need(c.min_lr <= c.lr, f"--min_lr must be <= --lr (got {c.min_lr})")
+        need(c.n_embd % c.n_head == 0,
+             f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
+        need(c.block in BLOCKS, f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
+    cpu = resolve_device(cfg).type == "cpu"
+    need(not cpu or cfg.device in ("cpu", "auto"),
+         f"--device {cfg.device} is not available here; use --device cpu")
+    need(not (cpu and cfg.dtype == "float16"), "float16 needs CUDA or MPS; use float32 or bfloat16")
+    parent = os.path.abspath(cfg.out_dir)  # the out_dir: a file, under a file, not writable?
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise BadInput(f"--out_dir {cfg.out_dir}: {parent} is a file; give a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out_dir {cfg.out_dir}: {parent} is not writable")
-
-
-def validate_numbers(c: Config):
-    """One table of (flag, ok, what it must be), checked in order."""
-    checks = [(n, getattr(c, n) >= 1, ">= 1") for n in (
-        "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
-        "eval_interval", "eval_iters", "bench_iters")]
-    checks += [(n, 0 <= getattr(c, n) < math.inf, ">= 0") for n in (
-        "max_iters", "warmup_iters", "stop_at", "sample_tokens", "vocab_size", "min_lr",
-        "weight_decay", "grad_clip", "norm_eps")]
-    checks += [("lr", 0 < c.lr < math.inf, "> 0"), ("min_lr", c.min_lr <= c.lr, "<= --lr"),
-               ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
-               ("warmup_frac", 0 <= c.warmup_frac <= 1, "in [0, 1]"),
-               ("beta_sa", math.isfinite(c.beta_sa), "finite"),
-               ("beta_ff", math.isfinite(c.beta_ff), "finite (< 0: the default)"),
-               ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)")]
-    for n, ok, want in checks:
-        if not ok:
-            raise BadInput(f"--{n} must be {want} (got {getattr(c, n)})")
-    if c.n_embd % c.n_head:
-        raise BadInput(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
-    if c.block not in BLOCKS:
-        raise BadInput(f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
+    need(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
+         f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
 
 
 def run_configs(cfg: Config):
     """The Configs a run trains or times: cfg, or one per --compare / --bench entry."""
-    if cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench):
-        raise BadInput("--compare, --bench and --resume are separate modes; give one of them")
+    need(not (cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench)),
+         "--compare, --bench and --resume are separate modes; give one of them")
     if cfg.compare:
         configs = [with_block(cfg, b) for b in cfg.compare.split(",")]
-        if len({c.block for c in configs}) < len(configs):
-            raise BadInput(f"--compare {cfg.compare} lists a block twice")
+        need(len({c.block for c in configs}) == len(configs),
+             f"--compare {cfg.compare} lists a block twice")
         return configs
     if cfg.bench:
         return [parse_bench_entry(e, cfg) for e in cfg.bench.split(",")]
-    if cfg.block not in SHAPED_BLOCKS and (cfg.attn_matrix, cfg.gains) != ("shaped", "head"):
-        raise BadInput(f"--attn_matrix/--gains change shaped attention, which --block {cfg.block} "
-                       f"does not have; use one of {', '.join(SHAPED_BLOCKS)}")
-    if not cfg.mlp_skip and cfg.block not in ("sas", "vskip"):
-        raise BadInput("--no-mlp_skip (skipless MLP ablation) applies to --block sas or vskip")
+    need(cfg.block in SHAPED_BLOCKS or (cfg.attn_matrix, cfg.gains) == ("shaped", "head"),
+         f"--attn_matrix/--gains change shaped attention, which --block {cfg.block} does not "
+         f"have; use one of {', '.join(SHAPED_BLOCKS)}")
+    need(cfg.mlp_skip or cfg.block in ("sas", "vskip"),
+         "--no-mlp_skip (skipless MLP ablation) applies to --block sas or vskip")
     return [cfg]
 
 
