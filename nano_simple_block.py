@@ -81,6 +81,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+
 SCRIPT = "nano_simple_block"
 BLOCKS = ("preln", "parallel", "vskip", "sas", "sasp", "sasp_nonorm")
 SHAPED_BLOCKS = ("vskip", "sas", "sasp", "sasp_nonorm")  # skipless, shaped attention sub-block
@@ -790,17 +792,6 @@ def run_configs(cfg: Config):
     return [cfg]
 
 
-def load_data(cfg):
-    import data
-
-    try:
-        ds = data.load_dataset(cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir or None)
-        ds.check_block_size(cfg.block_size)
-    except data.DataError as e:
-        raise BadInput(str(e)) from None
-    return ds
-
-
 # ---- training
 def get_lr(it, cfg):
     """Linear warmup (paper: 5% of the steps), then linear decay to min_lr (paper, Sec. 4,
@@ -1164,7 +1155,11 @@ def prepare(argv):
     if cfg.resume:
         ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
     if not cfg.bench:
-        ds = load_data(cfg)
+        try:
+            ds = data.load_dataset(cfg.dataset, cfg.tokenizer, data_dir=cfg.data_dir or None)
+            ds.check_block_size(cfg.block_size)
+        except data.DataError as e:
+            raise BadInput(str(e)) from None
     vocab = cfg.vocab_size or 50257 if ds is None else max(cfg.vocab_size, ds.vocab_size)
     return with_block(cfg, cfg.block, vocab_size=64 * math.ceil(vocab / 64)), ds, ck
 
