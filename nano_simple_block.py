@@ -80,6 +80,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 import data
 
@@ -514,11 +516,9 @@ def learned_gains(model):
 
 def plot_runs(runs, out_dir, prefix="loss"):
     """The paper's two views (Figs. 5, 23): validation loss against step and against time."""
-    import matplotlib.pyplot as plt
-
-    plt.switch_backend("Agg")
     for xkey, xlabel, name in (("step", "step", "step"), ("train_s", "training time (s)", "time")):
-        fig, ax = plt.subplots(figsize=(6, 4), layout="tight")
+        fig = Figure(figsize=(6, 4), layout="tight")  # (no pyplot: no GUI backend, no state)
+        ax = fig.subplots()
         for label, rows in runs.items():
             rows = [r for r in rows if r["step"] > 0]
             ax.plot([r[xkey] for r in rows], [r["val_loss"] for r in rows], ".-", label=label)
@@ -526,7 +526,6 @@ def plot_runs(runs, out_dir, prefix="loss"):
         ax.grid(alpha=0.3)
         ax.legend()
         fig.savefig(os.path.join(out_dir, f"{prefix}_vs_{name}.png"), dpi=120)
-        plt.close(fig)
 
 
 def run_compare(cfg, ds, device, ddp):
@@ -845,8 +844,6 @@ LOG_COLUMNS = ["step", "tokens", "elapsed_s", "train_s", "lr", "train_loss", "va
 
 def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
     """Train GPT(cfg) on ds: config.json, log.csv, ckpt.pt, results.json, plots in cfg.out_dir."""
-    from tqdm.auto import tqdm
-
     r = setup_run(cfg, ds, device, ddp, ck)
     master = ddp[0] == 0
     bar = tqdm(total=cfg.max_iters, initial=r.step, desc=cfg.block, dynamic_ncols=True,
