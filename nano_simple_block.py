@@ -42,13 +42,12 @@ beta_h, gamma_h are trainable, without weight decay.
      out                       out
 
 --block: preln, parallel, vskip (Value-SkipInit as the paper ran it: shaped attention, orthogonal
-W^V, W^P), sas, sasp, sasp_nonorm. The data is Python code, as the paper's CodeParrot: pycode (the
-standard library) on CPU, pycode_all (plus installed packages) in the gpu presets. Ablations:
---no-mlp_skip, --attn_matrix vskip, --gains layer, --beta_ff, --no-trainable_gains,
---no-first_value. Training uses the fast forms ("making it fast"); --no-fused --attn_impl explicit
-runs the plain equations (equal in float64). On one H200 (bf16, compiled, 18 x 768) SAS-P runs at
-1.055x the tokens/s of Pre-LN (paper: 1.16x, BERT on an RTX 2080Ti); per step, at each block's
-tuned LR, SAS and SAS-P end 0.05 and 0.04 nats below Pre-LN after 82M tokens (README).
+W^V, W^P), sas, sasp, sasp_nonorm, on Python code as the paper's CodeParrot (pycode: the standard
+library; pycode_all adds installed packages). Ablations: --no-mlp_skip, --attn_matrix vskip,
+--gains layer, --beta_ff, --no-trainable_gains, --no-first_value. Training uses the fast forms;
+--no-fused --attn_impl explicit runs the plain equations (equal in float64). One H200 (bf16,
+compiled, 18 x 768) runs SAS-P at 1.055x the tokens/s of Pre-LN (paper: 1.16x, BERT, RTX 2080Ti);
+per step, at tuned LRs, SAS and SAS-P end 0.05 and 0.04 nats below Pre-LN after 82M tokens (README).
 
 Run
     python nano_simple_block.py --block sasp                  # laptop CPU, a few minutes
@@ -547,10 +546,9 @@ def run_compare(cfg, ds, device, ddp):
 # ---- making it fast: the same functions, computed faster (tests/test_simple_block.py checks
 # each against the plain form above, in float64)
 def cummean_fast(v, how="matmul"):
-    """cummean(v) (part 2) as the training path computes it (--cummean): matmul (default),
-    tril(ones) @ v on the tensor cores (float32 accumulation, the sum rounded once to v.dtype);
-    cumsum, the same float32 scan. v: (..., T, C) -> float32 (float64 stays float64). Its own
-    copy of the scan, so that a student copy with the exercise cummean blanked still trains."""
+    """cummean(v) as training computes it (--cummean): matmul, tril(ones) @ v on the tensor cores
+    (float32 accumulation, rounded once), or cumsum, cummean's float32 scan (a copy: a student copy
+    with exercise sb_cummean blanked still trains). v: (..., T, C) -> float32 (float64 stays)."""
     T = v.size(-2)
     acc = torch.promote_types(v.dtype, torch.float32)
     n = torch.arange(1, T + 1, device=v.device, dtype=acc).view(T, 1)  # (T, 1): i = 1..T
@@ -562,8 +560,7 @@ def cummean_fast(v, how="matmul"):
 def sdpa_attention(att, q, k, v, scale=None):
     """att.attention_matrix(q, k, scale) @ v without the T x T matrix, on FlashAttention:
     (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma C V, with C V the
-    causal running mean (cummean_fast).
-    q, k, v: (B, H, T, dh) -> (B, H, T, dh)."""
+    causal running mean (cummean_fast). q, k, v: (B, H, T, dh) -> (B, H, T, dh)."""
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # A V
     if att.matrix == "softmax":
         return o
