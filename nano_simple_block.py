@@ -952,9 +952,9 @@ def log_eval(r, cfg, ds, device, ddp, lr, bar):
     tps = (tokens - r.tokens_mark) / interval if step > 0 and interval > 0 else float("nan")
     mfu = tps * r.fpt / r.peak if r.peak else float("nan")
     r.log.append({"step": step, "tokens": tokens, "elapsed_s": round(now - r.t_start, 3),
-                     "train_s": round(r.train_s, 3), "lr": lr, "train_loss": losses["train"],
-                     "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu,
-                     "block": cfg.block, **gain_means(r.model)})
+                  "train_s": round(r.train_s, 3), "lr": lr, "train_loss": losses["train"],
+                  "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu, "block": cfg.block,
+                  **gain_means(r.model)})
     if ddp[0] == 0:
         bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
                   f"lr {lr:.2e}, {tps:,.0f} tok/s")
@@ -1013,18 +1013,16 @@ def kept_checkpoint(r):
 def load_checkpoint(path, cfg):
     """-> (checkpoint, cfg with the checkpoint's architecture). BadInput if it is unreadable,
     written by another script, or an architecture flag given on the command line differs."""
-    if not os.path.isfile(path):
-        raise BadInput(f"--resume: no checkpoint at {path}; run without --resume first")
+    need(os.path.isfile(path), f"--resume: no checkpoint at {path}; run without --resume first")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         assert isinstance(ck, dict) and isinstance(ck["config"], dict) and "model" in ck
     except Exception as e:
         raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; delete it or run "
                        "without --resume") from None
-    if ck.get("script") != SCRIPT:
-        who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
-        raise BadInput(f"{path} was written by {who}, not {SCRIPT}.py")
-    for k in getattr(cfg, "explicit", ()):
+    who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
+    need(ck.get("script") == SCRIPT, f"{path} was written by {who}, not {SCRIPT}.py")
+    for k in cfg.explicit:
         if k in ARCH_FIELDS and k != "vocab_size" and ck["config"].get(k) != getattr(cfg, k):
             raise BadInput(f"checkpoint has {k}={ck['config'].get(k)} but --{k} "
                            f"{getattr(cfg, k)} was given")
