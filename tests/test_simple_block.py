@@ -556,6 +556,7 @@ BAD = [  # script-specific bad input (tests/test_cli.py has the common cases)
     (["--block", "foo"], "invalid choice"),
     (["--block", "nope", "--compare", "preln,sasp"], "invalid choice"),
     (["--compare", "preln,bogus"], "unknown block"),
+    (["--preset", "gpu", "--compare", "preln,bogus"], "unknown block"),  # (no tuned LR for it)
     (["--compare", "preln,preln"], "twice"),
     (["--compare", "preln,"], "unknown block"),
     (["--bench", "nope"], "unknown block"),
