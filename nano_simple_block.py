@@ -1139,6 +1139,7 @@ def setup_ddp(cfg):
     return device, (torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
+# ---- main
 def prepare(argv):
     """Parse, validate, read the checkpoint and the data: everything before the first write."""
     cfg = parse_config(argv)
