@@ -42,13 +42,12 @@ beta_h, gamma_h are trainable, without weight decay.
      out                       out
 
 --block: preln, parallel, vskip (Value-SkipInit as the paper ran it: shaped attention, orthogonal
-W^V, W^P), sas, sasp, sasp_nonorm. The data is Python code, as the paper's CodeParrot: pycode (the
-standard library) on CPU, pycode_all (plus installed packages) in the gpu presets. Ablations:
---no-mlp_skip, --attn_matrix vskip, --gains layer, --beta_ff, --no-trainable_gains,
---no-first_value. Training uses the fast forms ("making it fast"); --no-fused --attn_impl explicit
-runs the plain equations (equal in float64). On one H200 (bf16, compiled, 18 x 768) SAS-P runs at
-1.055x the tokens/s of Pre-LN (paper: 1.16x, BERT on an RTX 2080Ti); per step, at each block's
-tuned LR, SAS and SAS-P end 0.05 and 0.04 nats below Pre-LN after 82M tokens (README).
+W^V, W^P), sas, sasp, sasp_nonorm, on Python code as the paper's CodeParrot (pycode: the standard
+library; pycode_all adds installed packages). Ablations: --no-mlp_skip, --attn_matrix vskip,
+--gains layer, --beta_ff, --no-trainable_gains, --no-first_value. Training uses the fast forms;
+--no-fused --attn_impl explicit runs the plain equations (equal in float64). One H200 (bf16,
+compiled, 18 x 768) runs SAS-P at 1.055x the tokens/s of Pre-LN (paper: 1.16x, BERT, RTX 2080Ti);
+per step, at tuned LRs, SAS and SAS-P end 0.05 and 0.04 nats below Pre-LN after 82M tokens (README).
 
 Run
     python nano_simple_block.py --block sasp                  # laptop CPU, a few minutes
@@ -75,11 +74,15 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+import data
 
 SCRIPT = "nano_simple_block"
 BLOCKS = ("preln", "parallel", "vskip", "sas", "sasp", "sasp_nonorm")
@@ -88,10 +91,10 @@ SHAPED_BLOCKS = ("vskip", "sas", "sasp", "sasp_nonorm")  # skipless, shaped atte
 
 def _f(default, help, choices=None):
     """A Config field with its --help text (and allowed values): the parser is built from these."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices))
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # --- the paper
     block: str = _f("sasp", "block type (paper Secs. 3-4)", BLOCKS)
@@ -104,8 +107,8 @@ class Config:
     gains: str = _f("head", "alpha, beta, gamma per head (paper) or per layer", ("head", "layer"))
     norm_eps: float = _f(1e-5, "RMSNorm epsilon (official code: 1e-5)")
     attn_impl: str = _f("sdpa", "explicit: the T x T matrix (plain)", ("sdpa", "explicit"))
-    cummean: str = _f("matmul", "C @ V: tril(ones) @ V on the tensor cores (3.6% faster SAS-P step "
-                      "on an H200), or a float32 cumsum", ("matmul", "cumsum"))
+    cummean: str = _f("matmul", "C @ V: tril(ones) @ V on the tensor cores, or a float32 cumsum",
+                      ("matmul", "cumsum"))
     fused: bool = _f(True, "fused block forms (one GEMM for both branches, gains in the weights)")
     # --- model
     n_layer: int = _f(6, "number of blocks L (paper: 18)")
@@ -116,7 +119,7 @@ class Config:
     vocab_size: int = _f(0, "vocabulary; 0 = the dataset's (bench: 50257), padded to 64")
     # --- data
     dataset: str = _f("pycode", "shakespeare | pycode (Python stdlib) | pycode_all | a text file")
-    tokenizer: str = _f("char", "char | gpt2 (the gpu presets use gpt2)", ("char", "gpt2"))
+    tokenizer: str = _f("char", "char | gpt2 (the gpu preset uses gpt2)", ("char", "gpt2"))
     data_dir: str = _f("", "where source text files are looked for ($NANO_DATA_DIR or data/)")
     # --- training (paper: AdamW (0.9, 0.999), wd 0.1, clip 1, 5% warmup + linear decay)
     batch_size: int = _f(16, "sequences per micro-batch (paper: 128)")
@@ -130,17 +133,13 @@ class Config:
     weight_decay: float = _f(0.1, "AdamW weight decay on matrices and embeddings only")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.999, "AdamW beta2 (paper: 0.999)")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm (0 = off)")
     eval_interval: int = _f(100, "evaluate / log / checkpoint every this many steps")
     eval_iters: int = _f(10, "batches per evaluation")
-    log_interval: int = _f(10, "update the progress bar every this many steps")
     # --- system
     device: str = _f("auto", "auto: cuda > mps > cpu", ("auto", "cpu", "cuda", "mps"))
     dtype: str = _f("auto", "auto: bfloat16 on CUDA", ("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = _f(None, "torch.compile (default: on for CUDA, off elsewhere)")
-    compile_mode: str = _f("default", "torch.compile mode", ("default", "reduce-overhead",
-                           "max-autotune", "max-autotune-no-cudagraphs"))
     seed: int = _f(1337, "random seed (model init and data order)")
     out_dir: str = _f("out_simple_block", "output directory")
     resume: bool = _f(False, "continue from out_dir/ckpt.pt")
@@ -148,33 +147,23 @@ class Config:
     progress: bool = _f(True, "show the tqdm progress bar")
     sample_tokens: int = _f(200, "tokens of text sampled at the end (0 = none)")
     # --- modes
-    preset: str = _f("auto", "cpu (laptop), gpu (paper shape), gpu_mini (12 x 512); auto: gpu if "
-                     "CUDA; explicit flags win", ("auto", "cpu", "gpu", "gpu_mini", "none"))
+    preset: str = _f("auto", "cpu (laptop), gpu (paper shape); auto: gpu if CUDA",
+                     ("auto", "cpu", "gpu"))
     compare: str = _f("", "comma list of blocks to train in turn (same seed and data)")
     bench: str = _f("", "comma list of blocks to time side by side (random tokens); entries take "
                     "overrides, e.g. sasp:cummean=matmul:gains=layer")
-    bench_warmup: int = _f(5, "bench: untimed steps per model (the first compiles)")
-    bench_iters: int = _f(15, "bench: timed steps per model per round")
-    bench_rounds: int = _f(3, "bench: interleaved timing rounds (the best is reported)")
+    bench_iters: int = _f(15, "bench: timed steps per model in each of 3 rounds (after 5 untimed)")
 
 
 PRESETS = {
-    # a laptop CPU in a few minutes: 6 x 128, char tokens of Python source
-    "cpu": dict(n_layer=6, n_head=4, n_embd=128, block_size=128, batch_size=16, max_iters=600,
-                lr=3e-3, eval_interval=100, eval_iters=10, tokenizer="char", dataset="pycode"),
+    "cpu": {},  # the defaults: 6 x 128, char tokens of Python source, a few minutes on a laptop
     # the paper's CodeParrot shape (18 x 768, 12 heads, T 128, batch 128); 5000 steps = 82M tokens
-    # (its lr is GPU_LR[block], below)
     "gpu": dict(n_layer=18, n_head=12, n_embd=768, block_size=128, batch_size=128, max_iters=5000,
                 eval_interval=250, eval_iters=50, tokenizer="gpt2", dataset="pycode_all"),
-    # a miniature for quick GPU runs: 12 x 512, 8 heads
-    "gpu_mini": dict(n_layer=12, n_head=8, n_embd=512, block_size=128, batch_size=128,
-                     max_iters=5000, lr=1e-3, eval_interval=250, eval_iters=50, tokenizer="gpt2",
-                     dataset="pycode_all"),
 }
-# The gpu preset's peak LR depends on the block, as in the paper (which tuned it per block): the
-# best of a factor-2 sweep at this shape, 1000 steps, one H200 (README; assets/
-# simple_block_gpu_runs.csv). Pre-LN is clearly worse at 1e-3; SAS-P without norms gives
-# NaN from 5e-4. An explicit --lr wins.
+# The gpu preset's peak LR per block, as the paper tuned it per block: the best of a factor-2
+# sweep at this shape, 1000 steps, one H200 (README; assets/simple_block_gpu_runs.csv). Pre-LN is
+# clearly worse at 1e-3; SAS-P without norms gives NaN from 5e-4. An explicit --lr wins.
 GPU_LR = dict(preln=5e-4, parallel=5e-4, vskip=2.5e-4, sas=2e-3, sasp=2e-3, sasp_nonorm=2.5e-4)
 ARCH_FIELDS = ("block", "n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "attn_matrix",
                "gains", "mlp_skip", "first_value", "trainable_gains", "vocab_size")
@@ -271,8 +260,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config, layer_idx: int):
         super().__init__()
         d, H = cfg.n_embd, cfg.n_head
-        self.n_head, self.d = H, d
-        self.attn_impl, self.cummean_how = cfg.attn_impl, cfg.cummean
+        self.n_head, self.attn_impl, self.cummean_how = H, cfg.attn_impl, cfg.cummean
         shaped = cfg.block in SHAPED_BLOCKS
         self.matrix = cfg.attn_matrix if shaped else "softmax"
         self.has_proj = cfg.block in ("preln", "parallel", "vskip")  # SAS: W^P = I
@@ -305,9 +293,6 @@ class Attention(nn.Module):
         elif self.values == "first":
             ws.append(self.alpha_v * self.eye + self.beta_v * self.dW_v)  # W_1^V (Sec. 4.2, fn. 6)
         return ws
-
-    def n_in(self):
-        return 3 * self.d if self.values != "identity" else 2 * self.d
 
     def forward(self, h, scale=None):  # (B, T, d) -> (B, T, d)
         z = F.linear(h, torch.cat(self.in_weights()))  # h [W^Q; W^K; (W^V)]^T: (B, T, 2d or 3d)
@@ -342,11 +327,6 @@ class Attention(nn.Module):
         return A if self.matrix == "softmax" else skipless_matrix(A, *self.coefficients(scale))
 
 
-def default_beta_ff(cfg):
-    """beta_FF = O(1/sqrt(L)): the paper's 0.1 at L = 18 (App. D.1), rescaled to n_layer."""
-    return cfg.beta_ff if cfg.beta_ff >= 0 else 0.1 * math.sqrt(18 / cfg.n_layer)
-
-
 # ---- 4-5. The blocks: the MLP skip goes in parallel (Sec. 4.3), then the norms (Sec. 4.4)
 class Block(nn.Module):
     """One transformer block of type cfg.block (paper Secs. 3-4)."""
@@ -363,8 +343,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         if cfg.block in SHAPED_BLOCKS:
+            # App. D.1: beta_FF = O(1/sqrt(L)), 0.1 at L = 18; --beta_ff < 0 rescales it to n_layer
+            beta_ff = cfg.beta_ff if cfg.beta_ff >= 0 else 0.1 * math.sqrt(18 / cfg.n_layer)
             _gain(self, "beta_sa", torch.tensor(float(cfg.beta_sa)), cfg.trainable_gains)
-            _gain(self, "beta_ff", torch.tensor(float(default_beta_ff(cfg))), cfg.trainable_gains)
+            _gain(self, "beta_ff", torch.tensor(float(beta_ff)), cfg.trainable_gains)
             if cfg.block in ("vskip", "sas") and cfg.mlp_skip:  # trainable in the official code
                 _gain(self, "alpha_ff", torch.tensor(1.0), cfg.trainable_gains)
 
@@ -506,10 +488,22 @@ def md_table(header, rows):
                      for r in [header, ["---"] * len(header)] + rows)
 
 
-def format_param_table(rows):
-    return md_table(["block", "params", "vs Pre-LN"], [
-        [r["block"], f"{r['params'] / 1e6:.3f}M", f"{-100 * r['reduction_vs_preln']:+.1f}%"]
-        for r in rows])
+def write_table(cfg, name, rows, cols, head="", **extra):
+    """Print rows (dicts with block, params, tokens_per_s) as a table, parameters and speed
+    relative to preln (or the first row), then cols: (title, key, format); write name.md/json."""
+    base = next((r for r in rows if r["block"] == "preln"), rows[0])
+    for r in rows:
+        r["params_vs_base"] = r["params"] / base["params"] - 1
+        r["speed_vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
+    text = head + md_table(
+        ["block", "params", f"vs {base['block']}", "tokens/s", "speed"] + [c[0] for c in cols],
+        [[r["block"], f"{r['params'] / 1e6:.3f}M", f"{100 * r['params_vs_base']:+.1f}%",
+          f"{r['tokens_per_s']:,.0f}", f"{r['speed_vs_base']:.3f}x"]
+         + [fmt.format(r[k]) if r[k] is not None else "n/a" for _, k, fmt in cols] for r in rows])
+    print(text)
+    write_file(os.path.join(cfg.out_dir, name + ".md"), lambda f: f.write(text + "\n"))
+    write_json({"script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "table": rows,
+                **extra}, os.path.join(cfg.out_dir, name + ".json"))
 
 
 def learned_gains(model):
@@ -521,11 +515,9 @@ def learned_gains(model):
 
 def plot_runs(runs, out_dir, prefix="loss"):
     """The paper's two views (Figs. 5, 23): validation loss against step and against time."""
-    import matplotlib.pyplot as plt
-
-    plt.switch_backend("Agg")
     for xkey, xlabel, name in (("step", "step", "step"), ("train_s", "training time (s)", "time")):
-        fig, ax = plt.subplots(figsize=(6, 4), layout="tight")
+        fig = Figure(figsize=(6, 4), layout="tight")  # (no pyplot: no GUI backend, no state)
+        ax = fig.subplots()
         for label, rows in runs.items():
             rows = [r for r in rows if r["step"] > 0]
             ax.plot([r[xkey] for r in rows], [r["val_loss"] for r in rows], ".-", label=label)
@@ -533,7 +525,6 @@ def plot_runs(runs, out_dir, prefix="loss"):
         ax.grid(alpha=0.3)
         ax.legend()
         fig.savefig(os.path.join(out_dir, f"{prefix}_vs_{name}.png"), dpi=120)
-        plt.close(fig)
 
 
 def run_compare(cfg, ds, device, ddp):
@@ -545,29 +536,19 @@ def run_compare(cfg, ds, device, ddp):
         res, runs[b] = train(sub, ds, device, ddp)
         table.append({"block": b, **{k: res["final"][k] for k in (
             "params", "tokens_per_s", "train_loss", "val_loss", "train_s")}})
-    if ddp[0] != 0:
-        return
-    base = next((r for r in table if r["block"] == "preln"), table[0])
-    text = md_table(["block", "params", f"vs {base['block']}", "tokens/s", "speed",
-                     "final train loss", "final val loss"], [
-        [r["block"], f"{r['params'] / 1e6:.3f}M",
-         f"{100 * (r['params'] / base['params'] - 1):+.1f}%",
-         f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
-         f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}"] for r in table])
-    print(text)
-    write_file(os.path.join(cfg.out_dir, "compare.md"), lambda f: f.write(text + "\n"))
-    write_json({"script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "table": table,
-                "paper": PAPER_NUMBERS}, os.path.join(cfg.out_dir, "compare.json"))
-    plot_runs(runs, cfg.out_dir, prefix="compare_loss")
+    if ddp[0] == 0:
+        write_table(cfg, "compare", table, [("final train loss", "train_loss", "{:.4f}"),
+                                            ("final val loss", "val_loss", "{:.4f}")],
+                    paper=PAPER_NUMBERS)
+        plot_runs(runs, cfg.out_dir, prefix="compare_loss")
 
 
 # ---- making it fast: the same functions, computed faster (tests/test_simple_block.py checks
 # each against the plain form above, in float64)
 def cummean_fast(v, how="matmul"):
-    """cummean(v) (part 2) as the training path computes it (--cummean): matmul (default),
-    tril(ones) @ v on the tensor cores (float32 accumulation, the sum rounded once to v.dtype);
-    cumsum, the same float32 scan. v: (..., T, C) -> float32 (float64 stays float64). Its own
-    copy of the scan, so that a student copy with the exercise cummean blanked still trains."""
+    """cummean(v) as training computes it (--cummean): matmul, tril(ones) @ v on the tensor cores
+    (float32 accumulation, rounded once), or cumsum, cummean's float32 scan (a copy: a student copy
+    with exercise sb_cummean blanked still trains). v: (..., T, C) -> float32 (float64 stays)."""
     T = v.size(-2)
     acc = torch.promote_types(v.dtype, torch.float32)
     n = torch.arange(1, T + 1, device=v.device, dtype=acc).view(T, 1)  # (T, 1): i = 1..T
@@ -579,8 +560,7 @@ def cummean_fast(v, how="matmul"):
 def sdpa_attention(att, q, k, v, scale=None):
     """att.attention_matrix(q, k, scale) @ v without the T x T matrix, on FlashAttention:
     (alpha I + beta A - gamma C) V = beta SDPA(Q, K, V) + alpha V - gamma C V, with C V the
-    causal running mean (cummean_fast).
-    q, k, v: (B, H, T, dh) -> (B, H, T, dh)."""
+    causal running mean (cummean_fast). q, k, v: (B, H, T, dh) -> (B, H, T, dh)."""
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # A V
     if att.matrix == "softmax":
         return o
@@ -606,8 +586,9 @@ def fused_block_forward(blk, x):
         m = F.linear(r, blk.beta_ff * blk.mlp.c_proj.weight)  # r (beta_FF W_out)^T
         return blk.alpha_ff * x_hat + m if blk.mlp_skip else m
     h = blk.norm1(x)  # (B, T, d)
-    n_in = blk.attn.n_in()
-    z = F.linear(h, torch.cat(blk.attn.in_weights() + [blk.mlp.c_fc.weight]))  # (B, T, n_in+4d)
+    w_in = blk.attn.in_weights()  # [W^Q; W^K; (W^V)]: n_in = 2d or 3d rows
+    n_in = sum(w.size(0) for w in w_in)
+    z = F.linear(h, torch.cat(w_in + [blk.mlp.c_fc.weight]))  # (B, T, n_in + 4d)
     r = F.relu(z[..., n_in:])  # (B, T, 4d)
     if blk.kind == "parallel":
         return x + blk.attn.from_projections(z[..., :n_in], h) + F.linear(r, blk.mlp.c_proj.weight)
@@ -620,25 +601,24 @@ def fused_block_forward(blk, x):
 
 
 def parse_bench_entry(entry, cfg):
-    """'sasp:cummean=matmul:gains=layer' -> (label, Config)."""
+    """'sasp:cummean=matmul:gains=layer' -> the Config of that --bench entry."""
     block, *overrides = entry.split(":")
     fields, over = {f.name: f.default for f in dataclasses.fields(Config)}, {"block": block}
     for p in overrides:
         k, _, v = p.partition("=")
-        if k not in fields or not v:
-            raise BadInput(f"bad bench entry {entry!r}: use block[:field=value...], a Config field")
-        typ = bool if fields[k] is None or isinstance(fields[k], bool) else type(fields[k])
-        if typ is bool and v.lower() not in ("true", "false"):
-            raise BadInput(f"bench entry {entry!r}: {k} takes true or false")
+        need(k in fields and v,
+             f"bad bench entry {entry!r}: use block[:field=value...], a Config field")
+        typ = bool if fields[k] is None else type(fields[k])  # (--compile's default is None)
         try:
-            over[k] = v.lower() == "true" if typ is bool else typ(v)
-        except ValueError:
-            raise BadInput(f"bench entry {entry!r}: {k} takes a {typ.__name__}") from None
-    return entry, dataclasses.replace(cfg, **over)
+            over[k] = {"true": True, "false": False}[v.lower()] if typ is bool else typ(v)
+        except (KeyError, ValueError):
+            want = "true or false" if typ is bool else f"a {typ.__name__}"
+            raise BadInput(f"bench entry {entry!r}: {k} takes {want}") from None
+    return dataclasses.replace(cfg, **over)
 
 
 def bench_step(c, x, y, device, dtype):
-    """One model of --bench: a closure running one full training step, and the model."""
+    """One --bench entry: a closure running one full training step, and the model."""
     torch.manual_seed(c.seed)
     model = GPT(c).to(device)
     opt = make_optimizer(model, c, device.type)
@@ -657,11 +637,10 @@ def bench_step(c, x, y, device, dtype):
 
 def run_bench(cfg, device):
     """Time full training steps (forward, backward, clip, AdamW) of each --bench entry in one
-    process on random tokens, in interleaved rounds (clock drift hits every entry alike)."""
-    dtype = resolve_dtype(cfg, device)
-    for k in ("cache_size_limit", "recompile_limit"):  # one compiled graph per entry
-        if hasattr(torch, "_dynamo") and hasattr(torch._dynamo.config, k):
-            setattr(torch._dynamo.config, k, max(64, getattr(torch._dynamo.config, k)))
+    process on random tokens: 5 untimed steps (the first compiles), then 3 interleaved rounds of
+    --bench_iters steps (clock drift hits every entry alike); the best round counts."""
+    dtype, peak = resolve_dtype(cfg, device), peak_flops(device)
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     xy = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1),
                        generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
@@ -675,49 +654,30 @@ def run_bench(cfg, device):
         sync()
         return time.perf_counter() - t0
 
-    models = {}
-    for label, c in (parse_bench_entry(e, cfg) for e in cfg.bench.split(",")):
+    rows, steps = [], []
+    for entry in cfg.bench.split(","):
+        c = parse_bench_entry(entry, cfg)
         step, model, compiled = bench_step(c, x, y, device, dtype)
-        warm = timed(step, cfg.bench_warmup)  # (the first step compiles)
-        models[label] = {"step": step, "params": count_params(model), "warmup_s": warm,
-                         "fpt": flops_per_token(model, c), "compiled": compiled, "ms": []}
-        print(f"bench {label}: {models[label]['params'] / 1e6:.2f}M params, warm-up {warm:.1f}s")
-    for r in range(cfg.bench_rounds):
-        for m in models.values():
-            m["ms"].append(1000 * timed(m["step"], cfg.bench_iters) / cfg.bench_iters)
-        print(f"round {r}: " + ", ".join(f"{k} {m['ms'][-1]:.2f} ms" for k, m in models.items()))
-    return write_bench_table(cfg, models, device, dtype)
-
-
-def write_bench_table(cfg, models, device, dtype):
-    """bench.md / bench.json: ms/step (best round), tokens/s, MFU, speed and parameters relative
-    to preln (or the first entry)."""
-    peak, table = peak_flops(device), []
-    for label, m in models.items():
-        tps = cfg.batch_size * cfg.block_size / (min(m["ms"]) / 1000)
-        table.append({"block": label, "params": m["params"], "ms_per_step": min(m["ms"]),
-                      "ms_rounds": m["ms"], "tokens_per_s": tps, "warmup_s": m["warmup_s"],
-                      "mfu": tps * m["fpt"] / peak if peak else None, "compiled": m["compiled"]})
-    base = next((r for r in table if r["block"] == "preln"), table[0])
-    for r in table:
-        r["speed_vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["params_vs_base"] = r["params"] / base["params"] - 1
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    head = (f"device {dev}, torch {torch.__version__}, {dtype}, compile {table[0]['compiled']} "
-            f"({cfg.compile_mode}), L {cfg.n_layer}, d {cfg.n_embd}, H {cfg.n_head}, "
+        steps.append(step)
+        rows.append({"block": entry, "params": count_params(model), "ms_rounds": [],
+                     "warmup_s": timed(step, 5), "flops_per_token": flops_per_token(model, c),
+                     "compiled": compiled})
+        print(f"bench {entry}: {rows[-1]['params'] / 1e6:.2f}M params, "
+              f"warm-up {rows[-1]['warmup_s']:.1f}s")
+    for i in range(3):
+        for r, step in zip(rows, steps):
+            r["ms_rounds"].append(1000 * timed(step, cfg.bench_iters) / cfg.bench_iters)
+        print(f"round {i}: " + ", ".join(f"{r['block']} {r['ms_rounds'][-1]:.2f} ms" for r in rows))
+    for r in rows:
+        r["ms_per_step"] = min(r["ms_rounds"])
+        r["tokens_per_s"] = cfg.batch_size * cfg.block_size / (r["ms_per_step"] / 1000)
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak if peak else None
+    head = (f"device {device_name(device)}, torch {torch.__version__}, {dtype}, compile "
+            f"{rows[0]['compiled']}, L {cfg.n_layer}, d {cfg.n_embd}, H {cfg.n_head}, "
             f"T {cfg.block_size}, B {cfg.batch_size}, vocab {cfg.vocab_size}; best of "
-            f"{cfg.bench_rounds} rounds x {cfg.bench_iters} steps")
-    text = head + "\n\n" + md_table(
-        ["block", "params", f"vs {base['block']}", "ms/step", "tokens/s", "speed", "MFU"],
-        [[r["block"], f"{r['params'] / 1e6:.2f}M", f"{100 * r['params_vs_base']:+.1f}%",
-          f"{r['ms_per_step']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['speed_vs_base']:.3f}x",
-          f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"] for r in table])
-    print(text)
-    with open(os.path.join(cfg.out_dir, "bench.md"), "w") as f:
-        f.write(text + "\n")
-    write_json({"script": SCRIPT + ".py", "header": head, "config": dataclasses.asdict(cfg),
-                "table": table}, os.path.join(cfg.out_dir, "bench.json"))
-    return table
+            f"3 rounds x {cfg.bench_iters} steps")
+    cols = [("ms/step", "ms_per_step", "{:.2f}"), ("MFU", "mfu", "{:.1%}")]
+    write_table(cfg, "bench", rows, cols, head=head + "\n\n", header=head)
 
 
 # ---- command line
@@ -734,14 +694,13 @@ class OneLineParser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
-def build_parser(suppress_defaults=False):
-    """argparse generated from Config: every field is a flag (booleans as --x / --no-x)."""
-    p = OneLineParser(prog=SCRIPT + ".py", add_help=not suppress_defaults,
-                      description="Simplifying Transformer Blocks (He & Hofmann, ICLR 2024).",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    """One flag per Config field (booleans as --x / --no-x); flags not given stay out of the
+    result (argparse.SUPPRESS), so that parse_config knows which were given."""
+    p = OneLineParser(prog=SCRIPT + ".py", argument_default=argparse.SUPPRESS,
+                      description="Simplifying Transformer Blocks (He & Hofmann, ICLR 2024).")
     for f in dataclasses.fields(Config):
-        kw = dict(default=argparse.SUPPRESS if suppress_defaults else f.default,
-                  help=f.metadata["help"].replace("%", "%%"))
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
         if isinstance(f.default, bool) or f.default is None:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -751,12 +710,12 @@ def build_parser(suppress_defaults=False):
 
 def parse_config(argv=None) -> Config:
     """Config = defaults, then the preset, then the flags given; cfg.explicit = their names."""
-    args = build_parser().parse_args(argv)  # checks choices and types, handles --help
-    given = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    preset = args.preset
+    given = vars(build_parser().parse_args(argv))
+    preset = given.get("preset", "auto")
     if preset == "auto":
-        preset = "gpu" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    cfg = dataclasses.replace(Config(), **{**PRESETS.get(preset, {}), **given, "preset": preset})
+        cuda = given.get("device", "auto") in ("auto", "cuda") and torch.cuda.is_available()
+        preset = "gpu" if cuda else "cpu"
+    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
     cfg.explicit = set(given)  # (they win over presets and checkpoints)
     return with_block(cfg, cfg.block)
 
@@ -765,81 +724,68 @@ def with_block(cfg: Config, block: str, **over) -> Config:
     """cfg for this block (and overrides), keeping cfg.explicit: the gpu preset takes the block's
     tuned LR unless --lr was given."""
     explicit = getattr(cfg, "explicit", set())
-    lr = GPU_LR[block] if cfg.preset == "gpu" and "lr" not in explicit else cfg.lr
+    lr = GPU_LR.get(block, cfg.lr) if cfg.preset == "gpu" and "lr" not in explicit else cfg.lr
     new = dataclasses.replace(cfg, block=block, lr=lr, **over)
     new.explicit = explicit
     return new
 
 
+def need(ok, message):
+    if not ok:
+        raise BadInput(message)
+
+
+RULES = (  # (flags, what each must be, the test)
+    (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
+      "eval_interval", "eval_iters", "bench_iters"), ">= 1", lambda v: v >= 1),
+    (("max_iters", "warmup_iters", "stop_at", "sample_tokens", "vocab_size", "min_lr",
+      "weight_decay", "grad_clip", "norm_eps"), "finite and >= 0", lambda v: 0 <= v < math.inf),
+    (("lr",), "finite and > 0", lambda v: 0 < v < math.inf),
+    (("beta1", "beta2"), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("warmup_frac",), "in [0, 1]", lambda v: 0 <= v <= 1),
+    (("beta_sa", "beta_ff"), "finite (--beta_ff < 0: the default)", math.isfinite),
+    (("seed",), "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
+)
+
+
 def validate(cfg: Config):
     """Every check that can fail before anything is written (for each --compare/--bench entry)."""
     for c in run_configs(cfg):
-        validate_numbers(c)
-    if resolve_device(cfg).type == "cpu" and cfg.device not in ("cpu", "auto"):
-        raise BadInput(f"--device {cfg.device} is not available here; use --device cpu")
-    if cfg.dtype == "float16" and resolve_device(cfg).type == "cpu":
-        raise BadInput("float16 needs CUDA or MPS; use float32 or bfloat16")
-    parent = os.path.abspath(cfg.out_dir)
+        for names, want, ok in RULES:
+            for n in names:
+                need(ok(getattr(c, n)), f"--{n} must be {want} (got {getattr(c, n)})")
+        need(c.min_lr <= c.lr, f"--min_lr must be <= --lr (got {c.min_lr})")
+        need(c.n_embd % c.n_head == 0,
+             f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
+        need(c.block in BLOCKS, f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
+    cpu = resolve_device(cfg).type == "cpu"
+    need(not cpu or cfg.device in ("cpu", "auto"),
+         f"--device {cfg.device} is not available here; use --device cpu")
+    need(not (cpu and cfg.dtype == "float16"), "float16 needs CUDA or MPS; use float32 or bfloat16")
+    parent = os.path.abspath(cfg.out_dir)  # the out_dir: a file, under a file, not writable?
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise BadInput(f"--out_dir {cfg.out_dir}: {parent} is a file; give a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out_dir {cfg.out_dir}: {parent} is not writable")
-
-
-def validate_numbers(c: Config):
-    """One table of (flag, ok, what it must be), checked in order."""
-    checks = [(n, getattr(c, n) >= 1, ">= 1") for n in (
-        "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
-        "eval_interval", "eval_iters", "log_interval", "bench_iters", "bench_rounds")]
-    checks += [(n, 0 <= getattr(c, n) < math.inf, ">= 0") for n in (
-        "max_iters", "warmup_iters", "stop_at", "sample_tokens", "bench_warmup", "vocab_size",
-        "min_lr", "weight_decay", "grad_clip", "norm_eps")]
-    checks += [("lr", 0 < c.lr < math.inf, "> 0"), ("min_lr", c.min_lr <= c.lr, "<= --lr"),
-               ("beta1", 0 <= c.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
-               ("adam_eps", 0 < c.adam_eps < math.inf, "> 0"),
-               ("warmup_frac", 0 <= c.warmup_frac <= 1, "in [0, 1]"),
-               ("beta_sa", math.isfinite(c.beta_sa), "finite"),
-               ("beta_ff", math.isfinite(c.beta_ff), "finite (< 0: the default)"),
-               ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)")]
-    for n, ok, want in checks:
-        if not ok:
-            raise BadInput(f"--{n} must be {want} (got {getattr(c, n)})")
-    if c.n_embd % c.n_head:
-        raise BadInput(f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
-    if c.block not in BLOCKS:
-        raise BadInput(f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
+    need(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
+         f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
 
 
 def run_configs(cfg: Config):
     """The Configs a run trains or times: cfg, or one per --compare / --bench entry."""
-    if cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench):
-        raise BadInput("--compare, --bench and --resume are separate modes; give one of them")
+    need(not (cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench)),
+         "--compare, --bench and --resume are separate modes; give one of them")
     if cfg.compare:
         configs = [with_block(cfg, b) for b in cfg.compare.split(",")]
-        if len({c.block for c in configs}) < len(configs):
-            raise BadInput(f"--compare {cfg.compare} lists a block twice")
+        need(len({c.block for c in configs}) == len(configs),
+             f"--compare {cfg.compare} lists a block twice")
         return configs
     if cfg.bench:
-        return [parse_bench_entry(e, cfg)[1] for e in cfg.bench.split(",")]
-    if cfg.block not in SHAPED_BLOCKS and (cfg.attn_matrix, cfg.gains) != ("shaped", "head"):
-        raise BadInput(f"--attn_matrix/--gains change shaped attention, which --block {cfg.block} "
-                       f"does not have; use one of {', '.join(SHAPED_BLOCKS)}")
-    if not cfg.mlp_skip and cfg.block not in ("sas", "vskip"):
-        raise BadInput("--no-mlp_skip (skipless MLP ablation) applies to --block sas or vskip")
+        return [parse_bench_entry(e, cfg) for e in cfg.bench.split(",")]
+    need(cfg.block in SHAPED_BLOCKS or (cfg.attn_matrix, cfg.gains) == ("shaped", "head"),
+         f"--attn_matrix/--gains change shaped attention, which --block {cfg.block} does not "
+         f"have; use one of {', '.join(SHAPED_BLOCKS)}")
+    need(cfg.mlp_skip or cfg.block in ("sas", "vskip"),
+         "--no-mlp_skip (skipless MLP ablation) applies to --block sas or vskip")
     return [cfg]
-
-
-def load_data(cfg):
-    import data
-
-    try:
-        ds = data.load_dataset(cfg.dataset, tokenizer=cfg.tokenizer, data_dir=cfg.data_dir or None)
-        ds.check_block_size(cfg.block_size)
-    except data.DataError as e:
-        raise BadInput(str(e)) from None
-    return ds
 
 
 # ---- training
@@ -864,8 +810,8 @@ def make_optimizer(model, cfg, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             fused=device_type == "cuda" or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda" or None)  # (eps 1e-8, as the paper)
 
 
 @torch.no_grad()
@@ -895,40 +841,35 @@ LOG_COLUMNS = ["step", "tokens", "elapsed_s", "train_s", "lr", "train_loss", "va
 
 def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
     """Train GPT(cfg) on ds: config.json, log.csv, ckpt.pt, results.json, plots in cfg.out_dir."""
-    from tqdm.auto import tqdm
-
     r = setup_run(cfg, ds, device, ddp, ck)
-    master, step, loss, norm = ddp[0] == 0, r["step"], None, None
-    bar = tqdm(total=cfg.max_iters, initial=step, desc=cfg.block, dynamic_ncols=True,
+    master = ddp[0] == 0
+    bar = tqdm(total=cfg.max_iters, initial=r.step, desc=cfg.block, dynamic_ncols=True,
                disable=not (master and cfg.progress))
-    r["t_start"] = time.time() - (r["log"][-1]["elapsed_s"] if r["log"] else 0.0)
-    r["t_mark"], r["tokens_mark"] = time.time(), step * r["tokens_per_step"]
     try:
         while True:
-            lr = get_lr(step, cfg)
-            for g in r["optimizer"].param_groups:
+            lr = get_lr(r.step, cfg)
+            for g in r.optimizer.param_groups:
                 g["lr"] = lr
-            stop = step >= cfg.max_iters or 0 < cfg.stop_at <= step
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                check_finite(r, loss, norm, step)  # before the checkpoint is written
-                if not (r["log"] and r["log"][-1]["step"] == step):  # (resumed: logged already)
-                    log_eval(r, cfg, ds, device, ddp, step, lr, bar)
-                r["t_mark"], r["tokens_mark"] = time.time(), step * r["tokens_per_step"]
+            stop = r.step >= cfg.max_iters or 0 < cfg.stop_at <= r.step
+            if r.step % cfg.eval_interval == 0 or r.step == cfg.max_iters:
+                check_finite(r)  # before the checkpoint is written
+                if not (r.log and r.log[-1]["step"] == r.step):  # (resumed: logged already)
+                    log_eval(r, cfg, ds, device, ddp, lr, bar)
+                r.t_mark, r.tokens_mark = time.time(), r.step * r.tokens_per_step
             elif stop and master:
-                check_finite(r, loss, norm, step)
-                save_checkpoint(r, cfg, step)  # --stop_at between two evals
+                check_finite(r)
+                save_checkpoint(r, cfg)  # --stop_at between two evals
             if stop:
                 break
-            loss, norm = train_step(r, ds, cfg, device, ddp)
-            step += 1
+            train_step(r, ds, cfg, device, ddp)
             bar.update(1)
-            if device.type != "cuda" or step % cfg.log_interval == 0:
-                check_finite(r, loss, norm, step)  # every step on CPU, now and then on CUDA
-            if step % cfg.log_interval == 0 and master:
-                tps = (step * r["tokens_per_step"] - r["tokens_mark"]) / (time.time() - r["t_mark"])
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+            if device.type != "cuda" or r.step % 10 == 0:
+                check_finite(r)  # every step on CPU, every 10th on CUDA (it syncs)
+            if r.step % 10 == 0 and master:
+                tps = (r.step * r.tokens_per_step - r.tokens_mark) / (time.time() - r.t_mark)
+                bar.set_postfix(loss=f"{r.loss.item():.3f}", tok_s=f"{tps:,.0f}")
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {step}; last checkpoint: "
+        raise KeyboardInterrupt(f"interrupted at step {r.step}; last checkpoint: "
                                 f"{kept_checkpoint(r)}") from None
     finally:
         bar.close()
@@ -936,99 +877,102 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
 
 
 def setup_run(cfg, ds, device, ddp, ck):
-    """The model, optimizer and data order of a run (restored from the checkpoint ck if given)."""
+    """A run's state: model, optimizer, data order, log and clocks (restored from the checkpoint
+    ck if given); writes config.json."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
     dtype = resolve_dtype(cfg, device)
-    r = {"model": model, "optimizer": make_optimizer(model, cfg, device.type), "dtype": dtype,
-         "scaler": torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
-         "gen": torch.Generator().manual_seed(cfg.seed), "step": 0, "log": [], "train_s": 0.0,
-         "ckpt": os.path.join(cfg.out_dir, "ckpt.pt"), "ckpt_step": None,
-         "device": device, "bad": torch.zeros((), dtype=torch.bool, device=device)}
+    r = SimpleNamespace(
+        model=model, optimizer=make_optimizer(model, cfg, device.type), dtype=dtype, device=device,
+        scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
+        gen=torch.Generator().manual_seed(cfg.seed), step=0, log=[], train_s=0.0,
+        ckpt=os.path.join(cfg.out_dir, "ckpt.pt"), ckpt_step=None, loss=None, norm=None,
+        bad=torch.zeros((), dtype=torch.bool, device=device),  # a non-finite loss or grad norm
+        tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1])
     if ck is not None:
         restore_checkpoint(r, ck, device)
-    r["cmodel"], r["compiled"] = maybe_compile(model, cfg, device)
+    r.cmodel, r.compiled = maybe_compile(model, cfg, device)
     if ddp[1] > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        r["cmodel"] = DDP(r["cmodel"], device_ids=[device.index] if device.type == "cuda" else None)
-    r["tokens_per_step"] = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1]
-    r["fpt"], r["peak"] = flops_per_token(model, cfg), peak_flops(device)
+        r.cmodel = DDP(r.cmodel, device_ids=[device.index] if device.type == "cuda" else None)
+    r.fpt, r.peak = flops_per_token(model, cfg), peak_flops(device)
     if ddp[0] == 0:
         n = count_params(model)
-        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        write_json({"config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": dev,
-                    "dtype": str(dtype), "compiled": r["compiled"], "world_size": ddp[1],
-                    "git_commit": git_commit(), "params": n, "dataset": ds.name,
-                    "tokenizer": ds.tokenizer}, os.path.join(cfg.out_dir, "config.json"))
-        print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {r['tokens_per_step']} tokens/step, "
-              f"device {device}, dtype {dtype}, compile {r['compiled']}")
+        write_json({"config": dataclasses.asdict(cfg), "torch": torch.__version__,
+                    "device": device_name(device), "dtype": str(dtype), "compiled": r.compiled,
+                    "world_size": ddp[1], "git_commit": git_commit(), "params": n,
+                    "dataset": ds.name, "tokenizer": ds.tokenizer},
+                   os.path.join(cfg.out_dir, "config.json"))
+        print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {r.tokens_per_step} tokens/step, "
+              f"device {device}, dtype {dtype}, compile {r.compiled}")
+    r.t_start = time.time() - (r.log[-1]["elapsed_s"] if r.log else 0.0)
+    r.t_mark, r.tokens_mark = time.time(), r.step * r.tokens_per_step
     return r
 
 
 def train_step(r, ds, cfg, device, ddp):
-    """One optimizer step (grad_accum micro-steps); returns the last loss and the grad norm."""
+    """One optimizer step (grad_accum micro-steps); r.loss: the last micro-step's, r.norm: the
+    gradient norm; r.bad records a non-finite one without a sync."""
     for micro in range(cfg.grad_accum):
         x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=device,
-                            generator=r["gen"], rank=ddp[0], world_size=ddp[1])
+                            generator=r.gen, rank=ddp[0], world_size=ddp[1])
         last = micro == cfg.grad_accum - 1  # DDP: all-reduce the gradients only once, at the last
-        sync = r["cmodel"].no_sync() if ddp[1] > 1 and not last else contextlib.nullcontext()
-        with sync, autocast_ctx(device, r["dtype"]):
-            _, loss = r["cmodel"](x, y)
-        r["scaler"].scale(loss / cfg.grad_accum).backward()
-    norm = None
+        sync = r.cmodel.no_sync() if ddp[1] > 1 and not last else contextlib.nullcontext()
+        with sync, autocast_ctx(device, r.dtype):
+            _, loss = r.cmodel(x, y)
+        r.scaler.scale(loss / cfg.grad_accum).backward()
+    r.loss, r.norm = loss.detach(), None
     if cfg.grad_clip > 0:
-        r["scaler"].unscale_(r["optimizer"])
-        norm = torch.nn.utils.clip_grad_norm_(r["model"].parameters(), cfg.grad_clip)
-    r["scaler"].step(r["optimizer"])
-    r["scaler"].update()
-    r["optimizer"].zero_grad(set_to_none=True)
-    r["bad"] |= ~torch.isfinite(loss.detach() + (0 if norm is None else norm))  # (no sync)
-    return loss.detach(), norm
+        r.scaler.unscale_(r.optimizer)
+        r.norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
+    r.scaler.step(r.optimizer)
+    r.scaler.update()
+    r.optimizer.zero_grad(set_to_none=True)
+    r.bad |= ~torch.isfinite(r.loss + (0 if r.norm is None else r.norm))
+    r.step += 1
 
 
-def check_finite(r, loss, norm, step):
-    """Diverged if a loss or grad norm since the last check was not finite (r["bad"] lives on the
+def check_finite(r):
+    """Diverged if a loss or grad norm since the last check was not finite (r.bad lives on the
     device: reading it syncs, so on CUDA it is read only now and then)."""
-    if loss is not None and bool(r["bad"]):
-        what = f"loss is {float(loss)}" if not torch.isfinite(loss) else f"grad norm is {norm}"
-        kept = f"kept {kept_checkpoint(r)}" if r["ckpt_step"] is not None else "no checkpoint yet"
-        raise Diverged(f"step {step}: {what}; {kept}")
+    if bool(r.bad):
+        what = f"grad norm is {r.norm}" if torch.isfinite(r.loss) else f"loss is {float(r.loss)}"
+        kept = f"kept {kept_checkpoint(r)}" if r.ckpt_step is not None else "no checkpoint yet"
+        raise Diverged(f"step {r.step}: {what}; {kept}")
 
 
-def log_eval(r, cfg, ds, device, ddp, step, lr, bar):
+def log_eval(r, cfg, ds, device, ddp, lr, bar):
     """Evaluate, append a row to log.csv, and checkpoint (not at step 0)."""
-    now = time.time()
-    interval, tokens = now - r["t_mark"], step * r["tokens_per_step"]
-    r["train_s"] += interval
-    model = r["cmodel"] if ddp[1] == 1 else r["cmodel"].module
-    losses = evaluate(model, ds, cfg, device, r["dtype"], *ddp)
-    tps = (tokens - r["tokens_mark"]) / interval if step > 0 and interval > 0 else float("nan")
-    mfu = tps * r["fpt"] / r["peak"] if r["peak"] else float("nan")
-    r["log"].append({"step": step, "tokens": tokens, "elapsed_s": round(now - r["t_start"], 3),
-                     "train_s": round(r["train_s"], 3), "lr": lr, "train_loss": losses["train"],
-                     "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu,
-                     "block": cfg.block, **gain_means(r["model"])})
+    step, now = r.step, time.time()
+    interval, tokens = now - r.t_mark, step * r.tokens_per_step
+    r.train_s += interval
+    model = r.cmodel if ddp[1] == 1 else r.cmodel.module
+    losses = evaluate(model, ds, cfg, device, r.dtype, *ddp)
+    tps = (tokens - r.tokens_mark) / interval if step > 0 and interval > 0 else float("nan")
+    mfu = tps * r.fpt / r.peak if r.peak else float("nan")
+    r.log.append({"step": step, "tokens": tokens, "elapsed_s": round(now - r.t_start, 3),
+                  "train_s": round(r.train_s, 3), "lr": lr, "train_loss": losses["train"],
+                  "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu, "block": cfg.block,
+                  **gain_means(r.model)})
     if ddp[0] == 0:
         bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
                   f"lr {lr:.2e}, {tps:,.0f} tok/s")
-        write_log(r["log"], os.path.join(cfg.out_dir, "log.csv"))
+        write_log(r.log, os.path.join(cfg.out_dir, "log.csv"))
         if step > 0 or cfg.max_iters == 0:
-            save_checkpoint(r, cfg, step)
+            save_checkpoint(r, cfg)
 
 
 def gain_means(model):
     """Mean of beta_SA and beta_FF over blocks (learned; nan for blocks without them)."""
-    rows, out = learned_gains(model), {}
-    for n in ("beta_sa", "beta_ff"):
-        vals = [row[n] for row in rows if n in row]
-        out[n + "_mean"] = sum(vals) / len(vals) if vals else float("nan")
-    return out
+    rows = learned_gains(model)
+    vals = {n: [row[n] for row in rows if n in row] for n in ("beta_sa", "beta_ff")}
+    return {n + "_mean": sum(v) / len(v) if v else float("nan") for n, v in vals.items()}
 
 
 def finish_run(r, cfg, ds, device, master):
     """results.json, the plots and a sample of text."""
-    rows, model = r["log"], r["model"]
+    rows, model = r.log, r.model
     tps = [x["tokens_per_s"] for x in rows if not math.isnan(x["tokens_per_s"])]
     tps = tps[1:] or tps  # (the first interval includes compiling)
     last = rows[-1]
@@ -1044,43 +988,41 @@ def finish_run(r, cfg, ds, device, master):
         plot_runs({cfg.block: rows}, cfg.out_dir, prefix="loss")
         if cfg.sample_tokens > 0:
             idx = torch.tensor([ds.encode("def " if "pycode" in ds.name else "\n")], device=device)
-            with autocast_ctx(device, r["dtype"]):
+            with autocast_ctx(device, r.dtype):
                 out = model.generate(idx, cfg.sample_tokens, ds.vocab_size)[0].tolist()
             print("---- sample ----\n" + ds.decode(out) + "\n----------------")
     return results, rows
 
 
 # ---- checkpoints
-def save_checkpoint(r, cfg, step):
+def save_checkpoint(r, cfg):
     """ckpt.pt: model, optimizer, config, step, log and RNG states; written atomically."""
-    cuda = torch.cuda.get_rng_state() if r["device"].type == "cuda" else None
-    ck = {"script": SCRIPT, "model": r["model"].state_dict(), "step": step,
-          "optimizer": r["optimizer"].state_dict(), "scaler": r["scaler"].state_dict(),
-          "config": dataclasses.asdict(cfg), "log": r["log"], "train_s": r["train_s"],
-          "rng": {"data": r["gen"].get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
-    write_file(r["ckpt"], lambda f: torch.save(ck, f), "wb")
-    r["ckpt_step"] = step
+    cuda = torch.cuda.get_rng_state() if r.device.type == "cuda" else None
+    ck = {"script": SCRIPT, "model": r.model.state_dict(), "step": r.step,
+          "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
+          "config": dataclasses.asdict(cfg), "log": r.log, "train_s": r.train_s,
+          "rng": {"data": r.gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
+    write_file(r.ckpt, lambda f: torch.save(ck, f), "wb")
+    r.ckpt_step = r.step
 
 
 def kept_checkpoint(r):
-    return f"{r['ckpt']} (step {r['ckpt_step']})" if r["ckpt_step"] is not None else "none yet"
+    return f"{r.ckpt} (step {r.ckpt_step})" if r.ckpt_step is not None else "none yet"
 
 
 def load_checkpoint(path, cfg):
     """-> (checkpoint, cfg with the checkpoint's architecture). BadInput if it is unreadable,
     written by another script, or an architecture flag given on the command line differs."""
-    if not os.path.isfile(path):
-        raise BadInput(f"--resume: no checkpoint at {path}; run without --resume first")
+    need(os.path.isfile(path), f"--resume: no checkpoint at {path}; run without --resume first")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         assert isinstance(ck, dict) and isinstance(ck["config"], dict) and "model" in ck
     except Exception as e:
         raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; delete it or run "
                        "without --resume") from None
-    if ck.get("script") != SCRIPT:
-        who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
-        raise BadInput(f"{path} was written by {who}, not {SCRIPT}.py")
-    for k in getattr(cfg, "explicit", ()):
+    who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
+    need(ck.get("script") == SCRIPT, f"{path} was written by {who}, not {SCRIPT}.py")
+    for k in cfg.explicit:
         if k in ARCH_FIELDS and k != "vocab_size" and ck["config"].get(k) != getattr(cfg, k):
             raise BadInput(f"checkpoint has {k}={ck['config'].get(k)} but --{k} "
                            f"{getattr(cfg, k)} was given")
@@ -1089,17 +1031,18 @@ def load_checkpoint(path, cfg):
 
 def restore_checkpoint(r, ck, device):
     try:
-        r["model"].load_state_dict(ck["model"])
-        r["optimizer"].load_state_dict(ck["optimizer"])
+        r.model.load_state_dict(ck["model"])
+        r.optimizer.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise BadInput(f"checkpoint {r['ckpt']} does not fit this model: "
+        raise BadInput(f"checkpoint {r.ckpt} does not fit this model: "
                        f"{str(e).splitlines()[0]}") from None
-    r["scaler"].load_state_dict(ck["scaler"])
-    r["gen"].set_state(ck["rng"]["data"])
+    r.scaler.load_state_dict(ck["scaler"])
+    r.gen.set_state(ck["rng"]["data"])
     torch.set_rng_state(ck["rng"]["torch"])
     if device.type == "cuda" and ck["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
-    r.update(step=ck["step"], log=ck["log"], train_s=ck["train_s"], ckpt_step=ck["step"])
+    r.step = r.ckpt_step = ck["step"]
+    r.log, r.train_s = ck["log"], ck["train_s"]
 
 
 # ---- system helpers
@@ -1108,9 +1051,12 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B
              "A10": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def peak_flops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return next((v for k, v in PEAK_BF16.items() if k in device_name(device)), None)
 
 
 def flops_per_token(model, cfg):
@@ -1140,28 +1086,25 @@ def autocast_ctx(device, dtype):
 
 
 def maybe_compile(model, cfg, device):
+    """(model, compiled): torch.compile by default on CUDA, never on MPS."""
     if not (cfg.compile if cfg.compile is not None else device.type == "cuda"):
         return model, False
     if device.type == "mps":
         print("note: torch.compile is not available on MPS; running eagerly", file=sys.stderr)
         return model, False
-    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-    return torch.compile(model, mode=mode), True
+    return torch.compile(model), True
 
 
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
-    if os.environ.get("NANO_GIT_COMMIT"):
-        return os.environ["NANO_GIT_COMMIT"]
-    here = os.path.dirname(os.path.abspath(__file__))
+    def git(*args):  # its output, "" outside a git checkout
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], timeout=5, cwd=here,
-                               capture_output=True).returncode == 1
-        return (head + "-dirty" * dirty) or None
-    except Exception:
+        dirty = "-dirty" if git("diff", "--name-only", "HEAD", "--") else ""
+        return os.environ.get("NANO_GIT_COMMIT") or (git("rev-parse", "HEAD") + dirty) or None
+    except (OSError, subprocess.SubprocessError):  # no git, or it hangs
         return None
 
 
@@ -1196,6 +1139,7 @@ def setup_ddp(cfg):
     return device, (torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
+# ---- main
 def prepare(argv):
     """Parse, validate, read the checkpoint and the data: everything before the first write."""
     cfg = parse_config(argv)
@@ -1204,7 +1148,11 @@ def prepare(argv):
     if cfg.resume:
         ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
     if not cfg.bench:
-        ds = load_data(cfg)
+        try:
+            ds = data.load_dataset(cfg.dataset, cfg.tokenizer, data_dir=cfg.data_dir or None)
+            ds.check_block_size(cfg.block_size)
+        except data.DataError as e:
+            raise BadInput(str(e)) from None
     vocab = cfg.vocab_size or 50257 if ds is None else max(cfg.vocab_size, ds.vocab_size)
     return with_block(cfg, cfg.block, vocab_size=64 * math.ceil(vocab / 64)), ds, ck
 
@@ -1215,7 +1163,9 @@ def run_mode(cfg, ds, ck, device, ddp):
         os.makedirs(cfg.out_dir, exist_ok=True)
         table = param_table(cfg)
         print(f"trainable parameters at L={cfg.n_layer}, d={cfg.n_embd}, H={cfg.n_head}, "
-              f"vocab={cfg.vocab_size}:\n" + format_param_table(table))
+              f"vocab={cfg.vocab_size}:\n" + md_table(["block", "params", "vs Pre-LN"], [
+                  [r["block"], f"{r['params'] / 1e6:.3f}M",
+                   f"{-100 * r['reduction_vs_preln']:+.1f}%"] for r in table]))
         write_json({"config": {k: getattr(cfg, k) for k in ARCH_FIELDS}, "table": table},
                    os.path.join(cfg.out_dir, "params.json"))
     if cfg.bench:
