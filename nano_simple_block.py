@@ -140,6 +140,8 @@ class Config:
     device: str = _f("auto", "auto: cuda > mps > cpu", ("auto", "cpu", "cuda", "mps"))
     dtype: str = _f("auto", "auto: bfloat16 on CUDA", ("auto", "float32", "bfloat16", "float16"))
     compile: bool | None = _f(None, "torch.compile (default: on for CUDA, off elsewhere)")
+    compile_mode: str = _f("default", "torch.compile mode", ("default", "reduce-overhead",
+                           "max-autotune", "max-autotune-no-cudagraphs"))
     seed: int = _f(1337, "random seed (model init and data order)")
     out_dir: str = _f("out_simple_block", "output directory")
     resume: bool = _f(False, "continue from out_dir/ckpt.pt")
@@ -1092,7 +1094,8 @@ def maybe_compile(model, cfg, device):
     if device.type == "mps":
         print("note: torch.compile is not available on MPS; running eagerly", file=sys.stderr)
         return model, False
-    return torch.compile(model), True
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    return torch.compile(model, mode=mode), True
 
 
 def git_commit():
