@@ -433,12 +433,12 @@ class GPT(nn.Module):
     def set_masks(self, head_mask=None, ffn_mask=None):
         """head_mask: (L, H) of gates (None = all 1); ffn_mask: (L,) (None = all 1)."""
         for l, blk in enumerate(self.blocks):
+            dev = blk.ffn_mask.device
             if blk.attn is not None:
-                hm = torch.ones(blk.attn.n_head) if head_mask is None else \
-                    torch.as_tensor(head_mask[l])
-                blk.attn.head_mask = hm.to(blk.attn.head_mask.device, torch.float32).clone()
+                hm = np.ones(blk.attn.n_head) if head_mask is None else head_mask[l]
+                blk.attn.head_mask = torch.as_tensor(hm, dtype=torch.float32).to(dev, copy=True)
             fm = 1.0 if ffn_mask is None else float(ffn_mask[l])
-            blk.ffn_mask = torch.tensor(fm, device=blk.ffn_mask.device)
+            blk.ffn_mask = torch.tensor(fm, device=dev)
 
 
 @torch.no_grad()
@@ -1184,30 +1184,28 @@ def bench_physical_pruning(st: Study, settings) -> list:
     at the last shot: max |logit difference| between the gated and the physically pruned model,
     and the forward speed-up: the median over rounds in which the two take turns (a change of
     machine load hits both alike), next to the ideal FLOP ratio."""
-    model, cfg, device, k = st.model, st.cfg, st.device, st.shots[-1]
+    model, cfg, k = st.model, st.cfg, st.shots[-1]
     head_order, ffn_order = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
     L, H, T = cfg.n_layer, cfg.n_head, cfg.block_size
     g = torch.Generator().manual_seed(cfg.seed + 5)
-    x = torch.randint(model.vocab_size, (cfg.speed_batch, T), generator=g).to(device)
-    sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
+    x = torch.randint(model.vocab_size, (cfg.speed_batch, T), generator=g).to(st.device)
+    sync = torch.cuda.synchronize if "cuda" in st.device else (lambda: None)
 
     def seconds(m):
         t0 = time.perf_counter()
         m(x)
         sync()
         return time.perf_counter() - t0
-    rounds = 15 if "cuda" in device else 7
-    out = []
+    rounds, out = 15 if "cuda" in st.device else 7, []
     for p, nf in settings:
-        hm = prune_mask(head_order, p * L * H // 100, (L, H))
-        fm = prune_mask(ffn_order, nf, L)
+        hm, fm = prune_mask(head_order, p * L * H // 100, (L, H)), prune_mask(ffn_order, nf, L)
         small = physically_prune(model, cfg, hm, fm).eval()
         model.set_masks(hm, fm)
         diff = float((model(x[:8])[0].float() - small(x[:8])[0].float()).abs().max())
         model.set_masks(None, None)
-        with st.ctx:
+        with st.ctx:  # 3 warm-up rounds left out
             t = np.array([[seconds(model), seconds(small)] for _ in range(3 + rounds)])[3:]
-        speed = float(np.median(t[:, 0] / t[:, 1]))  # 3 warm-up rounds left out
+        speed = float(np.median(t[:, 0] / t[:, 1]))
         ideal = forward_flops_per_token(model, T) / forward_flops_per_token(small, T)
         out.append({"heads_pruned_pct": p, "ffns_pruned": nf, "params_full": model.num_params(),
                     "params_pruned": small.num_params(), "max_abs_logit_diff": diff,
@@ -1589,8 +1587,7 @@ def setup(cfg: Config):
         bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
         cfg.dtype = "bfloat16" if bf16 else "float32"
     if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, ddp
 
 
