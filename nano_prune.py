@@ -1103,7 +1103,7 @@ def parse_compare(spec: str) -> list[dict]:
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         key, _, val = item.partition("=")
         val = {"": True, "true": True, "false": False}.get(val, val)
-        if key not in SCORE_VARIANTS or val not in SCORE_VARIANTS[key]:
+        if val not in SCORE_VARIANTS.get(key, ()):
             raise BadInput(f"unknown --compare item {item!r}; use field=value with: " + ", ".join(
                 f"{k}={'|'.join(map(str, v))}" for k, v in SCORE_VARIANTS.items()))
         out.append({key: val})
