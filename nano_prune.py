@@ -1331,7 +1331,7 @@ def validate(c: Config):
     need(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
          f"--out_dir {c.out_dir}: {parent} is not a writable directory; pick another")
     need(not (c.skip_train or c.resume) or os.path.isfile(ckpt_path(c)),
-         f"checkpoint {ckpt_path(c)} not found; train first (--skip_train: or pass --ckpt PATH)")
+         f"checkpoint {ckpt_path(c)} not found; train first, or give --skip_train a --ckpt PATH")
 
 
 def ckpt_path(cfg: Config) -> str:
