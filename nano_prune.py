@@ -6,15 +6,14 @@ Scale", ACL 2023, arXiv 2212.09095. Builds on Michel et al. 2019 ("Are Sixteen H
 than One?", arXiv 1905.10650) and Olsson et al. 2022 ("In-context Learning and Induction Heads").
 
 How much of OPT-66B does in-context learning (learning a task from demonstrations in the prompt)
-use? Give every head a gradient importance score and every FFN an oracle (knock-out) score, prune
-the least important, and measure accuracy at 0, 1 and 5 shots: ~70% of the heads and ~20% of the
-FFNs can go; the important heads overlap across tasks and shots; many are induction heads (attend
-to the token after an earlier copy of the current token, and copy it). We redo the study on a
-small GPT trained on in-context tasks generated here (copy, successor, associative recall,
-in-context cluster classification, and repeated random sequences so that induction heads form;
-these fill 80% of each batch for the first 30% of training, our choice: --rep_frac_early), with
-the controls the paper lacks: random and reverse orders, and FFN scores on dev prompts kept apart
-from the test prompts.
+use? Score every head by its gradient importance and every FFN by knocking it out, prune the least
+important, and measure accuracy at 0, 1 and 5 shots: ~70% of the heads and ~20% of the FFNs can
+go; the important heads overlap across tasks and shots; many are induction heads (attend to the
+token after an earlier copy of the current token, and copy it). We redo the study on a small GPT
+trained on in-context tasks generated here (copy, successor, associative recall, in-context
+cluster classification, and repeated random sequences so that induction heads form), with the
+controls the paper lacks: random and reverse orders, FFN scores on dev prompts kept apart from
+the test prompts.
 
 Key equations
 -------------
@@ -93,16 +92,14 @@ class Config:
     n_eval: int = _f(400, "evaluation prompts per (task, shot)")
     n_imp: int = _f(256, "importance prompts per (task, shot), disjoint from the eval prompts")
     n_dev: int = _f(300, "dev prompts per (task, shot) for the FFN oracle, disjoint from eval")
-    abs_per: str = _f("token", "where |.| is taken in IS_h: token (official code) | example "
-                      "(paper Eq. 8)", ("token", "example"))
+    abs_per: str = _f("token", "|.| in IS_h per token (official code) | per example (Eq. 8)",
+                      ("token", "example"))
     imp_norm: str = _f("example", "normaliser of IS_h: example (mean over prompts) | official "
                        "(n*T tokens; last layer: answer tokens)", ("example", "official"))
     layer_norm_imp: bool = _f(False, "Michel et al.'s per-layer L2 normalisation of head scores")
-    agg_norm: str = _f("mean", "task aggregate: mean (paper Eq. 10) | sum1 (each task's scores "
-                       "normalised to sum 1)", ("mean", "sum1"))
+    agg_norm: str = _f("mean", "task aggregate: mean (Eq. 10) | sum1 (each task's sum 1 first)",
+                       ("mean", "sum1"))
     n_random: int = _f(3, "seeds of the random-order control")
-    grid_max_heads: int = _f(70, "largest head-pruning percentage in the heads x FFNs grid")
-    topk_frac: float = _f(0.3, "top fraction of heads compared in the overlap analysis")
     n_prefix_seq: int = _f(50, "random sequences for the prefix-matching and copying scores")
     prefix_len: int = _f(25, "length L of the repeated segment (capped so 2 + 4L fits)")
     copy_impl: str = _f("olsson", "copying score shown in the figures (both are saved)",
@@ -114,7 +111,6 @@ class Config:
     n_head: int = _f(4, "attention heads per block")
     n_embd: int = _f(64, "residual width d_model")
     block_size: int = _f(64, "context length T")
-    dropout: float = _f(0.0, "dropout (training only)")
     # --- data
     n_content: int = _f(32, "content tokens the tasks draw from (chance = 1/n_content)")
     n_labels: int = _f(8, "label tokens of the cluster task (chance = 1/n_labels)")
@@ -123,10 +119,8 @@ class Config:
     rep_frac: float = _f(0.25, "fraction of each batch that is repeated random sequences")
     rep_frac_early: float = _f(0.8, "that fraction during the first rep_early of training")
     rep_early: float = _f(0.3, "fraction of max_iters that uses rep_frac_early (0 = off)")
-    recall_max_keys: int = _f(8, "a training recall episode uses 1..this many distinct keys")
     text_frac: float = _f(0.1, "fraction of each batch that is natural text (with --dataset)")
-    dataset: str = _f("none", "optional natural text mixed into training: none | shakespeare | "
-                      "pycode | pycode_all | a path to a UTF-8 text file")
+    dataset: str = _f("none", "text mixed into training: none|shakespeare|pycode|pycode_all|FILE")
     tokenizer: str = _f("char", "tokenizer of the natural text", ("char", "gpt2"))
     data_dir: str = _f("", "where the data loader looks for files (empty: $NANO_DATA_DIR, data/)")
     # --- training
@@ -156,10 +150,8 @@ class Config:
     # --- modes
     preset: str = _f("auto", "cpu (laptop, minutes) | gpu (one large GPU) | auto (gpu if CUDA)",
                      ("auto", "cpu", "gpu"))
-    compare: str = _f("", "comma list of head-score variants to compare with the default, e.g. "
-                      "abs_per=example,layer_norm_imp (runs instead of the analysis)")
-    bench: str = _f("", "comma list of head-prune percentages (p or p:n_ffn) for the physical-"
-                    "pruning speed test, e.g. 50,70,90 (runs instead of the analysis)")
+    compare: str = _f("", "score variants side by side, e.g. abs_per=example,layer_norm_imp")
+    bench: str = _f("", "physical-pruning speed test at heads % (p or p:n_ffn), e.g. 50,70:1")
     analysis: bool = _f(True, "run the pruning / induction analysis after training")
     skip_train: bool = _f(False, "do not train; load --ckpt and only analyse")
     ckpt: str = _f("", "checkpoint to analyse with --skip_train (default: out_dir/ckpt.pt)")
@@ -191,11 +183,11 @@ class ICLTasks:
                cluster -> label map; the query is a *new* token whose cluster is in the demos
     """
     PAD, BOS, REP = 0, 1, 2
+    MAX_KEYS = 8  # a training recall episode uses 1..MAX_KEYS distinct keys
 
     def __init__(self, n_content: int, n_labels: int, n_clusters: int, task_seed: int,
-                 text_vocab: int = 0, max_keys: int = 8):
+                 text_vocab: int = 0):
         self.N, self.n_labels, self.n_clusters = n_content, n_labels, n_clusters
-        self.max_keys = max_keys
         self.template = {t: 3 + i for i, t in enumerate(TASKS)}
         self.C0 = 3 + len(TASKS)  # first content token
         self.L0 = self.C0 + n_content  # first label token
@@ -236,26 +228,25 @@ class ICLTasks:
                 if k >= 1:  # the query key is one of the demo keys
                     keys[:, k] = perm.gather(1, torch.randint(k, (B, 1), generator=g))[:, 0]
             else:
-                m = torch.randint(1, min(self.max_keys, N) + 1, (B, 1), generator=g)  # keys
+                m = torch.randint(1, min(self.MAX_KEYS, N) + 1, (B, 1), generator=g)  # keys
                 idx = (torch.rand(B, npairs, generator=g) * m).long()
                 keys = perm.gather(1, idx)
             vals = value_of.gather(1, keys)
             return keys + C0, vals + C0, self._seen_before(keys)
-        if task == "cluster":
-            label_of = torch.rand(B, self.n_labels, generator=g).argsort(1)[:, :self.n_clusters]
-            x = torch.randint(N, (B, npairs), generator=g)
-            if query and k >= 1:  # a new token from the cluster of a random demonstration
-                j = torch.randint(k, (B, 1), generator=g)
-                c = self.cluster_of[x[:, :k].gather(1, j)]  # (B, 1)
-                in_demo = torch.zeros(B, N, dtype=torch.bool).scatter_(1, x[:, :k], True)
-                same = (self.cluster_of[None, :] == c).float()
-                w = same * (~in_demo).float()
-                w = torch.where(w.sum(1, keepdim=True) > 0, w, same)
-                x[:, k] = torch.multinomial(w, 1, generator=g)[:, 0]
-            cl = self.cluster_of[x]
-            y = label_of.gather(1, cl)
-            return x + C0, y + self.L0, self._seen_before(cl)
-        raise ValueError(task)
+        # cluster: a per-episode cluster -> label map
+        label_of = torch.rand(B, self.n_labels, generator=g).argsort(1)[:, :self.n_clusters]
+        x = torch.randint(N, (B, npairs), generator=g)
+        if query and k >= 1:  # a new token from the cluster of a random demonstration
+            j = torch.randint(k, (B, 1), generator=g)
+            c = self.cluster_of[x[:, :k].gather(1, j)]  # (B, 1)
+            in_demo = torch.zeros(B, N, dtype=torch.bool).scatter_(1, x[:, :k], True)
+            same = (self.cluster_of[None, :] == c).float()
+            w = same * (~in_demo).float()
+            w = torch.where(w.sum(1, keepdim=True) > 0, w, same)
+            x[:, k] = torch.multinomial(w, 1, generator=g)[:, 0]
+        cl = self.cluster_of[x]
+        y = label_of.gather(1, cl)
+        return x + C0, y + self.L0, self._seen_before(cl)
 
     def prompts(self, task: str, k: int, n: int, g: torch.Generator):
         """n test prompts with k demonstrations: X (n, 3+2k) ending in x_q, Y (n,) the answer."""
@@ -337,9 +328,9 @@ def gated_attention(q, k, v, gate):
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with per-head gates. Any n_head (physically pruned layers too)."""
 
-    def __init__(self, n_embd: int, n_head: int, head_size: int, dropout: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, head_size: int):
         super().__init__()
-        self.n_head, self.head_size, self.dropout = n_head, head_size, dropout
+        self.n_head, self.head_size = n_head, head_size
         self.c_attn = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)  # W_Q, W_K, W_V
         self.c_proj = nn.Linear(n_head * head_size, n_embd, bias=False)  # W_O, no bias
         self.register_buffer("head_mask", torch.ones(n_head))  # the gates xi_h (1 = keep)
@@ -355,8 +346,7 @@ class CausalSelfAttention(nn.Module):
         if self.explicit:  # analysis path: the same function, with the probabilities in hand
             y, att = gated_attention(q, k, v, self.head_mask)
         else:  # training path: the fused kernel, then the same gates
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             y, att = y * self.head_mask.view(1, H, 1, 1).to(y.dtype), None  # xi_h * A_h
         if self.keep:  # set together with explicit: att is in hand
             self.att, self.y = att.detach(), y
@@ -367,25 +357,23 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float = 0.0):
+    def __init__(self, n_embd: int):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
-        self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
         # FFN(M) = act(LN(M) W1) W2  (paper Eq. 6; GELU as in GPT-2 instead of OPT's ReLU)
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.c_proj(F.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, head_size: int, ffn: bool = True,
-                 dropout: float = 0.0):
+    def __init__(self, n_embd: int, n_head: int, head_size: int, ffn: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, head_size, dropout) if n_head else None
+        self.attn = CausalSelfAttention(n_embd, n_head, head_size) if n_head else None
         self.ln_2 = nn.LayerNorm(n_embd) if ffn else None
-        self.mlp = MLP(n_embd, dropout) if ffn else None
+        self.mlp = MLP(n_embd) if ffn else None
         self.register_buffer("ffn_mask", torch.ones(()))  # gate of the FFN sublayer (LN included)
 
     def forward(self, x):
@@ -402,16 +390,13 @@ class GPT(nn.Module):
                  ffns: list[bool] | None = None):
         super().__init__()
         L, C = cfg.n_layer, cfg.n_embd
-        self.n_layer, self.n_head, self.block_size = L, cfg.n_head, cfg.block_size
-        self.head_size = C // cfg.n_head
+        self.n_head, self.head_size = cfg.n_head, C // cfg.n_head
         heads = heads if heads is not None else [cfg.n_head] * L
         ffns = ffns if ffns is not None else [True] * L
         self.vocab_size = ((vocab_size + 63) // 64) * 64  # padded to a multiple of 64
         self.wte = nn.Embedding(self.vocab_size, C)
         self.wpe = nn.Embedding(cfg.block_size, C)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(C, h, self.head_size, f, cfg.dropout)
-                                    for h, f in zip(heads, ffns))
+        self.blocks = nn.ModuleList(Block(C, h, self.head_size, f) for h, f in zip(heads, ffns))
         self.ln_f = nn.LayerNorm(C)
         self.lm_head = nn.Linear(C, self.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
@@ -425,7 +410,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         for blk in self.blocks:
             x = blk(x)
         x = self.ln_f(x)
@@ -448,12 +433,12 @@ class GPT(nn.Module):
     def set_masks(self, head_mask=None, ffn_mask=None):
         """head_mask: (L, H) of gates (None = all 1); ffn_mask: (L,) (None = all 1)."""
         for l, blk in enumerate(self.blocks):
+            dev = blk.ffn_mask.device
             if blk.attn is not None:
-                hm = torch.ones(blk.attn.n_head) if head_mask is None else \
-                    torch.as_tensor(head_mask[l])
-                blk.attn.head_mask = hm.to(blk.attn.head_mask.device, torch.float32).clone()
+                hm = np.ones(blk.attn.n_head) if head_mask is None else head_mask[l]
+                blk.attn.head_mask = torch.as_tensor(hm, dtype=torch.float32).to(dev, copy=True)
             fm = 1.0 if ffn_mask is None else float(ffn_mask[l])
-            blk.ffn_mask = torch.tensor(fm, device=blk.ffn_mask.device)
+            blk.ffn_mask = torch.tensor(fm, device=dev)
 
 
 @torch.no_grad()
@@ -461,17 +446,12 @@ def accuracy(model: GPT, X: torch.Tensor, Y: torch.Tensor, cand: torch.Tensor, d
              batch: int, ctx=contextlib.nullcontext()) -> float:
     """Fraction of prompts whose answer is the argmax of the next-token logits over the
     candidates (lm-eval's multiple-choice accuracy)."""
-    was = model.training
-    model.eval()
-    correct = 0
-    cand_d = cand.to(device)
+    cand, correct = cand.to(device), 0
     for i in range(0, len(X), batch):
-        xb, yb = X[i:i + batch].to(device), Y[i:i + batch].to(device)
         with ctx:
-            logits, _ = model(xb)
-        pred = cand_d[logits[:, -1, :].float()[:, cand_d].argmax(-1)]
-        correct += int((pred == yb).sum())
-    model.train(was)
+            logits, _ = model(X[i:i + batch].to(device))
+        pred = cand[logits[:, -1, :].float()[:, cand].argmax(-1)]
+        correct += int((pred == Y[i:i + batch].to(device)).sum())
     return correct / len(X)
 
 
@@ -483,8 +463,6 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
     The loss is on the answer token only, summed over the batch so that each prompt keeps its own
     gradient. Per token t, <A_h[t], dL/dA_h[t]> is token t's share of dL/dxi_h; |.| is taken per
     token (official code) or after summing over the tokens (paper Eq. 8)."""
-    was = model.training
-    model.eval()
     model.set_analysis(explicit=True, keep=True)
     L, H = len(model.blocks), model.n_head
     imp = torch.zeros(L, H, dtype=torch.float64)
@@ -511,7 +489,6 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
     # END EXERCISE prune_head_importance
     model.zero_grad(set_to_none=True)
     model.set_analysis(explicit=False, keep=False)
-    model.train(was)
     if imp_norm == "official":  # every layer but the last: / all n*T tokens (the answer token
         imp[:-1] /= n * X.shape[1]  # counted too, as the official code does); last: / answers
         imp[-1] /= n
@@ -603,11 +580,14 @@ def prefix_matching_score(att: torch.Tensor, ids: torch.Tensor, first_query: int
     return s[:, :, first_query:].mean((0, 2))
 
 
-def copy_ratio(logits_s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Olsson-style copying ratio. logits_s: (..., S) logit effects on the sample's S tokens;
-    target: (...) index 0..S-1 of the attended token, or -1. r = ReLU(l - mean l);
+def copy_ratio(l: torch.Tensor, target: torch.Tensor, visible=None) -> torch.Tensor:
+    """Olsson-style copying ratio. l: (..., S) logit (or probability) effects on S tokens;
+    target: (...) index 0..S-1 of the attended token, or -1; visible: (..., S) bool, the tokens
+    that count (default: all). r = ReLU(l - mean of the visible l), 0 off them;
     ratio = r[target] / sum r (0 where the target is -1 or nothing is raised)."""
-    r = F.relu(logits_s - logits_s.mean(-1, keepdim=True))
+    if visible is not None:
+        l = l.masked_fill(~visible, float("nan"))
+    r = F.relu(torch.nan_to_num(l - l.nanmean(-1, keepdim=True), nan=0.0))
     tot = r.sum(-1)
     hit = r.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     ok = (target >= 0) & (tot > 0)
@@ -618,7 +598,6 @@ def copy_ratio(logits_s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def explicit_forward(model: GPT, ids: torch.Tensor, device) -> list[tuple]:
     """One forward pass with the probabilities in hand: per block, att (n, H, T, T) and the head
     outputs xi_h A_h (n, H, T, d_h), both float32."""
-    model.eval()
     model.set_analysis(explicit=True, keep=True)
     model(ids.to(device))
     out = [(blk.attn.att.float(), blk.attn.y.float()) for blk in model.blocks]
@@ -651,7 +630,6 @@ def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
     input LN_1(tok_emb + pos_emb); the head output at j is W_O^h v_j (not attention-weighted),
     then lm_head (no final LN) and a softmax over the vocabulary; r = ReLU(p - mean p) over the
     visible tokens ids[0..j]; score_j = r[argmax_i A[j, i]] / sum r. -> (L, H)."""
-    model.eval()
     ids = ids.to(device)
     n, T = ids.shape
     h0 = model.wte(ids) + model.wpe(torch.arange(T, device=device))  # (n, T, C)
@@ -668,12 +646,7 @@ def copying_score_official(model: GPT, ids: torch.Tensor, device) -> np.ndarray:
         o = torch.einsum("nhtd,hcd->nhtc", v, Wo)  # (n, H, T, C): W_O^h v_j
         probs = (o @ W_U.T).softmax(-1)  # (n, H, T, V)
         p_vis = probs.gather(-1, ids[:, None, None, :].expand(n, H, T, T))  # p_j(ids[i])
-        p_vis = p_vis.masked_fill(~causal, float("nan"))
-        mean = torch.nanmean(p_vis, -1, keepdim=True)
-        r = F.relu(torch.nan_to_num(p_vis - mean, nan=0.0))
-        tot = r.sum(-1)
-        hit = r.gather(-1, att.argmax(-1, keepdim=True)).squeeze(-1)
-        score = torch.where(tot > 0, hit / tot.clamp(min=1e-30), torch.zeros_like(tot))
+        score = copy_ratio(p_vis, att.argmax(-1), visible=causal)  # (n, H, T)
         out.append(score[:, :, 1:].mean((0, 2)).cpu())  # query positions 1..T-1 (after BOS)
     return torch.stack(out).numpy()
 
@@ -687,48 +660,48 @@ def retained_capacity(score: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 # ---- The experiment: one function per paper section or figure; analyse() runs them in order ------
-def parse_ints(s: str, name: str) -> list[int]:
+def parse_shots(s: str) -> list[int]:
+    """--shots '0,1,5' -> [0, 1, 5]."""
     try:
-        vals = [int(v) for v in s.split(",") if v.strip() != ""]
+        shots = [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
-        raise BadInput(f"--{name} must be a comma-separated list of integers, got {s!r}")
-    if not vals or min(vals) < 0:
-        raise BadInput(f"--{name} needs at least one non-negative integer, got {s!r}")
-    return vals
+        shots = []
+    if not shots or min(shots) < 0:
+        raise BadInput(f"--shots must be a comma list of non-negative integers, got {s!r}")
+    return shots
 
 
-def fresh_prompts(tasks: ICLTasks, t: str, k: int, n: int, g, seen: set, top_up: bool):
-    """n prompts drawn from g, none of them in `seen` (eval prompts as bytes), topped up from
-    further draws if top_up. Where the prompt space is too small (under n/4 unseen, e.g. 0-shot
-    prompts), the plain draw. -> X, Y, fraction of the first draw that was in `seen`."""
+def fresh_prompts(tasks: ICLTasks, t: str, k: int, n: int, g, seen: set, draws: int):
+    """n prompts from up to `draws` draws of g, none of them in `seen` (eval prompts as bytes);
+    where the prompt space is too small (under n/4 of the first draw unseen, e.g. 0-shot), the
+    first draw as it is. -> X, Y, and that draw's overlap with `seen` (None: disjoint)."""
     Xs, Ys = [], []
-    for i in range(9 if top_up else 1):
+    for i in range(draws):
         X, Y = tasks.prompts(t, k, n, g)
         keep = torch.tensor([r.tobytes() not in seen for r in X.numpy()])
-        if i == 0:
-            overlap = 1.0 - float(keep.float().mean())
-            if keep.sum() < n // 4:
-                return X, Y, overlap
+        if i == 0 and keep.sum() < n // 4:
+            return X, Y, 1.0 - float(keep.float().mean())
         Xs.append(X[keep])
         Ys.append(Y[keep])
         if sum(map(len, Xs)) >= n:
             break
-    return torch.cat(Xs)[:n], torch.cat(Ys)[:n], overlap
+    return torch.cat(Xs)[:n], torch.cat(Ys)[:n], None
 
 
 def prompt_sets(tasks: ICLTasks, cfg: Config, shots: list[int]):
-    """Per (task, shot): eval prompts, importance prompts and FFN dev prompts, the latter two
-    disjoint from eval where the prompt space allows. -> sets, {cell: overlap where it does not}."""
+    """Per (task, shot): eval prompts, importance prompts and FFN dev prompts (topped up to
+    n_dev), the latter two disjoint from eval where the prompt space allows.
+    -> sets, {cell: overlap of the dev prompts where it does not}."""
     sets, shared = {}, {}
     for ti, t in enumerate(TASKS):
         for k in shots:
-            def g(s):
-                return torch.Generator().manual_seed(cfg.seed * 7919 + 1000 * ti + 10 * k + s)
-            Xe, Ye = tasks.prompts(t, k, cfg.n_eval, g(1))
+            seed = cfg.seed * 7919 + 1000 * ti + 10 * k
+            g_eval, g_imp, g_dev = (torch.Generator().manual_seed(seed + s) for s in (1, 2, 3))
+            Xe, Ye = tasks.prompts(t, k, cfg.n_eval, g_eval)
             seen = {r.tobytes() for r in Xe.numpy()}
-            Xi, Yi, _ = fresh_prompts(tasks, t, k, cfg.n_imp, g(2), seen, top_up=False)
-            Xd, Yd, over = fresh_prompts(tasks, t, k, cfg.n_dev, g(3), seen, top_up=True)
-            if not {r.tobytes() for r in Xd.numpy()}.isdisjoint(seen):
+            Xi, Yi, _ = fresh_prompts(tasks, t, k, cfg.n_imp, g_imp, seen, draws=1)
+            Xd, Yd, over = fresh_prompts(tasks, t, k, cfg.n_dev, g_dev, seen, draws=9)
+            if over is not None:
                 shared[f"{t}/{k}"] = round(over, 3)
             sets[t, k] = dict(eval=(Xe, Ye), imp=(Xi, Yi), dev=(Xd, Yd))
     if shared:
@@ -743,8 +716,9 @@ class Study:
 
     def __init__(self, model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx):
         self.model, self.tasks, self.cfg, self.device, self.ctx = model, tasks, cfg, device, ctx
+        model.eval()
         self.L, self.H = cfg.n_layer, cfg.n_head
-        self.shots = parse_ints(cfg.shots, "shots")
+        self.shots = parse_shots(cfg.shots)
         self.sets, shared = prompt_sets(tasks, cfg, self.shots)
         self.rng = np.random.default_rng(cfg.seed)
         self.res = {"tasks": list(TASKS), "shots": self.shots, "layers": self.L,
@@ -863,7 +837,7 @@ def fig6_ffn_pruning(st: Study):
 
 def fig7_combined_pruning(st: Study):
     """Fig. 7 (Sec. 5.3): heads x FFNs grid, shot-specific task-aggregate orders (its caption)."""
-    L, gp, grids = st.L, list(range(0, st.cfg.grid_max_heads + 1, 10)), {}
+    L, gp, grids = st.L, list(range(0, 80, 10)), {}  # 0..70% of the heads
     for k in st.shots:
         oh, of = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
         g = np.array([[[st.pruned(t, k, oh, p, prune_mask(of, nf, L)) for nf in range(L + 1)]
@@ -879,14 +853,13 @@ def fig8_agreement(st: Study):
     for k in st.shots:
         v = [st.imp[k][t] for t in TASKS] + [st.agg[k]]
         mats[str(k)] = {"spearman": [[spearman(a, b) for b in v] for a in v],
-                        "top_overlap": [[topk_overlap(a, b, st.cfg.topk_frac) for b in v]
-                                        for a in v]}
+                        "top_overlap": [[topk_overlap(a, b, 0.3) for b in v] for a in v]}
     for t in names:
         get = (lambda k: st.agg[k]) if t == "aggregate" else (lambda k, t=t: st.imp[k][t])
         cross[t] = {f"{a}-{b}": spearman(get(a), get(b))
                     for i, a in enumerate(st.shots) for b in st.shots[i + 1:]}
     st.res["agreement"] = {"names": names, "per_shot": mats, "cross_shot_spearman": cross,
-                           "topk_frac": st.cfg.topk_frac}
+                           "topk_frac": 0.3}
 
 
 def fig10_induction_heads(st: Study):
@@ -937,7 +910,6 @@ def fig11_retained_capacity(st: Study):
 def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
     """The whole study on the trained model, in the paper's order. -> the results dict."""
     t0 = time.time()
-    model.eval()
     st = Study(model, tasks, cfg, device, ctx)
     for section in (sec_full_accuracy, fig3_head_importance, fig4_ffn_importance,
                     fig5_head_pruning, sec6_cross_task_transfer, fig6_ffn_pruning,
@@ -1025,17 +997,16 @@ def plot_fig4_fig6_ffn(res, out_dir):
 
     def draw(ax, item):
         kind, k = item
-        for j, t in enumerate(TASKS):
-            if kind == "oracle":
-                ax.bar(np.arange(L) + j * w, res["ffn_oracle"][str(k)][t], w, label=t)
-                continue
-            c = res["ffn_pruning"]["curves"][f"{t}/{k}"]
-            line, = ax.plot(range(L + 1), c["oracle"], "o-", ms=3, label=f"{t}, oracle order")
-            ax.plot(range(L + 1), c["random_mean"], ":", color=line.get_color())
         if kind == "oracle":
+            for j, t in enumerate(TASKS):
+                ax.bar(np.arange(L) + j * w, res["ffn_oracle"][str(k)][t], w, label=t)
             ax.set(title=f"FFN oracle score, {k}-shot (dev prompts)", xlabel="layer",
                    ylabel="acc - acc without FFN")
         else:
+            for t in TASKS:
+                c = res["ffn_pruning"]["curves"][f"{t}/{k}"]
+                line, = ax.plot(range(L + 1), c["oracle"], "o-", ms=3, label=f"{t}, oracle order")
+                ax.plot(range(L + 1), c["random_mean"], ":", color=line.get_color())
             ax.set(title=f"cumulative FFN pruning, {k}-shot (dotted: random order)",
                    xlabel=f"FFNs pruned (of {L}; 1 step = {100 / L:.0f}%)", ylabel="accuracy",
                    ylim=(-0.03, 1.03))
@@ -1115,10 +1086,11 @@ def plot_fig10_fig11_induction(res, out_dir):
     return _figure(out_dir, "induction.png", [[scatter, capacity]], lambda ax, f: f(ax), 5, 3.8)
 
 
-def plot_all(res: dict, out_dir: str) -> list[str]:
-    return [f(res, out_dir) for f in (plot_fig3_fig10_maps, plot_fig5_head_pruning,
-                                      plot_fig4_fig6_ffn, plot_fig7_grid, plot_sec6_transfer,
-                                      plot_fig8_spearman, plot_fig10_fig11_induction)]
+def plot_all(res: dict, out_dir: str):
+    paths = [f(res, out_dir) for f in (plot_fig3_fig10_maps, plot_fig5_head_pruning,
+                                       plot_fig4_fig6_ffn, plot_fig7_grid, plot_sec6_transfer,
+                                       plot_fig8_spearman, plot_fig10_fig11_induction)]
+    print("figures: " + ", ".join(os.path.basename(p) for p in paths))
 
 
 SCORE_VARIANTS = {"abs_per": ("token", "example"), "imp_norm": ("example", "official"),
@@ -1131,7 +1103,7 @@ def parse_compare(spec: str) -> list[dict]:
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         key, _, val = item.partition("=")
         val = {"": True, "true": True, "false": False}.get(val, val)
-        if key not in SCORE_VARIANTS or val not in SCORE_VARIANTS[key]:
+        if val not in SCORE_VARIANTS.get(key, ()):
             raise BadInput(f"unknown --compare item {item!r}; use field=value with: " + ", ".join(
                 f"{k}={'|'.join(map(str, v))}" for k, v in SCORE_VARIANTS.items()))
         out.append({key: val})
@@ -1212,31 +1184,28 @@ def bench_physical_pruning(st: Study, settings) -> list:
     at the last shot: max |logit difference| between the gated and the physically pruned model,
     and the forward speed-up: the median over rounds in which the two take turns (a change of
     machine load hits both alike), next to the ideal FLOP ratio."""
-    model, cfg, device, k = st.model, st.cfg, st.device, st.shots[-1]
+    model, cfg, k = st.model, st.cfg, st.shots[-1]
     head_order, ffn_order = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
     L, H, T = cfg.n_layer, cfg.n_head, cfg.block_size
     g = torch.Generator().manual_seed(cfg.seed + 5)
-    x = torch.randint(model.vocab_size, (cfg.speed_batch, T), generator=g).to(device)
-    sync = torch.cuda.synchronize if "cuda" in device else (lambda: None)
+    x = torch.randint(model.vocab_size, (cfg.speed_batch, T), generator=g).to(st.device)
+    sync = torch.cuda.synchronize if "cuda" in st.device else (lambda: None)
 
     def seconds(m):
         t0 = time.perf_counter()
         m(x)
         sync()
         return time.perf_counter() - t0
-    model.eval()
-    rounds = 15 if "cuda" in device else 7
-    out = []
+    rounds, out = 15 if "cuda" in st.device else 7, []
     for p, nf in settings:
-        hm = prune_mask(head_order, p * L * H // 100, (L, H))
-        fm = prune_mask(ffn_order, nf, L)
+        hm, fm = prune_mask(head_order, p * L * H // 100, (L, H)), prune_mask(ffn_order, nf, L)
         small = physically_prune(model, cfg, hm, fm).eval()
         model.set_masks(hm, fm)
         diff = float((model(x[:8])[0].float() - small(x[:8])[0].float()).abs().max())
         model.set_masks(None, None)
-        with st.ctx:
+        with st.ctx:  # 3 warm-up rounds left out
             t = np.array([[seconds(model), seconds(small)] for _ in range(3 + rounds)])[3:]
-        speed = float(np.median(t[:, 0] / t[:, 1]))  # 3 warm-up rounds left out
+        speed = float(np.median(t[:, 0] / t[:, 1]))
         ideal = forward_flops_per_token(model, T) / forward_flops_per_token(small, T)
         out.append({"heads_pruned_pct": p, "ffns_pruned": nf, "params_full": model.num_params(),
                     "params_pruned": small.num_params(), "max_abs_logit_diff": diff,
@@ -1251,7 +1220,7 @@ def bench_physical_pruning(st: Study, settings) -> list:
 
 def run_bench(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> list:
     """--bench p[:n_ffn],...: the physical-pruning speed test alone (scores at the last shot)."""
-    last = str(parse_ints(cfg.shots, "shots")[-1])
+    last = str(parse_shots(cfg.shots)[-1])
     st = Study(model, tasks, dataclasses.replace(cfg, shots=last), device, ctx)
     fig3_head_importance(st)
     fig4_ffn_importance(st)
@@ -1264,12 +1233,10 @@ def parse_bench(spec: str, L: int) -> list[tuple[int, int]]:
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         m = re.fullmatch(r"(\d+)(?::(\d+))?", item)  # p or p:n_ffn
         p, nf = (int(m[1]), int(m[2] or 0)) if m else (-1, 0)
-        if not (0 <= p <= 100 and 0 <= nf <= L):
-            raise BadInput(f"bad --bench item {item!r}: use p or p:n_ffn with 0 <= p <= 100 "
-                           f"(heads %) and 0 <= n_ffn <= n_layer ({L})")
+        need(0 <= p <= 100 and 0 <= nf <= L, f"bad --bench item {item!r}: use p or p:n_ffn with "
+             f"0 <= p <= 100 (heads %) and 0 <= n_ffn <= n_layer ({L})")
         out.append((p, nf))
-    if spec.strip() and not out:
-        raise BadInput("--bench is empty; give head-prune percentages, e.g. 50,70,90")
+    need(out or not spec.strip(), "--bench is empty; give head-prune percentages, e.g. 50,70,90")
     return out
 
 
@@ -1287,8 +1254,13 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
+def need(ok, msg):
+    if not ok:
+        raise BadInput(msg)
+
+
 def parse_config(argv=None) -> Config:
-    """A flag per Config field; defaults <- preset <- explicit flags (their names: cfg._given)."""
+    """A flag per Config field; defaults <- preset <- explicit flags (their names: cfg.explicit)."""
     p = _Parser(prog="nano_prune.py", description="Bansal et al. 2023 in miniature: head/FFN "
                 "importance, pruning curves and induction heads (defaults: the cpu preset's).")
     for f in dataclasses.fields(Config):
@@ -1303,7 +1275,7 @@ def parse_config(argv=None) -> Config:
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
     cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
-    cfg._given = set(given)
+    cfg.explicit = set(given)
     return cfg
 
 
@@ -1311,61 +1283,55 @@ def resolve_device(cfg: Config) -> str:
     ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if cfg.device == "auto":
         return next(d for d, there in ok.items() if there)
-    if not ok[cfg.device]:
-        raise BadInput(f"--device {cfg.device} is not available here; use --device cpu (or auto)")
+    need(ok[cfg.device], f"--device {cfg.device} is not available here; use --device cpu or auto")
     return cfg.device
 
 
+RULES = (  # (flags, what each must be, the test)
+    (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "eval_interval",
+      "eval_iters", "n_eval", "n_imp", "n_dev", "n_random", "n_prefix_seq", "prefix_len",
+      "analysis_batch", "speed_batch", "n_labels", "n_clusters"), "an integer >= 1",
+     lambda v: v >= 1),
+    (("max_iters", "warmup_iters", "stop_at", "weight_decay", "grad_clip"),
+     "a finite number >= 0", lambda v: 0 <= v < math.inf),
+    (("lr",), "a finite number > 0", lambda v: 0 < v < math.inf),
+    (("beta1", "beta2", "rep_frac", "rep_frac_early", "text_frac"), "in [0, 1)",
+     lambda v: 0 <= v < 1),
+    (("rep_early",), "in [0, 1]", lambda v: 0 <= v <= 1),
+    (("seed", "task_seed"), "in [0, 2**32)", lambda v: 0 <= v < 2 ** 32),
+)
+
+
 def validate(c: Config):
-    """Every check that can fail runs here, before anything is read or written: (ok, message)."""
-    sizes = ("n_layer n_head n_embd block_size batch_size grad_accum eval_interval eval_iters "
-             "n_eval n_imp n_dev n_random n_prefix_seq prefix_len analysis_batch speed_batch "
-             "n_labels n_clusters recall_max_keys").split()
-    k, text = max(parse_ints(c.shots, "shots")), c.text_frac if c.dataset != "none" else 0.0
+    """Every check that can fail runs here, before anything is read or written."""
+    for names, want, ok in RULES:
+        for n in names:
+            need(ok(getattr(c, n)), f"--{n} must be {want} (got {getattr(c, n)})")
+    need(0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}] (got {c.min_lr})")
+    need(c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)")
+    k, text = max(parse_shots(c.shots)), c.text_frac if c.dataset != "none" else 0.0
+    need(max(c.rep_frac, c.rep_frac_early) + text < 1, f"--rep_frac {c.rep_frac} and "
+         f"--rep_frac_early {c.rep_frac_early} plus --text_frac {text} must each stay below 1")
     parse_compare(c.compare)
     parse_bench(c.bench, c.n_layer)
+    need(not (c.bench and c.compare), "--bench and --compare each replace the analysis; pick one")
+    need(not (c.skip_train and c.resume), "--skip_train and --resume contradict each other")
+    need(c.n_embd % c.n_head == 0, f"--n_embd {c.n_embd} must be a multiple of --n_head {c.n_head}")
+    need(c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters")
+    need(c.block_size >= max(3 + 2 * k, 18), f"--block_size {c.block_size} is too short: a "
+         f"{k}-shot prompt needs {3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots")
+    n_content = max(2 * c.n_clusters, 8, 2 * k + 2)
+    need(c.n_content >= n_content, f"--n_content {c.n_content} is too small for {c.n_clusters} "
+         f"clusters and {k} shots; use at least {n_content}")
+    need(c.dtype != "float16" or resolve_device(c) in ("cuda", "mps"),
+         "float16 needs CUDA or MPS; use float32 or bfloat16")
     parent = os.path.abspath(c.out_dir)  # the out_dir's nearest existing parent must be writable
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    n_content = max(2 * c.n_clusters, 8, 2 * k + 2)
-    checks = [(getattr(c, name) >= 1, f"--{name} must be at least 1") for name in sizes] + [
-        (math.isfinite(c.lr) and c.lr > 0, f"--lr must be positive and finite, not {c.lr}"),
-        (0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}]"),
-        (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
-        (c.weight_decay >= 0 and c.grad_clip >= 0, "--weight_decay and --grad_clip must be >= 0"),
-        (0 <= c.seed < 2 ** 32 and 0 <= c.task_seed < 2 ** 32,
-         "--seed and --task_seed must be in [0, 2**32)"),
-        (min(c.max_iters, c.warmup_iters, c.stop_at) >= 0,
-         "--max_iters, --warmup_iters and --stop_at must be >= 0"),
-        (c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)"),
-        (0 <= c.dropout < 1, "--dropout must be in [0, 1)"),
-        (0 < c.topk_frac <= 1, "--topk_frac must be in (0, 1]"),
-        (0 <= c.grid_max_heads <= 100, "--grid_max_heads must be in [0, 100]"),
-        (0 <= c.rep_early <= 1, "--rep_early must be in [0, 1]"),
-        (0 <= c.text_frac < 1 and 0 <= min(c.rep_frac, c.rep_frac_early)
-         and max(c.rep_frac, c.rep_frac_early) + text < 1,
-         f"--rep_frac {c.rep_frac} and --rep_frac_early {c.rep_frac_early} plus --text_frac "
-         f"{text} (with --dataset) must each stay below 1, all in [0, 1)"),
-        (not (c.skip_train and c.resume), "--skip_train and --resume contradict each other"),
-        (not (c.bench and c.compare), "--bench and --compare each replace the analysis; pick one"),
-        (c.n_head < 1 or c.n_embd % c.n_head == 0,
-         f"--n_embd {c.n_embd} must be a multiple of --n_head {c.n_head}"),
-        (c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters"),
-        (c.block_size >= max(3 + 2 * k, 18), f"--block_size {c.block_size} is too short: a {k}-"
-         f"shot prompt needs {3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots"),
-        (c.n_content >= n_content, f"--n_content {c.n_content} is too small for {c.n_clusters} "
-         f"clusters and {k} shots; use at least {n_content}"),
-        (c.dtype != "float16" or resolve_device(c) in ("cuda", "mps"),
-         "float16 needs CUDA or MPS; use float32 or bfloat16"),
-        (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
-         f"--out_dir {c.out_dir}: {parent} is not a writable directory; pick another"),
-        (c.skip_train or not c.resume or os.path.isfile(ckpt_path(c)),
-         f"--resume but {ckpt_path(c)} does not exist"),
-        (not c.skip_train or os.path.isfile(ckpt_path(c)),
-         f"checkpoint {ckpt_path(c)} not found; train first or pass --ckpt PATH")]
-    for ok, msg in checks:
-        if not ok:
-            raise BadInput(msg)
+    need(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
+         f"--out_dir {c.out_dir}: {parent} is not a writable directory; pick another")
+    need(not (c.skip_train or c.resume) or os.path.isfile(ckpt_path(c)),
+         f"checkpoint {ckpt_path(c)} not found; train first, or give --skip_train a --ckpt PATH")
 
 
 def ckpt_path(cfg: Config) -> str:
@@ -1420,7 +1386,6 @@ def autocast_ctx(device_type: str, ptdtype):
 def evaluate(model: GPT, batcher: Batcher, quick: dict, tasks: ICLTasks, cfg: Config, device,
              ctx) -> tuple[float, dict]:
     """Validation loss (the same batches every time) and accuracy on small fixed prompt sets."""
-    was = model.training
     model.eval()
     gv = torch.Generator().manual_seed(cfg.seed + 99)
     losses = []
@@ -1430,7 +1395,7 @@ def evaluate(model: GPT, batcher: Batcher, quick: dict, tasks: ICLTasks, cfg: Co
             losses.append(model(x.to(device), y.to(device))[1].item())
     accs = {f"acc_{t}_{k}": accuracy(model, X, Y, tasks.candidates(t), device, 256, ctx)
             for (t, k), (X, Y) in quick.items()}
-    model.train(was)
+    model.train()
     return float(np.mean(losses)), accs
 
 
@@ -1438,7 +1403,7 @@ class EvalLog:
     """log.csv: one row per evaluation, with the accuracy of every (task, shot) on 128 prompts."""
 
     def __init__(self, cfg: Config, tasks: ICLTasks, master: bool):
-        self.path, shots = os.path.join(cfg.out_dir, "log.csv"), parse_ints(cfg.shots, "shots")
+        self.path, shots = os.path.join(cfg.out_dir, "log.csv"), parse_shots(cfg.shots)
         geval = torch.Generator().manual_seed(cfg.seed + 7)
         self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in shots}
         self.cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
@@ -1447,21 +1412,20 @@ class EvalLog:
             with open(self.path, "w") as f:
                 f.write(",".join(self.cols) + "\n")
 
-    def write(self, **row):
+    def write(self, **row):  # (extra keys are left out; None is written as n/a)
+        cells = ("n/a" if row[c] is None else row[c] for c in self.cols)
         with open(self.path, "a") as f:
-            f.write(",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
-                             for c in self.cols) + "\n")
+            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in cells) + "\n")
         tqdm.write(f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
                    "| " + " ".join(f"{t[:4]}{k}={row[f'acc_{t}_{k}']:.2f}" for t, k in self.quick))
 
 
-def _check_finite(loss, norm, step, path, kept, ptdtype):
+def _check_finite(loss, norm, step: int, kept: str, ptdtype):
     bad = [] if math.isfinite(float(loss)) else [f"loss is {float(loss)}"]
     if norm is not None and ptdtype != torch.float16 and not math.isfinite(float(norm)):
         bad.append(f"grad norm is {float(norm)}")  # (fp16: the GradScaler skips such steps)
     if bad:
-        where = f"kept {path} (step {kept})" if kept else "no checkpoint yet"
-        raise Diverged(f"step {step}: {' and '.join(bad)}; {where}")
+        raise Diverged(f"step {step}: {' and '.join(bad)}; {kept}")
 
 
 def backward(model, batcher: Batcher, gen, it: int, cfg: Config, device, ctx, scaler, ddp):
@@ -1483,14 +1447,15 @@ def backward(model, batcher: Batcher, gen, it: int, cfg: Config, device, ctx, sc
 def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: str, ptdtype,
           ddp: dict, ck: dict | None = None) -> dict:
     """nanoGPT's loop: AdamW, warmup + cosine, clipping, accumulation, autocast, compile, DDP.
-    A non-finite loss or gradient norm stops it at once (Diverged), before any checkpoint."""
+    A non-finite loss or gradient norm stops it at once (Diverged), before any checkpoint.
+    -> results.json's "final" (also kept in every checkpoint)."""
     master, device_type = ddp["rank"] == 0, device.split(":")[0]
     ctx, path = autocast_ctx(device_type, ptdtype), ckpt_path(cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=(ptdtype == torch.float16))
     optimizer = make_optimizer(model, cfg, device_type)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * ddp["rank"])  # batches (checkpointed)
     step, t_before = restore(ck, model, optimizer, gen) if ck else (0, 0.0)
-    raw_model, kept = model, step or None
+    raw_model, kept = model, f"kept {path} (step {step})" if step else "no checkpoint yet"
     model = torch.compile(model) if cfg.compile else model
     if ddp["world"] > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1501,6 +1466,11 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
     peak, end = peak_flops(device_type), min(cfg.max_iters, cfg.stop_at or cfg.max_iters)
     t0 = t_last = time.time()
     step_last, last_loss, tok_s, mfu, val_loss = step, math.nan, 0.0, None, math.nan
+
+    def final():
+        return {"train_loss": last_loss, "val_loss": val_loss, "tokens_per_s": tok_s, "mfu": mfu,
+                "val_ppl": math.exp(min(val_loss, 700)), "params": raw_model.num_params(),
+                "steps": step, "elapsed_s": t_before + time.time() - t0}
     model.train()
     bar = tqdm(range(step, end), initial=step, total=end, desc="train", dynamic_ncols=True,
                disable=not (master and cfg.progress))
@@ -1516,7 +1486,7 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
             step = it + 1
             logged = step % 10 == 0 or step == end or step % cfg.eval_interval == 0
             if device_type != "cuda" or logged:  # on CUDA, no extra host sync per step
-                _check_finite(loss_acc, norm, step, path, kept, ptdtype)
+                _check_finite(loss_acc, norm, step, kept, ptdtype)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -1528,49 +1498,36 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
                                 mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a")
             if master and (step % cfg.eval_interval == 0 or step == end):
                 val_loss, accs = evaluate(raw_model, batcher, log.quick, tasks, cfg, device, ctx)
-                elapsed = t_before + time.time() - t0
-                log.write(step=step, tokens=step * tokens_per_iter, elapsed_s=elapsed, lr=lr,
-                          train_loss=last_loss, val_loss=val_loss, tokens_per_s=tok_s,
-                          mfu=mfu if mfu is not None else "n/a", **accs)
-                final = {"train_loss": last_loss, "val_loss": val_loss, "tokens_per_s": tok_s,
-                         "mfu": mfu, "steps": step, "elapsed_s": elapsed}
-                save_checkpoint(path, raw_model, optimizer, cfg, step, gen,
-                                {"elapsed_s": elapsed, "final": final})
-                kept, t_last = step, time.time()  # tokens/s counts training time only
+                row = final()
+                log.write(**row, **accs, tokens=step * tokens_per_iter, lr=lr, step=step)
+                save_checkpoint(path, raw_model, optimizer, cfg, step, gen, row)
+                kept, t_last = f"kept {path} (step {step})", time.time()  # (tokens/s: training)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {step}; last checkpoint: "
-                                f"{path if kept else 'none'} (step {kept or 0})") from None
+        raise KeyboardInterrupt(f"interrupted at step {step}; {kept}") from None
     finally:
         bar.close()
     if master and not math.isfinite(val_loss):  # nothing left to train (resumed at the end)
         val_loss, _ = evaluate(raw_model, batcher, log.quick, tasks, cfg, device, ctx)
-    return {"train_loss": last_loss, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
-            "tokens_per_s": tok_s, "params": raw_model.num_params(), "mfu": mfu, "steps": step,
-            "elapsed_s": t_before + time.time() - t0}
+    return final()
 
 
 def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int,
-                    gen: torch.Generator, extra: dict):
-    obj = {"script": "nano_prune", "model": raw_model.state_dict(),
-           "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg), "step": step,
-           "gen_state": gen.get_state(), "torch_rng": torch.get_rng_state(),
-           "numpy_rng": np.random.get_state(),
-           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({**obj, **extra}, path + ".tmp")
+                    gen: torch.Generator, final: dict):
+    torch.save({"script": "nano_prune", "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                "step": step, "final": final, "gen_state": gen.get_state(),
+                "torch_rng": torch.get_rng_state()}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a broken checkpoint
 
 
 def restore(ck: dict, model: GPT, optimizer, gen: torch.Generator) -> tuple[int, float]:
-    """--resume: weights, optimizer, every RNG. -> step, elapsed seconds so far."""
+    """--resume: weights, optimizer, the RNG states. -> step, elapsed seconds so far."""
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     gen.set_state(ck["gen_state"])
     torch.set_rng_state(ck["torch_rng"])
-    np.random.set_state(ck["numpy_rng"])
-    if ck.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])
     print(f"resumed at step {ck['step']}")
-    return ck["step"], ck.get("elapsed_s", 0.0)
+    return ck["step"], ck["final"]["elapsed_s"]
 
 
 def load_checkpoint(path: str, cfg: Config) -> dict:
@@ -1581,15 +1538,14 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
     except Exception as e:
         raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; train again or "
                        f"pass another --ckpt") from None
-    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or "model" not in ck:
-        raise BadInput(f"cannot read checkpoint {path}: not a checkpoint dict; train again")
-    if ck.get("script") != "nano_prune":
-        who = ck["script"] + ".py" if ck.get("script") else "another script"
-        raise BadInput(f"{path} was written by {who}, not nano_prune.py")
+    need(isinstance(ck, dict) and isinstance(ck.get("config"), dict) and "model" in ck,
+         f"cannot read checkpoint {path}: not a checkpoint dict; train again")
+    need(ck.get("script") == "nano_prune",
+         f"{path} was written by {ck.get('script') or 'another script'}, not nano_prune")
     for name in MODEL_FIELDS:
-        if name in getattr(cfg, "_given", ()) and getattr(cfg, name) != ck["config"][name]:
-            raise BadInput(f"checkpoint has {name}={ck['config'][name]} but --{name} "
-                           f"{getattr(cfg, name)} was given")
+        need(name not in cfg.explicit or getattr(cfg, name) == ck["config"][name],
+             f"checkpoint has {name}={ck['config'][name]} but --{name} {getattr(cfg, name)} "
+             "was given")
         setattr(cfg, name, ck["config"][name])
     return ck
 
@@ -1599,13 +1555,10 @@ def git_commit():
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
     if os.environ.get("NANO_GIT_COMMIT"):
         return os.environ["NANO_GIT_COMMIT"]
-    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]  # no tags
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], timeout=5, cwd=here,
-                               capture_output=True).returncode == 1
-        return (head + "-dirty" * dirty) or None
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=os.path.dirname(
+            os.path.abspath(__file__))).stdout.strip() or None
     except Exception:
         return None
 
@@ -1634,8 +1587,7 @@ def setup(cfg: Config):
         bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
         cfg.dtype = "bfloat16" if bf16 else "float32"
     if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, ddp
 
 
@@ -1645,7 +1597,6 @@ def run(cfg: Config, ck: dict | None, text_ds):
     ptdtype = getattr(torch, cfg.dtype)
     ctx, master = autocast_ctx(device.split(":")[0], ptdtype), ddp["rank"] == 0
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(os.path.join(cfg.out_dir, "config.json"), {
@@ -1653,7 +1604,7 @@ def run(cfg: Config, ck: dict | None, text_ds):
             "device_name": torch.cuda.get_device_name() if "cuda" in device else device,
             "git_commit": git_commit(), "world_size": ddp["world"]})
     tasks = ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed,
-                     text_ds.vocab_size if text_ds is not None else 0, cfg.recall_max_keys)
+                     text_ds.vocab_size if text_ds is not None else 0)
     model = GPT(cfg, tasks.vocab_size).to(device)
     if master:
         print(f"model: {cfg.n_layer} layers x {cfg.n_head} heads, d {cfg.n_embd}, T "
@@ -1683,8 +1634,7 @@ def run(cfg: Config, ck: dict | None, text_ds):
         res["compare"] = run_compare(model, tasks, cfg, device, ctx)
     elif cfg.analysis:
         res.update(analyse(model, tasks, cfg, device, ctx))
-        paths = plot_all(res, cfg.out_dir)
-        print("figures: " + ", ".join(os.path.basename(p) for p in paths))
+        plot_all(res, cfg.out_dir)
     res["total_elapsed_s"] = time.time() - t0
     write_json(os.path.join(cfg.out_dir, "results.json"), res)
     print(f"done in {time.time() - t0:.0f}s; results in {cfg.out_dir}/results.json")
@@ -1699,20 +1649,17 @@ def main(argv=None):
         validate(cfg)  # again, with the checkpoint's model fields
         text_ds = load_text(cfg)
         created = not os.path.exists(cfg.out_dir)
-        run(cfg, ck, text_ds)
-    except (BadInput, torch.cuda.OutOfMemoryError) as e:
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            e = "out of memory; lower --batch_size, --block_size, --n_embd or --analysis_batch"
-        print(f"nano_prune.py: error: {e}", file=sys.stderr)
-        if created and not os.path.exists(ckpt_path(cfg)):  # never lose a trained model
+        try:
+            run(cfg, ck, text_ds)
+        except torch.cuda.OutOfMemoryError:
+            raise BadInput("out of memory; lower --batch_size, --block_size, --n_embd or "
+                           "--analysis_batch") from None
+    except (BadInput, Diverged, KeyboardInterrupt) as e:  # one line; exit 2, 3 or 130
+        code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
+        if code == 2 and created and not os.path.exists(ckpt_path(cfg)):  # keep a trained model
             shutil.rmtree(cfg.out_dir, ignore_errors=True)
-        sys.exit(2)
-    except Diverged as e:
-        print(f"nano_prune.py: diverged: {e}", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt as e:
-        print(f"nano_prune.py: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        print(f"nano_prune.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
