@@ -163,7 +163,7 @@ class Config:
 PRESETS = {
     # laptop CPU, a few minutes: Config's defaults (char Shakespeare, 4 layers, d_m = 4c)
     "cpu": dict(),
-    # one H100, the brief's miniature: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048.
+    # one H100/H200, a miniature: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048.
     # 6000 x 16k = 98M tokens of pycode_all (~70-100M GPT-2 tokens): each token seen about once.
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, d_ff=2048, d_m=16384, g=256,
                 batch_size=32, max_iters=6000, lr=1e-3, min_lr=1e-4, warmup_iters=400,
@@ -558,7 +558,7 @@ def routing_health(layer):
 
 # ---------------------------------------------------------------- the experiment: compare, plots
 def parse_compare(cfg):
-    """--compare "dense,switch:2048,avgk:64" -> [(name, Config)], every run validated."""
+    """--compare "dense,switch:2048,avgk:64" -> [(name, Config)] (main() validates each)."""
     runs = []
     for item in [s.strip() for s in cfg.compare.split(",") if s.strip()]:
         sel, _, g = item.partition(":")
@@ -630,7 +630,7 @@ def plot_run(out_dir, rows, title):
 
 # ---------------------------------------------------------------- making it fast
 # The grouped path computes exactly (2) for the selected blocks only: sort the N*b (token, block)
-# pairs by block, one grouped GEMM per FFN matrix, scatter-add back. Dropless, no host sync.
+# pairs by block, one grouped GEMM per FFN matrix, sum each token's b rows. Dropless, no host sync.
 def native_grouped_mm():
     """torch's grouped GEMM (F.grouped_mm in torch>=2.11, torch._grouped_mm in 2.8+), or None."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -954,6 +954,11 @@ def setup_run(cfg, device):
         compile=use_compile, tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
 
 
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def train(cfg: Config, ds, device, ck=None):
     """Train one model (nanoGPT's loop); returns the results dict (also written to out_dir)."""
     run = setup_run(cfg, device)
@@ -974,8 +979,8 @@ def train(cfg: Config, ds, device, ck=None):
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None,
                     broadcast_buffers=cfg.avgk_balance == "none")  # bias: all-reduced load
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16 and device == "cuda")
-    first, t0, tps = st.step, time.time(), float("nan")
-    mark = (t0, first)                           # start of the timed interval: (time, step)
+    first, t0 = st.step, time.time()
+    st.mark, st.tps = (t0, first), float("nan")  # start of the timed interval: (time, step)
     bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
     pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector,
                 disable=not (run.master and cfg.progress))
@@ -984,11 +989,8 @@ def train(cfg: Config, ds, device, ck=None):
             stop = st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
             if (st.step % cfg.eval_interval == 0 or stop) and not (cfg.resume and st.step == first):
                 check_finite(bad, st)                                 # never save bad weights
-                sync(device)
-                if st.step > mark[1]:
-                    tps = (st.step - mark[1]) * run.tokens / (time.time() - mark[0])
-                log_eval(cfg, ds, run, st, tps, total, time.time() - t0)
-                mark = (time.time(), st.step)
+                log_eval(cfg, ds, run, st, total, time.time() - t0)
+                st.mark = (time.time(), st.step)
             if stop:
                 break
             ce = train_step(model, ds, cfg, run, st, scaler, bad)
@@ -997,7 +999,7 @@ def train(cfg: Config, ds, device, ck=None):
                 pbar.set_postfix(loss=f"{ce.item():.3f}")
             if st.step - first == 3:                   # compile and warm-up done: restart the clock
                 sync(device)
-                mark = (time.time(), st.step)
+                st.mark = (time.time(), st.step)
             pbar.update(1)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted at step {st.step}; {st.kept}") from None
@@ -1048,8 +1050,13 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A8
              "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
 
 
-def log_eval(cfg, ds, run, st, tps, total, elapsed):
-    """Evaluate, append a row to log.csv, print it, checkpoint (not at step 0: nanoGPT's rule)."""
+def log_eval(cfg, ds, run, st, total, elapsed):
+    """Tokens/s since st.mark; evaluate, append a row to log.csv, print it, checkpoint (not at
+    step 0: nanoGPT's rule)."""
+    sync(run.device)
+    if st.step > st.mark[1]:
+        st.tps = (st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
+    tps = st.tps
     losses, health = evaluate(st.raw, ds, cfg, run)
     name = torch.cuda.get_device_name() if run.device == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -1098,11 +1105,6 @@ def finish_run(cfg, ds, run, st, total, rows):
 
 
 # ---------------------------------------------------------------- files and checkpoints
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
