@@ -577,19 +577,23 @@ def parse_compare(cfg):
 def run_compare(cfg, runs, ds, device):
     """Train each run (same seed, same data order); compare.csv/.md and a plot after each."""
     table, curves = [], []
+    master = int(os.environ.get("RANK", 0)) == 0               # under torchrun: rank 0 writes
     for name, c in runs:
-        print(f"==== {name} ====")
+        if master:
+            print(f"==== {name} ====")
         res = train(c, ds, device)
         f, tps = res["final"], res["final"]["tokens_per_s"]
         table.append(dict(selector=c.selector, g=c.g, b=c.b, params=f["params"],
                           active_fwd_flops_per_token=res["flops"]["fwd_flops"],
                           val_loss=round(f["val_loss"], 4), val_ppl=round(f["val_ppl"], 3),
                           tokens_per_s=round(tps) if tps == tps else None))
-        md = write_table(cfg.out_dir, "compare", table)        # partial results survive a crash
         curves.append((name, [r["step"] for r in res["log"]], [r["val_loss"] for r in res["log"]]))
-        save_plot(os.path.join(cfg.out_dir, "compare_val_loss.png"),
-                  "val loss (same seed, same data order)", [("val loss", curves)])
-    print(md)
+        if master:                                   # after each run: partial results survive
+            md = write_table(cfg.out_dir, "compare", table)
+            save_plot(os.path.join(cfg.out_dir, "compare_val_loss.png"),
+                      "val loss (same seed, same data order)", [("val loss", curves)])
+    if master:
+        print(md)
     return table
 
 
@@ -937,7 +941,8 @@ def setup_run(cfg, device):
     local = int(os.environ.get("LOCAL_RANK", 0))
     if ddp:
         import torch.distributed as dist
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         if device == "cuda":
             torch.cuda.set_device(local)
@@ -1099,8 +1104,6 @@ def finish_run(cfg, ds, run, st, total, rows):
                 out = st.raw.generate(start, cfg.sample_tokens, ds.vocab_size,
                                       torch.Generator().manual_seed(cfg.seed))
             print(f"---- sample ----\n{ds.decode(out[0].tolist())}\n----------------")
-    if run.ddp:
-        torch.distributed.destroy_process_group()
     return dict(results, log=st.log)
 
 
@@ -1239,6 +1242,9 @@ def main(argv=None):
     except (Diverged, KeyboardInterrupt) as e:     # the last good checkpoint is kept
         print(f"nano_sffn.py: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(3 if isinstance(e, Diverged) else 130)
+    finally:  # torchrun: one process group for all --compare runs (re-creating it can hang)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
