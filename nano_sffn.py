@@ -539,7 +539,7 @@ def flop_table(cfg: Config, model: GPT):
 
 
 def routing_health(layer):
-    """Block ids seen in one eval: usage entropy / log B, dead fraction, max/mean load,
+    """Block ids seen in one val eval: usage entropy / log B, dead fraction, max/mean load,
     overflow at capacity factors 1 and 1.25 (Avg-K has no balancing loss: is it healthy?)."""
     B = layer.B
     per_call = [torch.bincount(s, minlength=B).float() for s in layer.stats]
@@ -552,7 +552,7 @@ def routing_health(layer):
         over = [(torch.clamp(c - math.ceil(cf * c.sum().item() / B), min=0).sum() / c.sum()).item()
                 for c in per_call]
         out[f"overflow{cf:g}"] = float(np.mean(over))
-    layer.stats = []
+    layer.track, layer.stats = False, []                 # tracking ends with the eval
     return out
 
 
@@ -927,12 +927,9 @@ def evaluate(raw, ds, cfg, run):
         if run.ddp:
             torch.distributed.all_reduce(loss)
         out[split] = loss.item() / run.world
-    health = {}
-    for i, layer in raw.sparse_layers():
-        layer.track = False
-        health.update({f"L{i}_{k}": v for k, v in routing_health(layer).items()})
     raw.train()
-    return out, health
+    return out, {f"L{i}_{k}": v for i, layer in raw.sparse_layers()
+                 for k, v in routing_health(layer).items()}
 
 
 def setup_run(cfg, device):
