@@ -37,8 +37,8 @@ block by the mean of its keys (no new parameters, no gradient) and keeps the top
                 hash     : fixed random map token id -> blocks         (Roller et al. 2021)
                 avgk     : top-b of x . mean(K_beta)                   (this paper) (3)-(5)
 
---impl: `masked` computes all d_m cells and zeroes the unselected blocks (the reference); `grouped`
-runs one grouped GEMM per FFN matrix ("making it fast"); `auto` = grouped on CUDA for g >= 64.
+--impl masked computes all d_m cells and zeroes the unselected blocks (the reference); grouped runs
+one grouped GEMM per FFN matrix ("making it fast"); auto = grouped on CUDA for g >= 64.
 
 Departures (measured at the gpu preset; see README): VanillaM scores all d_m cells and PKM keeps
 H*k cells, so they are not compute-matched (+53% and -12% active FLOPs/token); the top-k aux loss
@@ -106,12 +106,11 @@ class Config:
     activation: str = _f("gelu", "f, the FFN nonlinearity", ("gelu", "relu"))
     impl: str = _f("auto", "masked (reference) or grouped (fast)", ("auto", "masked", "grouped"))
     avgk_weight: str = _f("none", "Avg-K weight w: none (paper) or softmax", ("none", "softmax"))
-    # probed for the dead blocks at the gpu preset (README): std 0.02 / 0.03 / 0.044 and float32
-    # scores all left 34-37% of blocks dead, so the defaults stay 0.02 and the autocast dtype
+    # probed for the dead blocks at the gpu preset (README): neither changed them, defaults stay
     key_init_std: float = _f(0.02, "std of the N(0, s^2) init of the keys K")
     select_fp32: bool = _f(False, "Avg-K selection scores in float32 (default: the autocast dtype)")
-    avgk_balance: str = _f("none", "Avg-K load balancing: none (paper) | bias (loss-free, not in "
-                           "the paper: Wang et al. 2024)", ("none", "bias"))
+    avgk_balance: str = _f("none", "Avg-K load balancing: none (paper) | bias (Wang et al. 2024)",
+                           ("none", "bias"))
     balance_rate: float = _f(1e-3, "--avgk_balance bias: bias step u per optimizer step")
     vanillam_agg: str = _f("pre_mean", "VanillaM block score over its cells", AGGREGATORS)
     aux_alpha: float = _f(0.01, "switch/topk load-balancing loss weight alpha")
@@ -164,7 +163,7 @@ class Config:
 PRESETS = {
     # laptop CPU, a few minutes: Config's defaults (char Shakespeare, 4 layers, d_m = 4c)
     "cpu": dict(),
-    # one H100, the brief's miniature: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048.
+    # one H100/H200, a miniature: 8L/512d, S-FFN every other layer, d_m = 8*2048, c = 2048.
     # 6000 x 16k = 98M tokens of pycode_all (~70-100M GPT-2 tokens): each token seen about once.
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, d_ff=2048, d_m=16384, g=256,
                 batch_size=32, max_iters=6000, lr=1e-3, min_lr=1e-4, warmup_iters=400,
@@ -540,10 +539,8 @@ def flop_table(cfg: Config, model: GPT):
 
 
 def routing_health(layer):
-    """Block ids seen in one eval: usage entropy / log B, dead fraction, max/mean load,
+    """Block ids seen in one val eval: usage entropy / log B, dead fraction, max/mean load,
     overflow at capacity factors 1 and 1.25 (Avg-K has no balancing loss: is it healthy?)."""
-    if not layer.stats:
-        return {}
     B = layer.B
     per_call = [torch.bincount(s, minlength=B).float() for s in layer.stats]
     counts = torch.stack(per_call).sum(0)
@@ -555,13 +552,13 @@ def routing_health(layer):
         over = [(torch.clamp(c - math.ceil(cf * c.sum().item() / B), min=0).sum() / c.sum()).item()
                 for c in per_call]
         out[f"overflow{cf:g}"] = float(np.mean(over))
-    layer.stats = []
+    layer.track, layer.stats = False, []                 # tracking ends with the eval
     return out
 
 
 # ---------------------------------------------------------------- the experiment: compare, plots
 def parse_compare(cfg):
-    """--compare "dense,switch:2048,avgk:64" -> [(name, Config)], every run validated."""
+    """--compare "dense,switch:2048,avgk:64" -> [(name, Config)] (main() validates each)."""
     runs = []
     for item in [s.strip() for s in cfg.compare.split(",") if s.strip()]:
         sel, _, g = item.partition(":")
@@ -580,19 +577,23 @@ def parse_compare(cfg):
 def run_compare(cfg, runs, ds, device):
     """Train each run (same seed, same data order); compare.csv/.md and a plot after each."""
     table, curves = [], []
+    master = int(os.environ.get("RANK", 0)) == 0               # under torchrun: rank 0 writes
     for name, c in runs:
-        print(f"==== {name} ====")
+        if master:
+            print(f"==== {name} ====")
         res = train(c, ds, device)
         f, tps = res["final"], res["final"]["tokens_per_s"]
         table.append(dict(selector=c.selector, g=c.g, b=c.b, params=f["params"],
                           active_fwd_flops_per_token=res["flops"]["fwd_flops"],
                           val_loss=round(f["val_loss"], 4), val_ppl=round(f["val_ppl"], 3),
                           tokens_per_s=round(tps) if tps == tps else None))
-        md = write_table(cfg.out_dir, "compare", table)        # partial results survive a crash
         curves.append((name, [r["step"] for r in res["log"]], [r["val_loss"] for r in res["log"]]))
-        save_plot(os.path.join(cfg.out_dir, "compare_val_loss.png"),
-                  "val loss (same seed, same data order)", [("val loss", curves)])
-    print(md)
+        if master:                                   # after each run: partial results survive
+            md = write_table(cfg.out_dir, "compare", table)
+            save_plot(os.path.join(cfg.out_dir, "compare_val_loss.png"),
+                      "val loss (same seed, same data order)", [("val loss", curves)])
+    if master:
+        print(md)
     return table
 
 
@@ -633,7 +634,7 @@ def plot_run(out_dir, rows, title):
 
 # ---------------------------------------------------------------- making it fast
 # The grouped path computes exactly (2) for the selected blocks only: sort the N*b (token, block)
-# pairs by block, one grouped GEMM per FFN matrix, scatter-add back. Dropless, no host sync.
+# pairs by block, one grouped GEMM per FFN matrix, sum each token's b rows. Dropless, no host sync.
 def native_grouped_mm():
     """torch's grouped GEMM (F.grouped_mm in torch>=2.11, torch._grouped_mm in 2.8+), or None."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -641,24 +642,18 @@ def native_grouped_mm():
 
 def native_grouped_ok(device_type: str, dtype: torch.dtype, d: int, g: int, B: int) -> bool:
     """Can torch's grouped GEMM take (M, d) x (B, d, g) and (M, g) x (B, g, d)? Else the loop."""
-    if native_grouped_mm() is None:
-        return False
-    size = torch.empty((), dtype=dtype).element_size()
-    aligned = (d * size) % 16 == 0 and (g * size) % 16 == 0         # 16-byte aligned rows
+    if native_grouped_mm() is None or (d * dtype.itemsize) % 16 or (g * dtype.itemsize) % 16:
+        return False                # rows must be 16-byte aligned
+    if device_type == "cuda":       # bf16 only (SM80+), at most 1023 groups per call (torch 2.11)
+        return dtype == torch.bfloat16 and B <= 1023
     if torch.compiler.is_compiling() and dtype != torch.bfloat16:
-        return False            # torch.compile's grouped_mm accepts bf16 only (torch 2.11)
-    if device_type == "cpu":
-        return aligned and dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if device_type == "cuda":   # bf16 only (SM80+), at most 1023 groups per call (torch 2.11)
-        return aligned and dtype == torch.bfloat16 and B <= 1023
-    return False
+        return False                # torch.compile's grouped_mm accepts bf16 only (torch 2.11)
+    return device_type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def grouped_mm_loop(a, w, offs):
-    """Reference/fallback: out[offs[i-1]:offs[i]] = a[offs[i-1]:offs[i]] @ w[i].
-
-    Runs where torch's grouped GEMM cannot (torch<2.8, float64, CUDA float32); `offs.tolist()`
-    is its one host sync (segment sizes are data)."""
+    """Reference/fallback: out[offs[i-1]:offs[i]] = a[offs[i-1]:offs[i]] @ w[i], where torch's
+    grouped GEMM cannot run; `offs.tolist()` is its one host sync (segment sizes are data)."""
     outs, start = [], 0
     for i, end in enumerate(offs.tolist()):
         outs.append(a[start:end] @ w[i])
@@ -668,23 +663,15 @@ def grouped_mm_loop(a, w, offs):
 
 def grouped_mm(a, w, offs):
     """(M, K) x (G, K, N) -> (M, N), rows grouped by cumulative end offsets offs (G,) int32."""
-    fn = native_grouped_mm()
-    if fn is not None and native_grouped_ok(a.device.type, a.dtype, a.shape[1], w.shape[-1],
-                                            w.shape[0]):
-        return fn(a, w, offs=offs)
+    if native_grouped_ok(a.device.type, a.dtype, a.shape[1], w.shape[-1], w.shape[0]):
+        return native_grouped_mm()(a, w, offs=offs)
     return grouped_mm_loop(a, w, offs)
 
 
 def compute_dtype(x):
     """The autocast dtype if autocast is on (grouped_mm is not autocast-aware), else x's."""
     dev = x.device.type
-    try:
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-    except (TypeError, AttributeError):  # torch 2.4: no device argument
-        if dev == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-    return x.dtype
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def use_grouped(layer, device_type, dtype, d):
@@ -728,15 +715,12 @@ class SumPairs(torch.autograd.Function):
 
 
 def compute_grouped(layer, x, ids, w, pre=None):
-    """(2) over the selected blocks only; the same numbers as layer.compute_masked.
+    """(2) over the selected blocks only, in compute_dtype(x); the numbers of compute_masked.
 
-    x (N, d), ids (N, b), w (N, b) or None, pre (N, d_m) or None -> y (N, d), computed in
-    compute_dtype(x). The N*b (token, block) pairs, sorted by block (stable), form B contiguous
-    groups (some empty); offs (B,) int32 = cumulative group ends; then per group e
-    h = f(x_tok K_e^T) (g cells), y_pair = w * h V_e, and y[tok] = sum of its b pairs. Every
-    row move, forward and backward, is a gather (ExpandPairs, SumPairs): on an H200 at g=64
-    index_add and indexing's backward (atomics) took 1.75 ms per layer fwd+bwd, gathers 0.65.
-    With pre (VanillaM) h is f(pre) at the chosen blocks: no first GEMM."""
+    x (N, d), ids (N, b), w (N, b) or None, pre (N, d_m) or None -> y (N, d). The N*b (token,
+    block) pairs sorted by block form B contiguous groups (some empty); per group e
+    h = f(x_tok K_e^T) (g cells; f(pre) for VanillaM), y_pair = w * h V_e, y[tok] = sum of its
+    b pairs. Rows move by gathers only (ExpandPairs, SumPairs): no atomics (README, H200)."""
     if isinstance(layer, ProductKeyMemory):  # read only the H*k chosen value rows per token
         return F.embedding_bag(ids, layer.V, per_sample_weights=w.to(layer.V.dtype),
                                mode="sum").to(x.dtype)
@@ -785,9 +769,9 @@ def run_bench(cfg, device):
     rows = [dict(g="dense", b="-", B="-", select_ms=None,
                  masked_ms=ms(lambda: dense(x)[0].backward(gy)), grouped_ms=None)]
     for g in [int(s) for s in cfg.bench.split(",") if s.strip()]:
-        bc = validate(dataclasses.replace(cfg, selector="avgk", g=g, b=0, impl="masked"), device)
-        layer = SparseFFN(bc, 1).to(device, dt)
-        row = dict(g=g, b=bc.b, B=layer.B, select_ms=ms(lambda: layer.route(x.detach())[0]))
+        layer = SparseFFN(dataclasses.replace(cfg, selector="avgk", g=g, b=cfg.d_ff // g), 1)
+        layer = layer.to(device, dt)             # g was checked by validate(): it divides c, d_m
+        row = dict(g=g, b=layer.b, B=layer.B, select_ms=ms(lambda: layer.route(x.detach())[0]))
         for impl in ("masked", "grouped"):   # grouped: where torch's grouped GEMM takes it
             layer.impl = impl
             ok = impl == "masked" or device == "cpu" or native_grouped_ok(device, dt, d, g, layer.B)
@@ -894,7 +878,7 @@ def validate(cfg: Config, device: str = "cpu") -> Config:
         need(cfg.selector != "switch" or cfg.b == 1,
              f"switch routes to one block, got b={cfg.b}; set --g {cfg.d_ff} or use topk")
         need(cfg.impl != "grouped" or device != "cuda" or native_grouped_mm() is None
-             or not (cfg.n_embd % 8 or cfg.g % 8 or B > 1023),
+             or native_grouped_ok("cuda", torch.bfloat16, cfg.n_embd, cfg.g, B),
              "--impl grouped on CUDA needs n_embd and g multiples of 8, d_m/g <= 1023")
     parent = os.path.abspath(cfg.out_dir)   # out_dir: a file, under a file, not writable?
     while not os.path.exists(parent):
@@ -943,12 +927,9 @@ def evaluate(raw, ds, cfg, run):
         if run.ddp:
             torch.distributed.all_reduce(loss)
         out[split] = loss.item() / run.world
-    health = {}
-    for i, layer in raw.sparse_layers():
-        layer.track = False
-        health.update({f"L{i}_{k}": v for k, v in routing_health(layer).items()})
     raw.train()
-    return out, health
+    return out, {f"L{i}_{k}": v for i, layer in raw.sparse_layers()
+                 for k, v in routing_health(layer).items()}
 
 
 def setup_run(cfg, device):
@@ -962,17 +943,22 @@ def setup_run(cfg, device):
         rank, world = dist.get_rank(), dist.get_world_size()
         if device == "cuda":
             torch.cuda.set_device(local)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    ptdtype = getattr(torch, dtype)
+    auto = "bfloat16" if device == "cuda" else "float32"
+    dtype = getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     if use_compile and device == "mps":
         print("note: torch.compile is not used on MPS; running eagerly")
         use_compile = False
     return SimpleNamespace(
         ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, dtype=dtype,
-        dev=torch.device(device, local if device == "cuda" else None), ptdtype=ptdtype,
-        autocast=torch.autocast(device, dtype=ptdtype, enabled=ptdtype != torch.float32),
+        dev=torch.device(device, local if device == "cuda" else None),
+        autocast=torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32),
         compile=use_compile, tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def train(cfg: Config, ds, device, ck=None):
@@ -981,7 +967,8 @@ def train(cfg: Config, ds, device, ck=None):
     torch.manual_seed(cfg.seed)
     raw = GPT(cfg, ((ds.vocab_size + 63) // 64) * 64).to(run.dev)    # vocab padded to 64
     st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
-                         elapsed=0.0, ckpt=None, path=os.path.join(cfg.out_dir, "ckpt.pt"),
+                         elapsed=0.0, path=os.path.join(cfg.out_dir, "ckpt.pt"),
+                         kept="no checkpoint yet",
                          gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
     if ck is not None:
         restore(ck, st, device)
@@ -993,9 +980,9 @@ def train(cfg: Config, ds, device, ck=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None,
                     broadcast_buffers=cfg.avgk_balance == "none")  # bias: all-reduced load
-    scaler = torch.amp.GradScaler(enabled=(run.dtype == "float16" and device == "cuda"))
-    first, t0, tps = st.step, time.time(), float("nan")
-    mark = (t0, first)                           # start of the timed interval: (time, step)
+    scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16 and device == "cuda")
+    first, t0 = st.step, time.time()
+    st.mark, st.tps = (t0, first), float("nan")  # start of the timed interval: (time, step)
     bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
     pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc=cfg.selector,
                 disable=not (run.master and cfg.progress))
@@ -1004,11 +991,8 @@ def train(cfg: Config, ds, device, ck=None):
             stop = st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
             if (st.step % cfg.eval_interval == 0 or stop) and not (cfg.resume and st.step == first):
                 check_finite(bad, st)                                 # never save bad weights
-                sync(device)
-                if st.step > mark[1]:
-                    tps = (st.step - mark[1]) * run.tokens / (time.time() - mark[0])
-                log_eval(cfg, ds, run, st, tps, total, time.time() - t0)
-                mark = (time.time(), st.step)
+                log_eval(cfg, ds, run, st, total, time.time() - t0)
+                st.mark = (time.time(), st.step)
             if stop:
                 break
             ce = train_step(model, ds, cfg, run, st, scaler, bad)
@@ -1017,11 +1001,10 @@ def train(cfg: Config, ds, device, ck=None):
                 pbar.set_postfix(loss=f"{ce.item():.3f}")
             if st.step - first == 3:                   # compile and warm-up done: restart the clock
                 sync(device)
-                mark = (time.time(), st.step)
+                st.mark = (time.time(), st.step)
             pbar.update(1)
     except KeyboardInterrupt:
-        kept = f"{st.path} (step {st.ckpt})" if st.ckpt is not None else "none"
-        raise KeyboardInterrupt(f"interrupted at step {st.step}; last checkpoint: {kept}") from None
+        raise KeyboardInterrupt(f"interrupted at step {st.step}; {st.kept}") from None
     st.elapsed += time.time() - t0
     pbar.close()
     return finish_run(cfg, ds, run, st, total, rows)
@@ -1061,8 +1044,7 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
 def check_finite(bad, st):
     if bool(bad.any()):
         what = "loss" if bool(bad[0]) else "grad norm"
-        kept = f"kept {st.path} (step {st.ckpt})" if st.ckpt is not None else "no checkpoint yet"
-        raise Diverged(f"step {st.step}: {what} is not finite; {kept}")
+        raise Diverged(f"diverged: step {st.step}: {what} is not finite; {st.kept}")
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -1070,8 +1052,13 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A8
              "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
 
 
-def log_eval(cfg, ds, run, st, tps, total, elapsed):
-    """Evaluate, append a row to log.csv, print it, checkpoint (not at step 0: nanoGPT's rule)."""
+def log_eval(cfg, ds, run, st, total, elapsed):
+    """Tokens/s since st.mark; evaluate, append a row to log.csv, print it, checkpoint (not at
+    step 0: nanoGPT's rule)."""
+    sync(run.device)
+    if st.step > st.mark[1]:
+        st.tps = (st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
+    tps = st.tps
     losses, health = evaluate(st.raw, ds, cfg, run)
     name = torch.cuda.get_device_name() if run.device == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -1091,13 +1078,13 @@ def log_eval(cfg, ds, run, st, tps, total, elapsed):
     tqdm.write(msg)
     if st.step > 0:
         save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
-        st.ckpt = st.step
+        st.kept = f"kept {st.path} (step {st.step})"
 
 
 def finish_run(cfg, ds, run, st, total, rows):
     """results.json, the plots and a sample."""
     f = st.log[-1]
-    impl = {i: "grouped" if use_grouped(layer, run.device, run.ptdtype, cfg.n_embd) else "masked"
+    impl = {i: "grouped" if use_grouped(layer, run.device, run.dtype, cfg.n_embd) else "masked"
             for i, layer in st.raw.sparse_layers()}
     results = dict(script="nano_sffn.py", config=asdict(cfg), final=dict(
         train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(f["val_loss"]),
@@ -1114,29 +1101,19 @@ def finish_run(cfg, ds, run, st, total, rows):
                 out = st.raw.generate(start, cfg.sample_tokens, ds.vocab_size,
                                       torch.Generator().manual_seed(cfg.seed))
             print(f"---- sample ----\n{ds.decode(out[0].tolist())}\n----------------")
-    if run.ddp:
-        torch.distributed.destroy_process_group()
     return dict(results, log=st.log)
 
 
 # ---------------------------------------------------------------- files and checkpoints
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
     if os.environ.get("NANO_GIT_COMMIT"):
         return os.environ["NANO_GIT_COMMIT"]
-    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]  # no tags
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], timeout=5, cwd=here,
-                               capture_output=True).returncode == 1
-        return (head + "-dirty" * dirty) or None
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=os.path.dirname(
+            os.path.abspath(__file__))).stdout.strip() or None
     except Exception:
         return None
 
@@ -1205,12 +1182,11 @@ def load_checkpoint(path, cfg):
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BadInput(f"cannot read checkpoint {path}: {msg}; fix --out_dir or drop --resume")
     need(ck["script"] == "nano_sffn", f"{path} was written by {ck['script']}.py, not nano_sffn.py")
-    explicit = getattr(cfg, "explicit", set())
     for k in ARCH:
-        need(k not in explicit or ck["config"].get(k) == getattr(cfg, k),
+        need(k not in cfg.explicit or ck["config"].get(k) == getattr(cfg, k),
              f"checkpoint has {k}={ck['config'].get(k)} but --{k} {getattr(cfg, k)} was given")
     for k, v in ck["config"].items():
-        if k not in explicit and k not in OWN and hasattr(cfg, k):
+        if k not in cfg.explicit and k not in OWN and hasattr(cfg, k):
             setattr(cfg, k, v)
     return ck
 
@@ -1218,7 +1194,8 @@ def load_checkpoint(path, cfg):
 def restore(ck, st, device):
     st.raw.load_state_dict(ck["model"])
     st.opt.load_state_dict(ck["optimizer"])
-    st.step, st.log, st.elapsed, st.ckpt = ck["step"], ck["log_rows"], ck["elapsed_s"], ck["step"]
+    st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
+    st.kept = f"kept {st.path} (step {st.step})"
     st.gen.set_state(ck["rng"]["data"])
     torch.set_rng_state(ck["rng"]["torch"])
     if device == "cuda" and ck["rng"].get("cuda") is not None:
@@ -1259,12 +1236,12 @@ def main(argv=None):
             "out of memory; lower --batch_size, --block_size, --n_embd, --d_m or --n_layer")
         print(f"nano_sffn.py: error: {msg}", file=sys.stderr)
         sys.exit(2)
-    except Diverged as e:
-        print(f"nano_sffn.py: diverged: {e}", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt as e:
+    except (Diverged, KeyboardInterrupt) as e:     # the last good checkpoint is kept
         print(f"nano_sffn.py: {str(e) or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(3 if isinstance(e, Diverged) else 130)
+    finally:  # torchrun: one process group for all --compare runs (re-creating it can hang)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
