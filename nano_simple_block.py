@@ -871,8 +871,7 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
                 tps = (r.step * r.tokens_per_step - r.tokens_mark) / (time.time() - r.t_mark)
                 bar.set_postfix(loss=f"{r.loss.item():.3f}", tok_s=f"{tps:,.0f}")
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {r.step}; last checkpoint: "
-                                f"{kept_checkpoint(r)}") from None
+        raise KeyboardInterrupt(f"interrupted at step {r.step}; {kept(r)}") from None
     finally:
         bar.close()
     return finish_run(r, cfg, ds, device, master)
@@ -940,8 +939,7 @@ def check_finite(r):
     device: reading it syncs, so on CUDA it is read only now and then)."""
     if bool(r.bad):
         what = f"grad norm is {r.norm}" if torch.isfinite(r.loss) else f"loss is {float(r.loss)}"
-        kept = f"kept {kept_checkpoint(r)}" if r.ckpt_step is not None else "no checkpoint yet"
-        raise Diverged(f"step {r.step}: {what}; {kept}")
+        raise Diverged(f"step {r.step}: {what}; {kept(r)}")
 
 
 def log_eval(r, cfg, ds, device, ddp, lr, bar):
@@ -1008,8 +1006,9 @@ def save_checkpoint(r, cfg):
     r.ckpt_step = r.step
 
 
-def kept_checkpoint(r):
-    return f"{r.ckpt} (step {r.ckpt_step})" if r.ckpt_step is not None else "none yet"
+def kept(r):
+    """Which checkpoint a stopped run leaves (the same phrase in all three scripts)."""
+    return f"kept {r.ckpt} (step {r.ckpt_step})" if r.ckpt_step is not None else "no checkpoint yet"
 
 
 def load_checkpoint(path, cfg):
@@ -1101,13 +1100,13 @@ def maybe_compile(model, cfg, device):
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
-    def git(*args):  # its output, "" outside a git checkout
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    if os.environ.get("NANO_GIT_COMMIT"):
+        return os.environ["NANO_GIT_COMMIT"]
+    cmd = ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]  # no tags
     try:
-        dirty = "-dirty" if git("diff", "--name-only", "HEAD", "--") else ""
-        return os.environ.get("NANO_GIT_COMMIT") or (git("rev-parse", "HEAD") + dirty) or None
-    except (OSError, subprocess.SubprocessError):  # no git, or it hangs
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=os.path.dirname(
+            os.path.abspath(__file__))).stdout.strip() or None
+    except Exception:
         return None
 
 
