@@ -221,7 +221,7 @@ class SparseFFN(nn.Module):
             gen = torch.Generator().manual_seed(cfg.hash_seed)
             table = torch.rand(vocab_size, self.B, generator=gen).argsort(1)[:, : self.b]
             self.register_buffer("hash_table", table, persistent=True)  # (vocab, b) long
-        self.track, self.stats = False, []   # routing-health bookkeeping (eval only)
+        self.track, self.stats, self.agree = False, [], []  # routing health (eval only)
         self.balance, self.balance_rate = cfg.avgk_balance == "bias", cfg.balance_rate
         if self.selector == "avgk" and self.balance:  # beyond the paper, see balance_step()
             self.register_buffer("sel_bias", torch.zeros(self.B))               # (B,) in ckpt
@@ -310,19 +310,25 @@ class SparseFFN(nn.Module):
         # END EXERCISE sffn_switch
 
     # ---- BASE (Lewis et al. 2021): balanced assignment in training, greedy at evaluation
+    def balanced(self, s):
+        """Sinkhorn (the S-BASE approximation, Clark et al. 2022) to a doubly stochastic plan
+        (rows sum 1, columns N/B), then each token takes its top-b blocks. s (N, B) -> (N, b)"""
+        N, B = s.shape
+        logp = s
+        for _ in range(self.base_iters):
+            logp = logp - logp.logsumexp(0, keepdim=True) + math.log(N / B)
+            logp = logp - logp.logsumexp(1, keepdim=True)
+        return logp.topk(self.b, dim=-1).indices
+
     def select_base(self, x, idx, ids):
-        N, B = x.shape[0], self.B
         s = f32(x @ self.C.t().to(x.dtype))                           # (N, B) s_te = x_t . c_e
         if ids is None and self.training:
-            # Sinkhorn (the S-BASE approximation, Clark et al. 2022) to a doubly stochastic plan
-            # (rows sum 1, columns N/B), then each token takes its top-b blocks
-            logp = s.detach()
-            for _ in range(self.base_iters):
-                logp = logp - logp.logsumexp(0, keepdim=True) + math.log(N / B)
-                logp = logp - logp.logsumexp(1, keepdim=True)
-            ids = logp.topk(self.b, dim=-1).indices
+            ids = self.balanced(s.detach())
         elif ids is None:
             ids = s.detach().topk(self.b, dim=-1).indices
+            if self.track:  # diagnostic: share of the greedy choices training's plan also makes
+                bal = self.balanced(s.detach())
+                self.agree.append((ids.unsqueeze(-1) == bal.unsqueeze(1)).any(-1).float().mean())
         return ids, torch.sigmoid(s.gather(1, ids)), x.new_zeros(()), None  # w = sigma(x . c_e)
 
     # ---- HashLayer (Roller et al. 2021): blocks = table[token id]; no router, no loss
@@ -552,7 +558,9 @@ def routing_health(layer):
         over = [(torch.clamp(c - math.ceil(cf * c.sum().item() / B), min=0).sum() / c.sum()).item()
                 for c in per_call]
         out[f"overflow{cf:g}"] = float(np.mean(over))
-    layer.track, layer.stats = False, []                 # tracking ends with the eval
+    if getattr(layer, "agree", None):  # BASE: greedy eval choices that training's plan shares
+        out["agree"] = torch.stack(layer.agree).mean().item()
+    layer.track, layer.stats, layer.agree = False, [], []  # tracking ends with the eval
     return out
 
 

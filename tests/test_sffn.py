@@ -249,6 +249,29 @@ def test_base_training_assignment_is_balanced():
     assert bal.max() <= 2 * 64 / 8 and (bal > 0).all()
 
 
+
+def test_base_eval_agreement_diagnostic():
+    """routing_health's 'agree' = share of greedy eval choices the balanced training plan makes too:
+    about 1 when greedy is already balanced, low when greedy sends every token to one block."""
+    torch.manual_seed(12)
+    layer, cfg = make_layer("base", d_m=32, g=4, d_ff=4, base_iters=50)  # B = 8, b = 1
+    x = torch.randn(64, 8, dtype=torch.float64)
+    with torch.no_grad():  # block e's centroid = one direction, tokens along it: greedy = balanced
+        layer.C.copy_(torch.eye(8, dtype=torch.float64) * 5)
+    x = 5 * torch.eye(8, dtype=torch.float64).repeat(8, 1) + 0.1 * x
+    layer.eval()
+    layer.track = True
+    layer(x)
+    assert S.routing_health(layer)["agree"] == 1.0
+    with torch.no_grad():
+        layer.C[0] += 30.0                                               # greedy: all to block 0
+    layer.track = True
+    layer(x)
+    h = S.routing_health(layer)
+    assert h["maxload"] == 8.0 and h["agree"] <= 2 / 8
+    assert layer.agree == [] and not layer.track                        # reset with the eval
+
+
 @PKM
 def test_pkm_topk_equals_brute_force():
     torch.manual_seed(11)
