@@ -46,9 +46,9 @@ counts all b choices in f_e (GShard counts first choices); the Hash table is uni
 not Roller et al.'s frequency-balanced one; BASE's Sinkhorn plan is approximate (max/mean load
 1.09-1.16 where exact BASE gives 1.00). Beyond the paper: --avgk_balance bias (loss-free balancing).
 
-Measured at the gpu preset (98M tokens, one seed so far; README): every sparse arm but BASE beats
-dense; smaller g helps Avg-K (the paper's first claim), but Avg-K does not beat Switch or Hash, nor
-a learned top-k gate at the same g, and it leaves 24-56% of its blocks unused.
+Measured at the gpu preset (98M tokens, one seed so far; README): sparse beats dense (not BASE,
+nor Avg-K at g = 2048); smaller g helps Avg-K (the paper's first claim), but Avg-K does not beat
+Switch or Hash, nor a learned top-k gate at the same g, and leaves 24-56% of its blocks unused.
 
 Run it
     python nano_sffn.py --selector avgk                      # laptop CPU, ~5 min, char Shakespeare
