@@ -793,29 +793,9 @@ class Diverged(Exception):
     """A non-finite loss or gradient norm: one line, exit status 3, the last checkpoint kept."""
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # unknown flags and bad choices are one line too
         raise BadInput(message)
-
-
-def parse_config(argv=None) -> Config:
-    """One flag per Config field; the preset first, then the flags given (cfg.explicit)."""
-    p = Parser(prog="nano_sffn.py", argument_default=argparse.SUPPRESS,
-               description="Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)")
-    for f in dataclasses.fields(Config):
-        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
-        if f.default is None or isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw.update(type=type(f.default), choices=f.metadata["choices"])
-        p.add_argument(f"--{f.name}", **kw)
-    args = vars(p.parse_args(argv))
-    preset = args.get("preset", "auto")
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() else "cpu"
-    cfg = Config(**{**PRESETS[preset], **args})
-    cfg.preset, cfg.explicit = preset, set(args)
-    return cfg
 
 
 def need(ok, msg):
@@ -823,8 +803,33 @@ def need(ok, msg):
         raise BadInput(msg)
 
 
-def resolve_device(name):
-    mps = torch.backends.mps.is_available()
+def build_parser():
+    """One flag per Config field (booleans as --x / --no-x); flags not given stay out of the
+    result (argparse.SUPPRESS), so that parse_config knows which were given."""
+    p = OneLineParser(prog="nano_sffn.py", argument_default=argparse.SUPPRESS,
+                      description="Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)")
+    for f in dataclasses.fields(Config):
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
+        if f.default is None or isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), choices=f.metadata["choices"], **kw)
+    return p
+
+
+def parse_config(argv=None) -> Config:
+    """Config = defaults, then the preset, then the flags given; cfg.explicit = their names."""
+    given = vars(build_parser().parse_args(argv))
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() else "cpu"
+    cfg = Config(**{**PRESETS[preset], **given})
+    cfg.preset, cfg.explicit = preset, set(given)
+    return cfg
+
+
+def resolve_device(cfg):
+    name, mps = cfg.device, torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     need((name != "cuda" or torch.cuda.is_available()) and (name != "mps" or mps),
@@ -1044,7 +1049,7 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
 def check_finite(bad, st):
     if bool(bad.any()):
         what = "loss" if bool(bad[0]) else "grad norm"
-        raise Diverged(f"diverged: step {st.step}: {what} is not finite; {st.kept}")
+        raise Diverged(f"step {st.step}: {what} is not finite; {st.kept}")
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -1104,7 +1109,55 @@ def finish_run(cfg, ds, run, st, total, rows):
     return dict(results, log=st.log)
 
 
-# ---------------------------------------------------------------- files and checkpoints
+# ---------------------------------------------------------------- checkpoints and files
+def save_checkpoint(st, cfg, device, elapsed):
+    """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
+    ck = dict(script="nano_sffn", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
+              config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
+              rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
+                       cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
+    torch.save(ck, st.path + ".tmp")
+    os.replace(st.path + ".tmp", st.path)
+
+
+ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
+        "sffn_every", "activation", "pkm_heads", "pkm_knn", "pkm_dq", "hash_seed", "dataset",
+        "tokenizer")
+OWN = ("out_dir", "resume", "stop_at", "progress", "device", "compile", "preset", "compare",
+       "bench", "bench_tokens", "bench_iters", "sample_tokens", "data_dir")   # never from a ckpt
+
+
+def load_checkpoint(path, cfg):
+    """Read and check a checkpoint; settings not given on the command line come from it."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config"}
+                <= set(ck)):
+            raise ValueError("not a training checkpoint of these scripts")
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(f"cannot read checkpoint {path}: {msg}; fix --out_dir or drop --resume")
+    need(ck["script"] == "nano_sffn", f"{path} was written by {ck['script']}.py, not nano_sffn.py")
+    for k in ARCH:
+        need(k not in cfg.explicit or ck["config"].get(k) == getattr(cfg, k),
+             f"checkpoint has {k}={ck['config'].get(k)} but --{k} {getattr(cfg, k)} was given")
+    for k, v in ck["config"].items():
+        if k not in cfg.explicit and k not in OWN and hasattr(cfg, k):
+            setattr(cfg, k, v)
+    return ck
+
+
+def restore(ck, st, device):
+    st.raw.load_state_dict(ck["model"])
+    st.opt.load_state_dict(ck["optimizer"])
+    st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
+    st.kept = f"kept {st.path} (step {st.step})"
+    st.gen.set_state(ck["rng"]["data"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if device == "cuda" and ck["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"])
+
+
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
@@ -1154,59 +1207,11 @@ def write_run_info(cfg, ds, run, rows, total, vocab):
         vocab_size=ds.vocab_size, vocab_padded=vocab), indent=2))
 
 
-def save_checkpoint(st, cfg, device, elapsed):
-    """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
-    ck = dict(script="nano_sffn", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
-              config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
-              rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
-                       cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
-    torch.save(ck, st.path + ".tmp")
-    os.replace(st.path + ".tmp", st.path)
-
-
-ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
-        "sffn_every", "activation", "pkm_heads", "pkm_knn", "pkm_dq", "hash_seed", "dataset",
-        "tokenizer")
-OWN = ("out_dir", "resume", "stop_at", "progress", "device", "compile", "preset", "compare",
-       "bench", "bench_tokens", "bench_iters", "sample_tokens", "data_dir")   # never from a ckpt
-
-
-def load_checkpoint(path, cfg):
-    """Read and check a checkpoint; settings not given on the command line come from it."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config"}
-                <= set(ck)):
-            raise ValueError("not a training checkpoint of these scripts")
-    except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadInput(f"cannot read checkpoint {path}: {msg}; fix --out_dir or drop --resume")
-    need(ck["script"] == "nano_sffn", f"{path} was written by {ck['script']}.py, not nano_sffn.py")
-    for k in ARCH:
-        need(k not in cfg.explicit or ck["config"].get(k) == getattr(cfg, k),
-             f"checkpoint has {k}={ck['config'].get(k)} but --{k} {getattr(cfg, k)} was given")
-    for k, v in ck["config"].items():
-        if k not in cfg.explicit and k not in OWN and hasattr(cfg, k):
-            setattr(cfg, k, v)
-    return ck
-
-
-def restore(ck, st, device):
-    st.raw.load_state_dict(ck["model"])
-    st.opt.load_state_dict(ck["optimizer"])
-    st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
-    st.kept = f"kept {st.path} (step {st.step})"
-    st.gen.set_state(ck["rng"]["data"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    if device == "cuda" and ck["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"])
-
-
 def main(argv=None):
-    created = None
+    created = None  # the out_dir this run created: removed again if it fails on bad input
     try:
         cfg = parse_config(argv)
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg)
         runs = parse_compare(cfg) if cfg.compare else []     # before validate() fills g, b
         for c in [cfg] + [c for _, c in runs]:
             validate(c, device)
@@ -1224,21 +1229,21 @@ def main(argv=None):
                 raise BadInput(str(e)) from None
         created = None if os.path.exists(cfg.out_dir) else cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if cfg.bench:
-            return run_bench(cfg, device)
-        for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
-            print(n)
-        return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
-    except (BadInput, torch.cuda.OutOfMemoryError) as e:
-        if created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):  # keep models
-            shutil.rmtree(created, ignore_errors=True)
-        msg = str(e) if isinstance(e, BadInput) else (
-            "out of memory; lower --batch_size, --block_size, --n_embd, --d_m or --n_layer")
-        print(f"nano_sffn.py: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except (Diverged, KeyboardInterrupt) as e:     # the last good checkpoint is kept
-        print(f"nano_sffn.py: {str(e) or 'interrupted'}", file=sys.stderr)
-        sys.exit(3 if isinstance(e, Diverged) else 130)
+        try:
+            if cfg.bench:
+                return run_bench(cfg, device)
+            for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
+                print(n)
+            return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
+        except torch.cuda.OutOfMemoryError:
+            raise BadInput("out of memory; lower --batch_size, --block_size, --n_embd, --d_m or "
+                           "--n_layer") from None
+    except (BadInput, Diverged, KeyboardInterrupt) as e:  # one line; exit 2, 3 or 130
+        code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
+        if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
+            shutil.rmtree(created, ignore_errors=True)  # (a run with a checkpoint is kept)
+        print(f"nano_sffn.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(code)
     finally:  # torchrun: one process group for all --compare runs (re-creating it can hang)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
