@@ -1197,7 +1197,7 @@ def main(argv=None):
         code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
         if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
             shutil.rmtree(created, ignore_errors=True)  # (a run with a checkpoint is kept)
-        print(f"{SCRIPT}.py: {what}{e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        print(f"{SCRIPT}.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(code)
 
 
