@@ -1595,9 +1595,11 @@ def git_commit():
 
 
 def write_json(path: str, obj):
-    with open(path, "w") as f:  # numpy scalars and arrays as numbers and lists
+    """obj to path, atomically; numpy scalars and arrays as numbers and lists."""
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1,
                   default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    os.replace(path + ".tmp", path)
 
 
 # ---- main

@@ -973,7 +973,7 @@ def train(cfg: Config, ds, device, ck=None):
     raw = GPT(cfg, ((ds.vocab_size + 63) // 64) * 64).to(run.dev)    # vocab padded to 64
     st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
                          elapsed=0.0, path=os.path.join(cfg.out_dir, "ckpt.pt"),
-                         kept="no checkpoint yet",
+                         ckpt_step=None,
                          gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
     if ck is not None:
         restore(ck, st, device)
@@ -1009,7 +1009,7 @@ def train(cfg: Config, ds, device, ck=None):
                 st.mark = (time.time(), st.step)
             pbar.update(1)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {st.step}; {st.kept}") from None
+        raise KeyboardInterrupt(f"interrupted at step {st.step}; {kept(st)}") from None
     st.elapsed += time.time() - t0
     pbar.close()
     return finish_run(cfg, ds, run, st, total, rows)
@@ -1049,7 +1049,7 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
 def check_finite(bad, st):
     if bool(bad.any()):
         what = "loss" if bool(bad[0]) else "grad norm"
-        raise Diverged(f"step {st.step}: {what} is not finite; {st.kept}")
+        raise Diverged(f"step {st.step}: {what} is not finite; {kept(st)}")
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -1083,7 +1083,6 @@ def log_eval(cfg, ds, run, st, total, elapsed):
     tqdm.write(msg)
     if st.step > 0:
         save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
-        st.kept = f"kept {st.path} (step {st.step})"
 
 
 def finish_run(cfg, ds, run, st, total, rows):
@@ -1097,7 +1096,7 @@ def finish_run(cfg, ds, run, st, total, rows):
         flops=dict(total, per_ffn_layer=rows), impl=impl,     # forward FLOPs per token
         routing_health={k: v for k, v in f.items() if k[0] == "L"})
     if run.master:
-        Path(cfg.out_dir, "results.json").write_text(json.dumps(results, indent=2))
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)
         plot_run(cfg.out_dir, st.log, cfg.selector)
         if cfg.sample_tokens > 0:
             st.raw.eval()
@@ -1118,6 +1117,12 @@ def save_checkpoint(st, cfg, device, elapsed):
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
     torch.save(ck, st.path + ".tmp")
     os.replace(st.path + ".tmp", st.path)
+    st.ckpt_step = st.step
+
+
+def kept(st):
+    """Which checkpoint a stopped run leaves (the same phrase in all three scripts)."""
+    return "no checkpoint yet" if st.ckpt_step is None else f"kept {st.path} (step {st.ckpt_step})"
 
 
 ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
@@ -1151,7 +1156,7 @@ def restore(ck, st, device):
     st.raw.load_state_dict(ck["model"])
     st.opt.load_state_dict(ck["optimizer"])
     st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
-    st.kept = f"kept {st.path} (step {st.step})"
+    st.ckpt_step = st.step
     st.gen.set_state(ck["rng"]["data"])
     torch.set_rng_state(ck["rng"]["torch"])
     if device == "cuda" and ck["rng"].get("cuda") is not None:
@@ -1169,6 +1174,13 @@ def git_commit():
             os.path.abspath(__file__))).stdout.strip() or None
     except Exception:
         return None
+
+
+def write_json(path, obj):
+    """obj to path, atomically (as write_csv)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def write_csv(path, rows):
@@ -1200,11 +1212,11 @@ def write_run_info(cfg, ds, run, rows, total, vocab):
         ""] + markdown(rows))
     print(text)
     Path(cfg.out_dir, "flops.txt").write_text(text + "\n")
-    Path(cfg.out_dir, "config.json").write_text(json.dumps(dict(
+    write_json(os.path.join(cfg.out_dir, "config.json"), dict(
         config=asdict(cfg), torch=torch.__version__, device=run.device,
         device_name=torch.cuda.get_device_name() if run.device == "cuda" else run.device,
         git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
-        vocab_size=ds.vocab_size, vocab_padded=vocab), indent=2))
+        vocab_size=ds.vocab_size, vocab_padded=vocab))
 
 
 def main(argv=None):

@@ -901,7 +901,7 @@ def setup_run(cfg, ds, device, ddp, ck):
         bad=torch.zeros((), dtype=torch.bool, device=device),  # a non-finite loss or grad norm
         tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1])
     if ck is not None:
-        restore(r, ck, device)
+        restore(ck, r, device)
     r.cmodel, r.compiled = maybe_compile(model, cfg, device)
     if ddp[1] > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1076,7 +1076,7 @@ def load_checkpoint(path, cfg):
     return ck, with_block(cfg, **{k: ck["config"][k] for k in ARCH_FIELDS})
 
 
-def restore(r, ck, device):
+def restore(ck, r, device):
     try:
         r.model.load_state_dict(ck["model"])
         r.optimizer.load_state_dict(ck["optimizer"])
