@@ -1260,8 +1260,7 @@ def need(ok, msg):
 
 
 def build_parser():
-    """One flag per Config field (booleans as --x / --no-x); flags not given stay out of the
-    result (argparse.SUPPRESS), so that parse_config knows which were given."""
+    """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
     p = OneLineParser(prog="nano_prune.py", argument_default=argparse.SUPPRESS,
                       description="Bansal et al. 2023 in miniature: head/FFN importance, pruning "
                       "curves and induction heads (defaults: the cpu preset's).")
@@ -1540,7 +1539,7 @@ class EvalLog:
                    "| " + " ".join(f"{t[:4]}{k}={row[f'acc_{t}_{k}']:.2f}" for t, k in self.quick))
 
 
-# ---- checkpoints
+# ---- checkpoints and files
 def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int,
                     gen: torch.Generator, final: dict):
     torch.save({"script": "nano_prune", "model": raw_model.state_dict(),
@@ -1580,7 +1579,6 @@ def restore(ck: dict, model: GPT, optimizer, gen: torch.Generator) -> tuple[int,
     return ck["step"], ck["final"]["elapsed_s"]
 
 
-# ---- files
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
@@ -1595,11 +1593,10 @@ def git_commit():
 
 
 def write_json(path: str, obj):
-    """obj to path, atomically; numpy scalars and arrays as numbers and lists."""
-    with open(path + ".tmp", "w") as f:
+    with open(path + ".tmp", "w") as f:  # numpy scalars and arrays as numbers and lists
         json.dump(obj, f, indent=1,
                   default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    os.replace(path + ".tmp", path)
+    os.replace(path + ".tmp", path)  # atomic: never a half-written file
 
 
 # ---- main

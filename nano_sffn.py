@@ -804,8 +804,7 @@ def need(ok, msg):
 
 
 def build_parser():
-    """One flag per Config field (booleans as --x / --no-x); flags not given stay out of the
-    result (argparse.SUPPRESS), so that parse_config knows which were given."""
+    """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
     p = OneLineParser(prog="nano_sffn.py", argument_default=argparse.SUPPRESS,
                       description="Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)")
     for f in dataclasses.fields(Config):
@@ -973,7 +972,7 @@ def train(cfg: Config, ds, device, ck=None):
     raw = GPT(cfg, ((ds.vocab_size + 63) // 64) * 64).to(run.dev)    # vocab padded to 64
     st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
                          elapsed=0.0, path=os.path.join(cfg.out_dir, "ckpt.pt"),
-                         ckpt_step=None,
+                         kept="no checkpoint yet",
                          gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
     if ck is not None:
         restore(ck, st, device)
@@ -1009,7 +1008,7 @@ def train(cfg: Config, ds, device, ck=None):
                 st.mark = (time.time(), st.step)
             pbar.update(1)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {st.step}; {kept(st)}") from None
+        raise KeyboardInterrupt(f"interrupted at step {st.step}; {st.kept}") from None
     st.elapsed += time.time() - t0
     pbar.close()
     return finish_run(cfg, ds, run, st, total, rows)
@@ -1049,7 +1048,7 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
 def check_finite(bad, st):
     if bool(bad.any()):
         what = "loss" if bool(bad[0]) else "grad norm"
-        raise Diverged(f"step {st.step}: {what} is not finite; {kept(st)}")
+        raise Diverged(f"step {st.step}: {what} is not finite; {st.kept}")
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -1083,6 +1082,7 @@ def log_eval(cfg, ds, run, st, total, elapsed):
     tqdm.write(msg)
     if st.step > 0:
         save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
+        st.kept = f"kept {st.path} (step {st.step})"
 
 
 def finish_run(cfg, ds, run, st, total, rows):
@@ -1117,12 +1117,6 @@ def save_checkpoint(st, cfg, device, elapsed):
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
     torch.save(ck, st.path + ".tmp")
     os.replace(st.path + ".tmp", st.path)
-    st.ckpt_step = st.step
-
-
-def kept(st):
-    """Which checkpoint a stopped run leaves (the same phrase in all three scripts)."""
-    return "no checkpoint yet" if st.ckpt_step is None else f"kept {st.path} (step {st.ckpt_step})"
 
 
 ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
@@ -1156,7 +1150,7 @@ def restore(ck, st, device):
     st.raw.load_state_dict(ck["model"])
     st.opt.load_state_dict(ck["optimizer"])
     st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
-    st.ckpt_step = st.step
+    st.kept = f"kept {st.path} (step {st.step})"
     st.gen.set_state(ck["rng"]["data"])
     torch.set_rng_state(ck["rng"]["torch"])
     if device == "cuda" and ck["rng"].get("cuda") is not None:
@@ -1176,8 +1170,7 @@ def git_commit():
         return None
 
 
-def write_json(path, obj):
-    """obj to path, atomically (as write_csv)."""
+def write_json(path, obj):  # atomically, as write_csv
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)

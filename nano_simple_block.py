@@ -702,8 +702,7 @@ def need(ok, msg):
 
 
 def build_parser():
-    """One flag per Config field (booleans as --x / --no-x); flags not given stay out of the
-    result (argparse.SUPPRESS), so that parse_config knows which were given."""
+    """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
     p = OneLineParser(prog=SCRIPT + ".py", argument_default=argparse.SUPPRESS,
                       description="Simplifying Transformer Blocks (He & Hofmann, ICLR 2024).")
     for f in dataclasses.fields(Config):
@@ -1040,7 +1039,7 @@ def finish_run(r, cfg, ds, device, master):
     return results, rows
 
 
-# ---- checkpoints
+# ---- checkpoints and files
 def save_checkpoint(r, cfg):
     """ckpt.pt: model, optimizer, config, step, log and RNG states; written atomically."""
     cuda = torch.cuda.get_rng_state() if r.device.type == "cuda" else None
@@ -1092,7 +1091,6 @@ def restore(ck, r, device):
     r.log, r.train_s = ck["log"], ck["train_s"]
 
 
-# ---- files
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
