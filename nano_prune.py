@@ -1249,7 +1249,7 @@ class Diverged(Exception):
     """A non-finite loss or gradient norm, or loaded weights: one line, exit status 3."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # unknown flags and bad choices are one line too
         raise BadInput(message)
 
@@ -1259,18 +1259,23 @@ def need(ok, msg):
         raise BadInput(msg)
 
 
-def parse_config(argv=None) -> Config:
-    """A flag per Config field; defaults <- preset <- explicit flags (their names: cfg.explicit)."""
-    p = _Parser(prog="nano_prune.py", description="Bansal et al. 2023 in miniature: head/FFN "
-                "importance, pruning curves and induction heads (defaults: the cpu preset's).")
+def build_parser():
+    """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
+    p = OneLineParser(prog="nano_prune.py", argument_default=argparse.SUPPRESS,
+                      description="Bansal et al. 2023 in miniature: head/FFN importance, pruning "
+                      "curves and induction heads (defaults: the cpu preset's).")
     for f in dataclasses.fields(Config):
-        kw = dict(default=None, choices=f.metadata["choices"],
-                  help=f.metadata["help"].replace("%", "%%") + f" (default: {f.default})")
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
         if f.default is None or isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), **kw)
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+            p.add_argument(f"--{f.name}", type=type(f.default), choices=f.metadata["choices"], **kw)
+    return p
+
+
+def parse_config(argv=None) -> Config:
+    """Config = defaults, then the preset, then the flags given; cfg.explicit = their names."""
+    given = vars(build_parser().parse_args(argv))
     preset = given.get("preset", "auto")
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
@@ -1285,6 +1290,11 @@ def resolve_device(cfg: Config) -> str:
         return next(d for d, there in ok.items() if there)
     need(ok[cfg.device], f"--device {cfg.device} is not available here; use --device cpu or auto")
     return cfg.device
+
+
+def autocast_ctx(device_type: str, ptdtype):
+    return (contextlib.nullcontext() if ptdtype == torch.float32
+            else torch.autocast(device_type=device_type, dtype=ptdtype))
 
 
 RULES = (  # (flags, what each must be, the test)
@@ -1350,6 +1360,7 @@ def load_text(cfg: Config):
     return ds
 
 
+# ---- training
 def get_lr(it: int, cfg: Config) -> float:
     """Linear warmup, then cosine decay to min_lr."""
     if it < cfg.warmup_iters:
@@ -1377,11 +1388,6 @@ def peak_flops(device_type: str) -> float | None:
                                 "V100": 125e12, "T4": 65e12}.items() if k in name), None)
 
 
-def autocast_ctx(device_type: str, ptdtype):
-    return (contextlib.nullcontext() if ptdtype == torch.float32
-            else torch.autocast(device_type=device_type, dtype=ptdtype))
-
-
 @torch.no_grad()
 def evaluate(model: GPT, batcher: Batcher, quick: dict, tasks: ICLTasks, cfg: Config, device,
              ctx) -> tuple[float, dict]:
@@ -1399,49 +1405,26 @@ def evaluate(model: GPT, batcher: Batcher, quick: dict, tasks: ICLTasks, cfg: Co
     return float(np.mean(losses)), accs
 
 
-class EvalLog:
-    """log.csv: one row per evaluation, with the accuracy of every (task, shot) on 128 prompts."""
-
-    def __init__(self, cfg: Config, tasks: ICLTasks, master: bool):
-        self.path, shots = os.path.join(cfg.out_dir, "log.csv"), parse_shots(cfg.shots)
-        geval = torch.Generator().manual_seed(cfg.seed + 7)
-        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in shots}
-        self.cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
-                     "tokens_per_s", "mfu"] + [f"acc_{t}_{k}" for t, k in self.quick]
-        if master and not (cfg.resume and os.path.exists(self.path)):
-            with open(self.path, "w") as f:
-                f.write(",".join(self.cols) + "\n")
-
-    def write(self, **row):  # (extra keys are left out; None is written as n/a)
-        cells = ("n/a" if row[c] is None else row[c] for c in self.cols)
-        with open(self.path, "a") as f:
-            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in cells) + "\n")
-        tqdm.write(f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
-                   "| " + " ".join(f"{t[:4]}{k}={row[f'acc_{t}_{k}']:.2f}" for t, k in self.quick))
-
-
-def _check_finite(loss, norm, step: int, kept: str, ptdtype):
-    bad = [] if math.isfinite(float(loss)) else [f"loss is {float(loss)}"]
-    if norm is not None and ptdtype != torch.float16 and not math.isfinite(float(norm)):
-        bad.append(f"grad norm is {float(norm)}")  # (fp16: the GradScaler skips such steps)
-    if bad:
-        raise Diverged(f"step {step}: {' and '.join(bad)}; {kept}")
-
-
-def backward(model, batcher: Batcher, gen, it: int, cfg: Config, device, ctx, scaler, ddp):
-    """The gradient of one optimizer step, over grad_accum micro-batches (DDP syncs on the last).
-    -> the summed loss, a tensor (no host sync)."""
-    loss_acc = 0.0
-    for micro in range(cfg.grad_accum):
-        x, y = batcher.get(cfg.batch_size, gen, it=it)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sync = ddp["world"] == 1 or micro == cfg.grad_accum - 1
-        with contextlib.nullcontext() if sync else model.no_sync():
-            with ctx:
-                loss = model(x, y)[1] / cfg.grad_accum
-            scaler.scale(loss).backward()
-        loss_acc += loss.detach()
-    return loss_acc
+def setup_run(cfg: Config):
+    """Device, DDP (torchrun), compile and dtype. -> device, ddp."""
+    device, ddp = resolve_device(cfg), {"rank": 0, "local_rank": 0, "world": 1}
+    if int(os.environ.get("RANK", -1)) != -1:
+        ddp = {"rank": int(os.environ["RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),
+               "world": int(os.environ["WORLD_SIZE"])}
+        if device == "cuda":
+            torch.cuda.set_device(ddp["local_rank"])
+        device = f"cuda:{ddp['local_rank']}" if device == "cuda" else "cpu"
+        torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
+    device_type = device.split(":")[0]
+    if cfg.compile and device_type != "cuda":
+        print(f"note: torch.compile is not used on {device_type} here (--no-compile)")
+    cfg.compile = device_type == "cuda" and cfg.compile is not False
+    if cfg.dtype == "auto":
+        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+        cfg.dtype = "bfloat16" if bf16 else "float32"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, ddp
 
 
 def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: str, ptdtype,
@@ -1486,7 +1469,7 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
             step = it + 1
             logged = step % 10 == 0 or step == end or step % cfg.eval_interval == 0
             if device_type != "cuda" or logged:  # on CUDA, no extra host sync per step
-                _check_finite(loss_acc, norm, step, kept, ptdtype)
+                check_finite(loss_acc, norm, step, kept, ptdtype)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -1511,6 +1494,52 @@ def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: st
     return final()
 
 
+def backward(model, batcher: Batcher, gen, it: int, cfg: Config, device, ctx, scaler, ddp):
+    """The gradient of one optimizer step, over grad_accum micro-batches (DDP syncs on the last).
+    -> the summed loss, a tensor (no host sync)."""
+    loss_acc = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = batcher.get(cfg.batch_size, gen, it=it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sync = ddp["world"] == 1 or micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with ctx:
+                loss = model(x, y)[1] / cfg.grad_accum
+            scaler.scale(loss).backward()
+        loss_acc += loss.detach()
+    return loss_acc
+
+
+def check_finite(loss, norm, step: int, kept: str, ptdtype):
+    bad = [] if math.isfinite(float(loss)) else [f"loss is {float(loss)}"]
+    if norm is not None and ptdtype != torch.float16 and not math.isfinite(float(norm)):
+        bad.append(f"grad norm is {float(norm)}")  # (fp16: the GradScaler skips such steps)
+    if bad:
+        raise Diverged(f"step {step}: {' and '.join(bad)}; {kept}")
+
+
+class EvalLog:
+    """log.csv: one row per evaluation, with the accuracy of every (task, shot) on 128 prompts."""
+
+    def __init__(self, cfg: Config, tasks: ICLTasks, master: bool):
+        self.path, shots = os.path.join(cfg.out_dir, "log.csv"), parse_shots(cfg.shots)
+        geval = torch.Generator().manual_seed(cfg.seed + 7)
+        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in shots}
+        self.cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
+                     "tokens_per_s", "mfu"] + [f"acc_{t}_{k}" for t, k in self.quick]
+        if master and not (cfg.resume and os.path.exists(self.path)):
+            with open(self.path, "w") as f:
+                f.write(",".join(self.cols) + "\n")
+
+    def write(self, **row):  # (extra keys are left out; None is written as n/a)
+        cells = ("n/a" if row[c] is None else row[c] for c in self.cols)
+        with open(self.path, "a") as f:
+            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in cells) + "\n")
+        tqdm.write(f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
+                   "| " + " ".join(f"{t[:4]}{k}={row[f'acc_{t}_{k}']:.2f}" for t, k in self.quick))
+
+
+# ---- checkpoints and files
 def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int,
                     gen: torch.Generator, final: dict):
     torch.save({"script": "nano_prune", "model": raw_model.state_dict(),
@@ -1518,16 +1547,6 @@ def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int
                 "step": step, "final": final, "gen_state": gen.get_state(),
                 "torch_rng": torch.get_rng_state()}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a broken checkpoint
-
-
-def restore(ck: dict, model: GPT, optimizer, gen: torch.Generator) -> tuple[int, float]:
-    """--resume: weights, optimizer, the RNG states. -> step, elapsed seconds so far."""
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    gen.set_state(ck["gen_state"])
-    torch.set_rng_state(ck["torch_rng"])
-    print(f"resumed at step {ck['step']}")
-    return ck["step"], ck["final"]["elapsed_s"]
 
 
 def load_checkpoint(path: str, cfg: Config) -> dict:
@@ -1550,6 +1569,16 @@ def load_checkpoint(path: str, cfg: Config) -> dict:
     return ck
 
 
+def restore(ck: dict, model: GPT, optimizer, gen: torch.Generator) -> tuple[int, float]:
+    """--resume: weights, optimizer, the RNG states. -> step, elapsed seconds so far."""
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    gen.set_state(ck["gen_state"])
+    torch.set_rng_state(ck["torch_rng"])
+    print(f"resumed at step {ck['step']}")
+    return ck["step"], ck["final"]["elapsed_s"]
+
+
 def git_commit():
     """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
     the tree whose .git is missing or stale, as on a remote GPU machine)."""
@@ -1564,36 +1593,16 @@ def git_commit():
 
 
 def write_json(path: str, obj):
-    with open(path, "w") as f:  # numpy scalars and arrays as numbers and lists
+    with open(path + ".tmp", "w") as f:  # numpy scalars and arrays as numbers and lists
         json.dump(obj, f, indent=1,
                   default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    os.replace(path + ".tmp", path)  # atomic: never a half-written file
 
 
-def setup(cfg: Config):
-    """Device, DDP (torchrun), compile and dtype. -> device, ddp."""
-    device, ddp = resolve_device(cfg), {"rank": 0, "local_rank": 0, "world": 1}
-    if int(os.environ.get("RANK", -1)) != -1:
-        ddp = {"rank": int(os.environ["RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),
-               "world": int(os.environ["WORLD_SIZE"])}
-        if device == "cuda":
-            torch.cuda.set_device(ddp["local_rank"])
-        device = f"cuda:{ddp['local_rank']}" if device == "cuda" else "cpu"
-        torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
-    device_type = device.split(":")[0]
-    if cfg.compile and device_type != "cuda":
-        print(f"note: torch.compile is not used on {device_type} here (--no-compile)")
-    cfg.compile = device_type == "cuda" and cfg.compile is not False
-    if cfg.dtype == "auto":
-        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
-        cfg.dtype = "bfloat16" if bf16 else "float32"
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, ddp
-
-
-def run(cfg: Config, ck: dict | None, text_ds):
+# ---- main
+def run_mode(cfg: Config, ck: dict | None, text_ds):
     """Everything after validation: build, train (or load), then the analysis or a mode."""
-    device, ddp = setup(cfg)
+    device, ddp = setup_run(cfg)
     ptdtype = getattr(torch, cfg.dtype)
     ctx, master = autocast_ctx(device.split(":")[0], ptdtype), ddp["rank"] == 0
     torch.manual_seed(cfg.seed)
@@ -1650,7 +1659,7 @@ def main(argv=None):
         text_ds = load_text(cfg)
         created = not os.path.exists(cfg.out_dir)
         try:
-            run(cfg, ck, text_ds)
+            run_mode(cfg, ck, text_ds)
         except torch.cuda.OutOfMemoryError:
             raise BadInput("out of memory; lower --batch_size, --block_size, --n_embd or "
                            "--analysis_batch") from None

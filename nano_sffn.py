@@ -805,29 +805,9 @@ class Diverged(Exception):
     """A non-finite loss or gradient norm: one line, exit status 3, the last checkpoint kept."""
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # unknown flags and bad choices are one line too
         raise BadInput(message)
-
-
-def parse_config(argv=None) -> Config:
-    """One flag per Config field; the preset first, then the flags given (cfg.explicit)."""
-    p = Parser(prog="nano_sffn.py", argument_default=argparse.SUPPRESS,
-               description="Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)")
-    for f in dataclasses.fields(Config):
-        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
-        if f.default is None or isinstance(f.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw.update(type=type(f.default), choices=f.metadata["choices"])
-        p.add_argument(f"--{f.name}", **kw)
-    args = vars(p.parse_args(argv))
-    preset = args.get("preset", "auto")
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() else "cpu"
-    cfg = Config(**{**PRESETS[preset], **args})
-    cfg.preset, cfg.explicit = preset, set(args)
-    return cfg
 
 
 def need(ok, msg):
@@ -835,8 +815,32 @@ def need(ok, msg):
         raise BadInput(msg)
 
 
-def resolve_device(name):
-    mps = torch.backends.mps.is_available()
+def build_parser():
+    """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
+    p = OneLineParser(prog="nano_sffn.py", argument_default=argparse.SUPPRESS,
+                      description="Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)")
+    for f in dataclasses.fields(Config):
+        kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
+        if f.default is None or isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), choices=f.metadata["choices"], **kw)
+    return p
+
+
+def parse_config(argv=None) -> Config:
+    """Config = defaults, then the preset, then the flags given; cfg.explicit = their names."""
+    given = vars(build_parser().parse_args(argv))
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "gpu" if torch.cuda.is_available() else "cpu"
+    cfg = Config(**{**PRESETS[preset], **given})
+    cfg.preset, cfg.explicit = preset, set(given)
+    return cfg
+
+
+def resolve_device(cfg):
+    name, mps = cfg.device, torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     need((name != "cuda" or torch.cuda.is_available()) and (name != "mps" or mps),
@@ -1056,7 +1060,7 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
 def check_finite(bad, st):
     if bool(bad.any()):
         what = "loss" if bool(bad[0]) else "grad norm"
-        raise Diverged(f"diverged: step {st.step}: {what} is not finite; {st.kept}")
+        raise Diverged(f"step {st.step}: {what} is not finite; {st.kept}")
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -1104,7 +1108,7 @@ def finish_run(cfg, ds, run, st, total, rows):
         flops=dict(total, per_ffn_layer=rows), impl=impl,     # forward FLOPs per token
         routing_health={k: v for k, v in f.items() if k[0] == "L"})
     if run.master:
-        Path(cfg.out_dir, "results.json").write_text(json.dumps(results, indent=2))
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)
         plot_run(cfg.out_dir, st.log, cfg.selector)
         if cfg.sample_tokens > 0:
             st.raw.eval()
@@ -1116,56 +1120,7 @@ def finish_run(cfg, ds, run, st, total, rows):
     return dict(results, log=st.log)
 
 
-# ---------------------------------------------------------------- files and checkpoints
-def git_commit():
-    """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
-    the tree whose .git is missing or stale, as on a remote GPU machine)."""
-    if os.environ.get("NANO_GIT_COMMIT"):
-        return os.environ["NANO_GIT_COMMIT"]
-    cmd = ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]  # no tags
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=os.path.dirname(
-            os.path.abspath(__file__))).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def write_csv(path, rows):
-    """rows (dicts) to path, atomically (log.csv is rewritten at every eval)."""
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
-
-
-def write_table(out_dir, name, rows, head=""):
-    """name.csv and name.md (a markdown table under an optional head line); returns the md."""
-    write_csv(os.path.join(out_dir, f"{name}.csv"), rows)
-    md = "\n".join(([head, ""] if head else []) + markdown(rows))
-    Path(out_dir, f"{name}.md").write_text(md + "\n")
-    return md
-
-
-def write_run_info(cfg, ds, run, rows, total, vocab):
-    """flops.txt (the paper's cost side, also printed) and config.json."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    text = "\n".join([
-        f"FLOPs/params per FFN layer (forward, per token): selector={cfg.selector} "
-        f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} B={cfg.d_m // cfg.g}",
-        f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward FLOPs/token "
-        f"{total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
-        f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
-        ""] + markdown(rows))
-    print(text)
-    Path(cfg.out_dir, "flops.txt").write_text(text + "\n")
-    Path(cfg.out_dir, "config.json").write_text(json.dumps(dict(
-        config=asdict(cfg), torch=torch.__version__, device=run.device,
-        device_name=torch.cuda.get_device_name() if run.device == "cuda" else run.device,
-        git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
-        vocab_size=ds.vocab_size, vocab_padded=vocab), indent=2))
-
-
+# ---------------------------------------------------------------- checkpoints and files
 def save_checkpoint(st, cfg, device, elapsed):
     """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
     ck = dict(script="nano_sffn", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
@@ -1214,11 +1169,66 @@ def restore(ck, st, device):
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
 
 
+def git_commit():
+    """HEAD, with "-dirty" if tracked files differ from it; $NANO_GIT_COMMIT wins (for copies of
+    the tree whose .git is missing or stale, as on a remote GPU machine)."""
+    if os.environ.get("NANO_GIT_COMMIT"):
+        return os.environ["NANO_GIT_COMMIT"]
+    cmd = ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"]  # no tags
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=os.path.dirname(
+            os.path.abspath(__file__))).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def write_json(path, obj):  # atomically, as write_csv
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def write_csv(path, rows):
+    """rows (dicts) to path, atomically (log.csv is rewritten at every eval)."""
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def write_table(out_dir, name, rows, head=""):
+    """name.csv and name.md (a markdown table under an optional head line); returns the md."""
+    write_csv(os.path.join(out_dir, f"{name}.csv"), rows)
+    md = "\n".join(([head, ""] if head else []) + markdown(rows))
+    Path(out_dir, f"{name}.md").write_text(md + "\n")
+    return md
+
+
+def write_run_info(cfg, ds, run, rows, total, vocab):
+    """flops.txt (the paper's cost side, also printed) and config.json."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    text = "\n".join([
+        f"FLOPs/params per FFN layer (forward, per token): selector={cfg.selector} "
+        f"d={cfg.n_embd} c={cfg.d_ff} d_m={cfg.d_m} g={cfg.g} b={cfg.b} B={cfg.d_m // cfg.g}",
+        f"model: params {total['params']:,} (FFN {total['params_ffn']:,}); forward FLOPs/token "
+        f"{total['fwd_flops']:,} (FFN {total['ffn_flops']:,}, selection "
+        f"{total['select_flops']:,} = {100 * total['select_flops'] / total['fwd_flops']:.2f}%)",
+        ""] + markdown(rows))
+    print(text)
+    Path(cfg.out_dir, "flops.txt").write_text(text + "\n")
+    write_json(os.path.join(cfg.out_dir, "config.json"), dict(
+        config=asdict(cfg), torch=torch.__version__, device=run.device,
+        device_name=torch.cuda.get_device_name() if run.device == "cuda" else run.device,
+        git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
+        vocab_size=ds.vocab_size, vocab_padded=vocab))
+
+
 def main(argv=None):
-    created = None
+    created = None  # the out_dir this run created: removed again if it fails on bad input
     try:
         cfg = parse_config(argv)
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg)
         runs = parse_compare(cfg) if cfg.compare else []     # before validate() fills g, b
         for c in [cfg] + [c for _, c in runs]:
             validate(c, device)
@@ -1236,21 +1246,21 @@ def main(argv=None):
                 raise BadInput(str(e)) from None
         created = None if os.path.exists(cfg.out_dir) else cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if cfg.bench:
-            return run_bench(cfg, device)
-        for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
-            print(n)
-        return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
-    except (BadInput, torch.cuda.OutOfMemoryError) as e:
-        if created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):  # keep models
-            shutil.rmtree(created, ignore_errors=True)
-        msg = str(e) if isinstance(e, BadInput) else (
-            "out of memory; lower --batch_size, --block_size, --n_embd, --d_m or --n_layer")
-        print(f"nano_sffn.py: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    except (Diverged, KeyboardInterrupt) as e:     # the last good checkpoint is kept
-        print(f"nano_sffn.py: {str(e) or 'interrupted'}", file=sys.stderr)
-        sys.exit(3 if isinstance(e, Diverged) else 130)
+        try:
+            if cfg.bench:
+                return run_bench(cfg, device)
+            for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
+                print(n)
+            return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
+        except torch.cuda.OutOfMemoryError:
+            raise BadInput("out of memory; lower --batch_size, --block_size, --n_embd, --d_m or "
+                           "--n_layer") from None
+    except (BadInput, Diverged, KeyboardInterrupt) as e:  # one line; exit 2, 3 or 130
+        code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
+        if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
+            shutil.rmtree(created, ignore_errors=True)  # (a run with a checkpoint is kept)
+        print(f"nano_sffn.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(code)
     finally:  # torchrun: one process group for all --compare runs (re-creating it can hang)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

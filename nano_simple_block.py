@@ -504,8 +504,8 @@ def write_table(cfg, name, rows, cols, head="", **extra):
          + [fmt.format(r[k]) if r[k] is not None else "n/a" for _, k, fmt in cols] for r in rows])
     print(text)
     write_file(os.path.join(cfg.out_dir, name + ".md"), lambda f: f.write(text + "\n"))
-    write_json({"script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "table": rows,
-                **extra}, os.path.join(cfg.out_dir, name + ".json"))
+    write_json(os.path.join(cfg.out_dir, name + ".json"), {
+        "script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "table": rows, **extra})
 
 
 def learned_gains(model):
@@ -696,9 +696,13 @@ class OneLineParser(argparse.ArgumentParser):
         raise BadInput(message)
 
 
+def need(ok, msg):
+    if not ok:
+        raise BadInput(msg)
+
+
 def build_parser():
-    """One flag per Config field (booleans as --x / --no-x); flags not given stay out of the
-    result (argparse.SUPPRESS), so that parse_config knows which were given."""
+    """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
     p = OneLineParser(prog=SCRIPT + ".py", argument_default=argparse.SUPPRESS,
                       description="Simplifying Transformer Blocks (He & Hofmann, ICLR 2024).")
     for f in dataclasses.fields(Config):
@@ -732,9 +736,24 @@ def with_block(cfg: Config, block: str, **over) -> Config:
     return new
 
 
-def need(ok, message):
-    if not ok:
-        raise BadInput(message)
+def resolve_device(cfg):
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if cfg.device == "auto":
+        return torch.device(next(d for d, have in ok.items() if have))
+    return torch.device(cfg.device if ok[cfg.device] else "cpu")
+
+
+def resolve_dtype(cfg, device):
+    if cfg.dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def autocast_ctx(device, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 RULES = (  # (flags, what each must be, the test)
@@ -812,8 +831,38 @@ def make_optimizer(model, cfg, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda" or None)  # (eps 1e-8, as the paper)
+    extra = {"fused": True} if device_type == "cuda" else {}  # (eps 1e-8, as the paper)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+             "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+             "A10": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def peak_flops(device):
+    return next((v for k, v in PEAK_BF16.items() if k in device_name(device)), None)
+
+
+def flops_per_token(model, cfg):
+    """6N (matmuls, forward + backward) + the attention scores, as in nanoGPT / PaLM App. B."""
+    N = count_params(model) - model.wpe.weight.numel()
+    return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def maybe_compile(model, cfg, device):
+    """(model, compiled): torch.compile by default on CUDA, never on MPS."""
+    if not (cfg.compile if cfg.compile is not None else device.type == "cuda"):
+        return model, False
+    if device.type == "mps":
+        print("note: torch.compile is not available on MPS; running eagerly", file=sys.stderr)
+        return model, False
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    return torch.compile(model, mode=mode), True
 
 
 @torch.no_grad()
@@ -837,8 +886,39 @@ def evaluate(model, ds, cfg, device, dtype, rank, world):
     return out
 
 
-LOG_COLUMNS = ["step", "tokens", "elapsed_s", "train_s", "lr", "train_loss", "val_loss",
-               "tokens_per_s", "mfu", "block", "beta_sa_mean", "beta_ff_mean"]
+def setup_run(cfg, ds, device, ddp, ck):
+    """A run's state: model, optimizer, data order, log and clocks (restored from the checkpoint
+    ck if given); writes config.json."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg).to(device)
+    dtype = resolve_dtype(cfg, device)
+    r = SimpleNamespace(
+        model=model, optimizer=make_optimizer(model, cfg, device.type), dtype=dtype, device=device,
+        scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
+        gen=torch.Generator().manual_seed(cfg.seed), step=0, log=[], train_s=0.0,
+        ckpt=os.path.join(cfg.out_dir, "ckpt.pt"), ckpt_step=None, loss=None, norm=None,
+        bad=torch.zeros((), dtype=torch.bool, device=device),  # a non-finite loss or grad norm
+        tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1])
+    if ck is not None:
+        restore(ck, r, device)
+    r.cmodel, r.compiled = maybe_compile(model, cfg, device)
+    if ddp[1] > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        r.cmodel = DDP(r.cmodel, device_ids=[device.index] if device.type == "cuda" else None)
+    r.fpt, r.peak = flops_per_token(model, cfg), peak_flops(device)
+    if ddp[0] == 0:
+        n = count_params(model)
+        write_json(os.path.join(cfg.out_dir, "config.json"), {
+            "config": dataclasses.asdict(cfg), "torch": torch.__version__,
+            "device": device_name(device), "dtype": str(dtype), "compiled": r.compiled,
+            "world_size": ddp[1], "git_commit": git_commit(), "params": n,
+            "dataset": ds.name, "tokenizer": ds.tokenizer})
+        print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {r.tokens_per_step} tokens/step, "
+              f"device {device}, dtype {dtype}, compile {r.compiled}")
+    r.t_start = time.time() - (r.log[-1]["elapsed_s"] if r.log else 0.0)
+    r.t_mark, r.tokens_mark = time.time(), r.step * r.tokens_per_step
+    return r
 
 
 def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
@@ -875,41 +955,6 @@ def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
     finally:
         bar.close()
     return finish_run(r, cfg, ds, device, master)
-
-
-def setup_run(cfg, ds, device, ddp, ck):
-    """A run's state: model, optimizer, data order, log and clocks (restored from the checkpoint
-    ck if given); writes config.json."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(device)
-    dtype = resolve_dtype(cfg, device)
-    r = SimpleNamespace(
-        model=model, optimizer=make_optimizer(model, cfg, device.type), dtype=dtype, device=device,
-        scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
-        gen=torch.Generator().manual_seed(cfg.seed), step=0, log=[], train_s=0.0,
-        ckpt=os.path.join(cfg.out_dir, "ckpt.pt"), ckpt_step=None, loss=None, norm=None,
-        bad=torch.zeros((), dtype=torch.bool, device=device),  # a non-finite loss or grad norm
-        tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1])
-    if ck is not None:
-        restore_checkpoint(r, ck, device)
-    r.cmodel, r.compiled = maybe_compile(model, cfg, device)
-    if ddp[1] > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        r.cmodel = DDP(r.cmodel, device_ids=[device.index] if device.type == "cuda" else None)
-    r.fpt, r.peak = flops_per_token(model, cfg), peak_flops(device)
-    if ddp[0] == 0:
-        n = count_params(model)
-        write_json({"config": dataclasses.asdict(cfg), "torch": torch.__version__,
-                    "device": device_name(device), "dtype": str(dtype), "compiled": r.compiled,
-                    "world_size": ddp[1], "git_commit": git_commit(), "params": n,
-                    "dataset": ds.name, "tokenizer": ds.tokenizer},
-                   os.path.join(cfg.out_dir, "config.json"))
-        print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {r.tokens_per_step} tokens/step, "
-              f"device {device}, dtype {dtype}, compile {r.compiled}")
-    r.t_start = time.time() - (r.log[-1]["elapsed_s"] if r.log else 0.0)
-    r.t_mark, r.tokens_mark = time.time(), r.step * r.tokens_per_step
-    return r
 
 
 def train_step(r, ds, cfg, device, ddp):
@@ -958,7 +1003,7 @@ def log_eval(r, cfg, ds, device, ddp, lr, bar):
     if ddp[0] == 0:
         bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
                   f"lr {lr:.2e}, {tps:,.0f} tok/s")
-        write_log(r.log, os.path.join(cfg.out_dir, "log.csv"))
+        write_csv(os.path.join(cfg.out_dir, "log.csv"), r.log)
         if step > 0 or cfg.max_iters == 0:
             save_checkpoint(r, cfg)
 
@@ -984,7 +1029,7 @@ def finish_run(r, cfg, ds, device, master):
                "param_table": param_table(cfg), "paper": PAPER_NUMBERS,
                "gains": learned_gains(model)}
     if master:
-        write_json(results, os.path.join(cfg.out_dir, "results.json"))
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)
         plot_runs({cfg.block: rows}, cfg.out_dir, prefix="loss")
         if cfg.sample_tokens > 0:
             idx = torch.tensor([ds.encode("def " if "pycode" in ds.name else "\n")], device=device)
@@ -994,7 +1039,7 @@ def finish_run(r, cfg, ds, device, master):
     return results, rows
 
 
-# ---- checkpoints
+# ---- checkpoints and files
 def save_checkpoint(r, cfg):
     """ckpt.pt: model, optimizer, config, step, log and RNG states; written atomically."""
     cuda = torch.cuda.get_rng_state() if r.device.type == "cuda" else None
@@ -1030,7 +1075,7 @@ def load_checkpoint(path, cfg):
     return ck, with_block(cfg, **{k: ck["config"][k] for k in ARCH_FIELDS})
 
 
-def restore_checkpoint(r, ck, device):
+def restore(ck, r, device):
     try:
         r.model.load_state_dict(ck["model"])
         r.optimizer.load_state_dict(ck["optimizer"])
@@ -1044,57 +1089,6 @@ def restore_checkpoint(r, ck, device):
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
     r.step = r.ckpt_step = ck["step"]
     r.log, r.train_s = ck["log"], ck["train_s"]
-
-
-# ---- system helpers
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
-             "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
-             "A10": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-
-
-def peak_flops(device):
-    return next((v for k, v in PEAK_BF16.items() if k in device_name(device)), None)
-
-
-def flops_per_token(model, cfg):
-    """6N (matmuls, forward + backward) + the attention scores, as in nanoGPT / PaLM App. B."""
-    N = count_params(model) - model.wpe.weight.numel()
-    return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-
-def resolve_device(cfg):
-    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if cfg.device == "auto":
-        return torch.device(next(d for d, have in ok.items() if have))
-    return torch.device(cfg.device if ok[cfg.device] else "cpu")
-
-
-def resolve_dtype(cfg, device):
-    if cfg.dtype == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, cfg.dtype)
-
-
-def autocast_ctx(device, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def maybe_compile(model, cfg, device):
-    """(model, compiled): torch.compile by default on CUDA, never on MPS."""
-    if not (cfg.compile if cfg.compile is not None else device.type == "cuda"):
-        return model, False
-    if device.type == "mps":
-        print("note: torch.compile is not available on MPS; running eagerly", file=sys.stderr)
-        return model, False
-    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-    return torch.compile(model, mode=mode), True
 
 
 def git_commit():
@@ -1117,18 +1111,19 @@ def write_file(path, write, mode="w"):
     os.replace(path + ".tmp", path)
 
 
-def write_json(obj, path):
+def write_json(path, obj):
     write_file(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
-def write_log(rows, path):
-    def write(f):
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+def write_csv(path, rows):
+    def write(f):  # (log.csv is rewritten at every eval)
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     write_file(path, write)
 
 
+# ---- main
 def setup_ddp(cfg):
     """(device, (rank, world_size)); under torchrun one process per GPU (NCCL) or CPU (gloo)."""
     device = resolve_device(cfg)
@@ -1141,7 +1136,6 @@ def setup_ddp(cfg):
     return device, (torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
-# ---- main
 def prepare(argv):
     """Parse, validate, read the checkpoint and the data: everything before the first write."""
     cfg = parse_config(argv)
@@ -1168,8 +1162,8 @@ def run_mode(cfg, ds, ck, device, ddp):
               f"vocab={cfg.vocab_size}:\n" + md_table(["block", "params", "vs Pre-LN"], [
                   [r["block"], f"{r['params'] / 1e6:.3f}M",
                    f"{-100 * r['reduction_vs_preln']:+.1f}%"] for r in table]))
-        write_json({"config": {k: getattr(cfg, k) for k in ARCH_FIELDS}, "table": table},
-                   os.path.join(cfg.out_dir, "params.json"))
+        write_json(os.path.join(cfg.out_dir, "params.json"),
+                   {"config": {k: getattr(cfg, k) for k in ARCH_FIELDS}, "table": table})
     if cfg.bench:
         if ddp[0] == 0:
             run_bench(cfg, device)
@@ -1201,7 +1195,7 @@ def main(argv=None):
         code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
         if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
             shutil.rmtree(created, ignore_errors=True)  # (a run with a checkpoint is kept)
-        print(f"{SCRIPT}.py: {what}{e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        print(f"{SCRIPT}.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(code)
 
 
