@@ -120,6 +120,9 @@ class Config:
     aux_alpha: float = _f(0.01, "switch/topk load-balancing loss weight alpha")
     capacity_factor: float = _f(0.0, "switch/topk capacity factor (training); 0 = dropless")
     base_iters: int = _f(8, "BASE: Sinkhorn iterations of the balanced assignment")
+    base_eval: str = _f("greedy", "BASE routing at evaluation: greedy (Lewis et al.) or balanced "
+                        "(as in training; each token's choice then depends on its batch)",
+                        ("greedy", "balanced"))
     hash_seed: int = _f(1234, "seed of the fixed random token -> block table")
     pkm_heads: int = _f(4, "PKM query heads H")
     pkm_knn: int = _f(32, "PKM k (keys kept per head)")
@@ -213,6 +216,7 @@ class SparseFFN(nn.Module):
         self.selector, self.impl, self.agg = cfg.selector, cfg.impl, cfg.vanillam_agg
         self.act = ACTIVATIONS[cfg.activation]                       # f: GeLU or ReLU
         self.alpha, self.cf, self.base_iters = cfg.aux_alpha, cfg.capacity_factor, cfg.base_iters
+        self.base_eval = cfg.base_eval
         self.avgk_weight, self.select_fp32 = cfg.avgk_weight, cfg.select_fp32
         # the memory (1): K, V (d_m, d); block beta = rows [beta*g, (beta+1)*g)
         self.K = nn.Parameter(torch.randn(self.d_m, d) * cfg.key_init_std)
@@ -326,7 +330,7 @@ class SparseFFN(nn.Module):
 
     def select_base(self, x, idx, ids):
         s = f32(x @ self.C.t().to(x.dtype))                           # (N, B) s_te = x_t . c_e
-        if ids is None and self.training:
+        if ids is None and (self.training or self.base_eval == "balanced"):
             ids = self.balanced(s.detach())
         elif ids is None:
             ids = s.detach().topk(self.b, dim=-1).indices

@@ -272,6 +272,20 @@ def test_base_eval_agreement_diagnostic():
     assert layer.agree == [] and not layer.track                        # reset with the eval
 
 
+def test_base_eval_balanced_routes_as_in_training():
+    torch.manual_seed(13)
+    layer, cfg = make_layer("base", d_m=32, g=4, d_ff=8, base_iters=20, base_eval="balanced")
+    with torch.no_grad():
+        layer.C[0] += 3.0                                                # greedy would pick block 0
+    x = torch.randn(64, 8, dtype=torch.float64) + 1.0
+    layer.train()
+    train_ids = layer.route(x)[0]
+    layer.eval()
+    assert torch.equal(layer.route(x)[0], train_ids)
+    layer.base_eval = "greedy"
+    assert not torch.equal(layer.route(x)[0], train_ids)
+
+
 @PKM
 def test_pkm_topk_equals_brute_force():
     torch.manual_seed(11)
