@@ -179,7 +179,7 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------- the FFN as a key-value memory
+# ---- the FFN as a key-value memory
 ACTIVATIONS = dict(gelu=F.gelu, relu=F.relu)     # f, the FFN nonlinearity
 
 
@@ -431,7 +431,7 @@ class ProductKeyMemory(nn.Module):
         return W.to(x.dtype) @ self.V.to(x.dtype)
 
 
-# ---------------------------------------------------------------- the model
+# ---- the model
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -515,7 +515,7 @@ class GPT(nn.Module):
         return idx
 
 
-# ---------------------------------------------------------------- the experiment: FLOPs, health
+# ---- the experiment: FLOPs, health
 def layer_flops(cfg: Config, selector: str):
     """Per token, forward, multiply-add = 2 FLOPs: (cell FLOPs, selection FLOPs, params)."""
     d, c, d_m, B = cfg.n_embd, cfg.d_ff, cfg.d_m, cfg.d_m // cfg.g
@@ -572,7 +572,7 @@ def routing_health(layer):
     return out
 
 
-# ---------------------------------------------------------------- the experiment: compare, plots
+# ---- the experiment: compare, plots
 def parse_compare(cfg):
     """--compare "dense,switch:2048,avgk:64" -> [(name, Config)] (main() validates each)."""
     runs = []
@@ -648,7 +648,7 @@ def plot_run(out_dir, rows, title):
                               ("maxload", "max load / mean load"))])
 
 
-# ---------------------------------------------------------------- making it fast
+# ---- making it fast
 # The grouped path computes exactly (2) for the selected blocks only: sort the N*b (token, block)
 # pairs by block, one grouped GEMM per FFN matrix, sum each token's b rows. Dropless, no host sync.
 def native_grouped_mm():
@@ -800,7 +800,7 @@ def run_bench(cfg, device):
     return rows
 
 
-# ---------------------------------------------------------------- command line
+# ---- command line
 class BadInput(Exception):
     """A user error: one line on stderr, exit status 2, nothing written."""
 
@@ -908,7 +908,7 @@ def validate(cfg: Config, device: str = "cpu") -> Config:
     return cfg
 
 
-# ---------------------------------------------------------------- training
+# ---- training
 def get_lr(it, cfg):
     """Linear warm-up, then cosine decay to min_lr."""
     if it < cfg.warmup_iters:
@@ -1124,7 +1124,7 @@ def finish_run(cfg, ds, run, st, total, rows):
     return dict(results, log=st.log)
 
 
-# ---------------------------------------------------------------- checkpoints and files
+# ---- checkpoints and files
 def save_checkpoint(st, cfg, device, elapsed):
     """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
     ck = dict(script="nano_sffn", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
