@@ -46,7 +46,7 @@ W^V, W^P), sas, sasp, sasp_nonorm, on Python code as the paper's CodeParrot (pyc
 library; pycode_all adds installed packages). Ablations: --no-mlp_skip, --attn_matrix vskip,
 --gains layer, --beta_ff, --no-trainable_gains, --no-first_value. Training uses the fast forms;
 --no-fused --attn_impl explicit runs the plain equations (equal in float64). One H200 (bf16,
-compiled, 18 x 768) runs SAS-P at 1.055x the tokens/s of Pre-LN (paper: 1.16x, BERT, RTX 2080Ti);
+compiled, 18 x 768) runs SAS-P at 1.06x the tokens/s of Pre-LN (paper: 1.16x, BERT, RTX 2080Ti);
 per step, at tuned LRs, SAS and SAS-P end 0.05 and 0.04 nats below Pre-LN after 82M tokens (README).
 
 Run
