@@ -134,6 +134,40 @@ def sffn_compare(rows, steps=6000):
     fig.savefig(os.path.join(HERE, "sffn_ppl_vs_g.png"), dpi=110)
 
 
+def sffn_curves(rows, steps=6000):
+    """Val loss and Avg-K's dead-block fraction (mean of the sparse layers) against step."""
+    runs = [r for r in rows if int(r["steps"]) == steps and r.get("curve")]
+    if not runs:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # 20 colours, strong ones first
+    for i, r in enumerate(sorted(runs, key=lambda r: (r["selector"], -int(r["g"]),
+                                                      r["avgk_balance"]))):
+        curve = [c for c in read(r["curve"]) if int(c["step"]) > 0]
+        label = f"{r['selector']} g={r['g']}" + (" + bias" if r["avgk_balance"] == "bias" else "")
+        ls = "--" if r["avgk_balance"] == "bias" else "-"
+        steps_ = [int(c["step"]) for c in curve]
+        axes[0].plot(steps_, [float(c["val_loss"]) for c in curve], ls=ls, label=label,
+                     color=colors[i % 20])
+        dead = [k for k in curve[0] if k.endswith("_dead")]
+        if r["selector"] == "avgk" and dead:
+            axes[1].plot(steps_, [sum(float(c[k]) for k in dead) / len(dead) for c in curve],
+                         ls=ls, marker=".", label=label, color=colors[i % 20])
+    axes[0].set_ylim(1.2, 1.6)  # (BASE's greedy evaluation sits above 1.6)
+    axes[0].set_ylabel("val loss")
+    axes[1].set_ylabel("dead blocks (share, mean of the sparse layers)")
+    for ax in axes:
+        ax.set_xlabel("step (16,384 tokens each)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"S-FFN gpu preset, {steps} steps, seed 1337 (H200)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "sffn_training.png"), dpi=110)
+
+
 BLOCKS = ("preln", "parallel", "vskip", "sas", "sasp", "sasp_nonorm")
 
 
@@ -219,3 +253,4 @@ if __name__ == "__main__":
     simple_block_bench(read("simple_block_bench.csv"))
     sffn_probe(read("sffn_gpu_runs.csv"))
     sffn_compare(read("sffn_gpu_runs.csv"))
+    sffn_curves(read("sffn_gpu_runs.csv"))
