@@ -535,7 +535,7 @@ def run_compare(cfg, ds, device, ddp):
     for b in cfg.compare.split(","):
         sub = with_block(cfg, b, out_dir=os.path.join(cfg.out_dir, b), compare="")
         os.makedirs(sub.out_dir, exist_ok=True)
-        res, runs[b] = train(sub, ds, device, ddp)
+        res, runs[b] = train(sub, ds, device)
         table.append({"block": b, **{k: res["final"][k] for k in (
             "params", "tokens_per_s", "train_loss", "val_loss", "train_s")}})
     if ddp[0] == 0:
@@ -835,6 +835,131 @@ def make_optimizer(model, cfg, device_type):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
+@torch.no_grad()
+def evaluate(model, ds, cfg, run):
+    """Mean loss over eval_iters batches of each split; the same batches at every eval."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = torch.zeros(cfg.eval_iters, device=run.dev)
+        for i in range(cfg.eval_iters):
+            x, y = ds.get_batch(split, cfg.batch_size, cfg.block_size, device=run.dev,
+                                generator=gen, rank=run.rank, world_size=run.world)
+            with run.autocast:
+                losses[i] = model(x, y)[1].float()
+        if run.ddp:
+            torch.distributed.all_reduce(losses)
+            losses /= run.world
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def setup_run(cfg, device):
+    """DDP (torchrun, set up by setup_ddp), device, dtype, autocast: what a run is made of."""
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp \
+        else (0, 1)
+    dtype = resolve_dtype(cfg, device)
+    return SimpleNamespace(
+        ddp=world > 1, rank=rank, world=world, master=rank == 0, device=device.type, dtype=dtype,
+        dev=device, autocast=autocast_ctx(device, dtype),
+        tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
+
+
+def maybe_compile(model, cfg, device):
+    """(model, compiled): torch.compile by default on CUDA, never on MPS."""
+    if not (cfg.compile if cfg.compile is not None else device.type == "cuda"):
+        return model, False
+    if device.type == "mps":
+        print("note: torch.compile is not available on MPS; running eagerly", file=sys.stderr)
+        return model, False
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    return torch.compile(model, mode=mode), True
+
+
+def train(cfg: Config, ds, device, ck=None):
+    """Train GPT(cfg) on ds: config.json, log.csv, ckpt.pt, results.json, plots in cfg.out_dir."""
+    run = setup_run(cfg, device)
+    torch.manual_seed(cfg.seed)
+    raw = GPT(cfg).to(run.dev)
+    st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, run.device), step=0, log=[],
+                         train_s=0.0, path=os.path.join(cfg.out_dir, "ckpt.pt"),
+                         kept="no checkpoint yet", loss=None, norm=None,
+                         scaler=torch.amp.GradScaler(run.device, enabled=run.dtype == torch.half),
+                         gen=torch.Generator().manual_seed(cfg.seed))  # data order
+    if ck is not None:
+        restore(ck, st, run.device)
+    st.model, run.compile = maybe_compile(raw, cfg, device)  # (evaluate runs it too)
+    model = st.model
+    if run.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[run.dev.index] if run.device == "cuda" else None)
+    if run.master:
+        write_run_info(cfg, ds, run, raw)
+    st.t0 = time.time() - (st.log[-1]["elapsed_s"] if st.log else 0.0)
+    st.mark = (time.time(), st.step)  # start of the timed interval: (time, step)
+    bad = torch.zeros((), dtype=torch.bool, device=run.dev)  # a non-finite loss or grad norm
+    pbar = tqdm(total=cfg.max_iters, initial=st.step, dynamic_ncols=True, desc=cfg.block,
+                disable=not (run.master and cfg.progress))
+    try:
+        while True:
+            stop = st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
+            if st.step % cfg.eval_interval == 0 or st.step == cfg.max_iters:
+                check_finite(bad, st)                                 # never save bad weights
+                if not (st.log and st.log[-1]["step"] == st.step):  # (resumed: logged already)
+                    log_eval(cfg, ds, run, st, pbar)
+                st.mark = (time.time(), st.step)
+            elif stop and run.master:
+                check_finite(bad, st)
+                save_checkpoint(st, cfg, run.device)  # --stop_at between two evals
+            if stop:
+                break
+            train_step(model, ds, cfg, run, st, bad)
+            pbar.update(1)
+            if run.device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: it syncs
+                check_finite(bad, st)
+            if st.step % 10 == 0 and run.master:
+                tps = (st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
+                pbar.set_postfix(loss=f"{st.loss.item():.3f}", tok_s=f"{tps:,.0f}")
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted at step {st.step}; {st.kept}") from None
+    finally:
+        pbar.close()
+    return finish_run(cfg, ds, run, st)
+
+
+def train_step(model, ds, cfg, run, st, bad):
+    """One optimizer step (grad_accum micro-steps); flags a non-finite loss / grad norm in bad."""
+    for group in st.opt.param_groups:
+        group["lr"] = get_lr(st.step, cfg)
+    for micro in range(cfg.grad_accum):
+        x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=run.dev,
+                            generator=st.gen, rank=run.rank, world_size=run.world)
+        if run.ddp:
+            model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+        with run.autocast:
+            _, loss = model(x, y)
+        st.scaler.scale(loss / cfg.grad_accum).backward()
+    st.loss, st.norm = loss.detach(), None
+    if cfg.grad_clip > 0:
+        st.scaler.unscale_(st.opt)
+        st.norm = torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip)
+    st.scaler.step(st.opt)
+    st.scaler.update()
+    st.opt.zero_grad(set_to_none=True)
+    bad |= ~torch.isfinite(st.loss + (0 if st.norm is None else st.norm))
+    st.step += 1
+
+
+def check_finite(bad, st):
+    """bad lives on the device: reading it syncs, so on CUDA it is read only now and then."""
+    if bool(bad):
+        what = f"grad norm is {st.norm}" if torch.isfinite(st.loss) else f"loss is {float(st.loss)}"
+        raise Diverged(f"step {st.step}: {what}; {st.kept}")
+
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
              "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
              "A10": 125e12, "A6000": 155e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
@@ -854,158 +979,28 @@ def flops_per_token(model, cfg):
     return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-def maybe_compile(model, cfg, device):
-    """(model, compiled): torch.compile by default on CUDA, never on MPS."""
-    if not (cfg.compile if cfg.compile is not None else device.type == "cuda"):
-        return model, False
-    if device.type == "mps":
-        print("note: torch.compile is not available on MPS; running eagerly", file=sys.stderr)
-        return model, False
-    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-    return torch.compile(model, mode=mode), True
-
-
-@torch.no_grad()
-def evaluate(model, ds, cfg, device, dtype, rank, world):
-    """Mean loss over eval_iters batches of each split; the same batches at every eval."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        losses = torch.zeros(cfg.eval_iters, device=device)
-        for i in range(cfg.eval_iters):
-            x, y = ds.get_batch(split, cfg.batch_size, cfg.block_size, device=device,
-                                generator=gen, rank=rank, world_size=world)
-            with autocast_ctx(device, dtype):
-                losses[i] = model(x, y)[1].float()
-        if world > 1:
-            torch.distributed.all_reduce(losses)
-            losses /= world
-        out[split] = losses.mean().item()
-    model.train()
-    return out
-
-
-def setup_run(cfg, ds, device, ddp, ck):
-    """A run's state: model, optimizer, data order, log and clocks (restored from the checkpoint
-    ck if given); writes config.json."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(device)
-    dtype = resolve_dtype(cfg, device)
-    r = SimpleNamespace(
-        model=model, optimizer=make_optimizer(model, cfg, device.type), dtype=dtype, device=device,
-        scaler=torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16)),
-        gen=torch.Generator().manual_seed(cfg.seed), step=0, log=[], train_s=0.0,
-        ckpt=os.path.join(cfg.out_dir, "ckpt.pt"), ckpt_step=None, loss=None, norm=None,
-        bad=torch.zeros((), dtype=torch.bool, device=device),  # a non-finite loss or grad norm
-        tokens_per_step=cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp[1])
-    if ck is not None:
-        restore(ck, r, device)
-    r.cmodel, r.compiled = maybe_compile(model, cfg, device)
-    if ddp[1] > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        r.cmodel = DDP(r.cmodel, device_ids=[device.index] if device.type == "cuda" else None)
-    r.fpt, r.peak = flops_per_token(model, cfg), peak_flops(device)
-    if ddp[0] == 0:
-        n = count_params(model)
-        write_json(os.path.join(cfg.out_dir, "config.json"), {
-            "config": dataclasses.asdict(cfg), "torch": torch.__version__,
-            "device": device_name(device), "dtype": str(dtype), "compiled": r.compiled,
-            "world_size": ddp[1], "git_commit": git_commit(), "params": n,
-            "dataset": ds.name, "tokenizer": ds.tokenizer})
-        print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {r.tokens_per_step} tokens/step, "
-              f"device {device}, dtype {dtype}, compile {r.compiled}")
-    r.t_start = time.time() - (r.log[-1]["elapsed_s"] if r.log else 0.0)
-    r.t_mark, r.tokens_mark = time.time(), r.step * r.tokens_per_step
-    return r
-
-
-def train(cfg: Config, ds, device, ddp=(0, 1), ck=None):
-    """Train GPT(cfg) on ds: config.json, log.csv, ckpt.pt, results.json, plots in cfg.out_dir."""
-    r = setup_run(cfg, ds, device, ddp, ck)
-    master = ddp[0] == 0
-    bar = tqdm(total=cfg.max_iters, initial=r.step, desc=cfg.block, dynamic_ncols=True,
-               disable=not (master and cfg.progress))
-    try:
-        while True:
-            lr = get_lr(r.step, cfg)
-            for g in r.optimizer.param_groups:
-                g["lr"] = lr
-            stop = r.step >= cfg.max_iters or 0 < cfg.stop_at <= r.step
-            if r.step % cfg.eval_interval == 0 or r.step == cfg.max_iters:
-                check_finite(r)  # before the checkpoint is written
-                if not (r.log and r.log[-1]["step"] == r.step):  # (resumed: logged already)
-                    log_eval(r, cfg, ds, device, ddp, lr, bar)
-                r.t_mark, r.tokens_mark = time.time(), r.step * r.tokens_per_step
-            elif stop and master:
-                check_finite(r)
-                save_checkpoint(r, cfg)  # --stop_at between two evals
-            if stop:
-                break
-            train_step(r, ds, cfg, device, ddp)
-            bar.update(1)
-            if device.type != "cuda" or r.step % 10 == 0:
-                check_finite(r)  # every step on CPU, every 10th on CUDA (it syncs)
-            if r.step % 10 == 0 and master:
-                tps = (r.step * r.tokens_per_step - r.tokens_mark) / (time.time() - r.t_mark)
-                bar.set_postfix(loss=f"{r.loss.item():.3f}", tok_s=f"{tps:,.0f}")
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {r.step}; {kept(r)}") from None
-    finally:
-        bar.close()
-    return finish_run(r, cfg, ds, device, master)
-
-
-def train_step(r, ds, cfg, device, ddp):
-    """One optimizer step (grad_accum micro-steps); r.loss: the last micro-step's, r.norm: the
-    gradient norm; r.bad records a non-finite one without a sync."""
-    for micro in range(cfg.grad_accum):
-        x, y = ds.get_batch("train", cfg.batch_size, cfg.block_size, device=device,
-                            generator=r.gen, rank=ddp[0], world_size=ddp[1])
-        last = micro == cfg.grad_accum - 1  # DDP: all-reduce the gradients only once, at the last
-        sync = r.cmodel.no_sync() if ddp[1] > 1 and not last else contextlib.nullcontext()
-        with sync, autocast_ctx(device, r.dtype):
-            _, loss = r.cmodel(x, y)
-        r.scaler.scale(loss / cfg.grad_accum).backward()
-    r.loss, r.norm = loss.detach(), None
-    if cfg.grad_clip > 0:
-        r.scaler.unscale_(r.optimizer)
-        r.norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
-    r.scaler.step(r.optimizer)
-    r.scaler.update()
-    r.optimizer.zero_grad(set_to_none=True)
-    r.bad |= ~torch.isfinite(r.loss + (0 if r.norm is None else r.norm))
-    r.step += 1
-
-
-def check_finite(r):
-    """Diverged if a loss or grad norm since the last check was not finite (r.bad lives on the
-    device: reading it syncs, so on CUDA it is read only now and then)."""
-    if bool(r.bad):
-        what = f"grad norm is {r.norm}" if torch.isfinite(r.loss) else f"loss is {float(r.loss)}"
-        raise Diverged(f"step {r.step}: {what}; {kept(r)}")
-
-
-def log_eval(r, cfg, ds, device, ddp, lr, bar):
-    """Evaluate, append a row to log.csv, and checkpoint (not at step 0)."""
-    step, now = r.step, time.time()
-    interval, tokens = now - r.t_mark, step * r.tokens_per_step
-    r.train_s += interval
-    model = r.cmodel if ddp[1] == 1 else r.cmodel.module
-    losses = evaluate(model, ds, cfg, device, r.dtype, *ddp)
-    tps = (tokens - r.tokens_mark) / interval if step > 0 and interval > 0 else float("nan")
-    mfu = tps * r.fpt / r.peak if r.peak else float("nan")
-    r.log.append({"step": step, "tokens": tokens, "elapsed_s": round(now - r.t_start, 3),
-                  "train_s": round(r.train_s, 3), "lr": lr, "train_loss": losses["train"],
-                  "val_loss": losses["val"], "tokens_per_s": tps, "mfu": mfu, "block": cfg.block,
-                  **gain_means(r.model)})
-    if ddp[0] == 0:
-        bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
-                  f"lr {lr:.2e}, {tps:,.0f} tok/s")
-        write_csv(os.path.join(cfg.out_dir, "log.csv"), r.log)
-        if step > 0 or cfg.max_iters == 0:
-            save_checkpoint(r, cfg)
+def log_eval(cfg, ds, run, st, pbar):
+    """Tokens/s since st.mark; evaluate, append a row to log.csv, print it, checkpoint (not at
+    step 0)."""
+    now, lr, tokens = time.time(), get_lr(st.step, cfg), st.step * run.tokens
+    interval = now - st.mark[0]
+    st.train_s += interval
+    losses = evaluate(st.model, ds, cfg, run)
+    tps = (st.step - st.mark[1]) * run.tokens / interval if st.step > 0 and interval > 0 \
+        else float("nan")
+    peak = peak_flops(run.dev)
+    st.log.append(dict(step=st.step, tokens=tokens, elapsed_s=round(now - st.t0, 3),
+                       train_s=round(st.train_s, 3), lr=lr, train_loss=losses["train"],
+                       val_loss=losses["val"], tokens_per_s=tps,
+                       mfu=tps * flops_per_token(st.raw, cfg) / peak if peak else float("nan"),
+                       block=cfg.block, **gain_means(st.raw)))
+    if not run.master:
+        return
+    write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
+    pbar.write(f"step {st.step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
+               f"lr {lr:.2e}, {tps:,.0f} tok/s")
+    if st.step > 0 or cfg.max_iters == 0:
+        save_checkpoint(st, cfg, run.device)
 
 
 def gain_means(model):
@@ -1015,45 +1010,39 @@ def gain_means(model):
     return {n + "_mean": sum(v) / len(v) if v else float("nan") for n, v in vals.items()}
 
 
-def finish_run(r, cfg, ds, device, master):
-    """results.json, the plots and a sample of text."""
-    rows, model = r.log, r.model
-    tps = [x["tokens_per_s"] for x in rows if not math.isnan(x["tokens_per_s"])]
+def finish_run(cfg, ds, run, st):
+    """results.json, the plots and a sample."""
+    f, raw = st.log[-1], st.raw
+    tps = [x["tokens_per_s"] for x in st.log if not math.isnan(x["tokens_per_s"])]
     tps = tps[1:] or tps  # (the first interval includes compiling)
-    last = rows[-1]
-    final = {"train_loss": last["train_loss"], "val_loss": last["val_loss"],
-             "val_ppl": math.exp(last["val_loss"]), "params": count_params(model),
-             "tokens_per_s": sum(tps) / len(tps) if tps else float("nan"),
-             "elapsed_s": last["elapsed_s"], "train_s": last["train_s"], "step": last["step"]}
-    results = {"script": SCRIPT + ".py", "config": dataclasses.asdict(cfg), "final": final,
-               "param_table": param_table(cfg), "paper": PAPER_NUMBERS,
-               "gains": learned_gains(model)}
-    if master:
+    results = dict(script=SCRIPT + ".py", config=dataclasses.asdict(cfg), final=dict(
+        train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(f["val_loss"]),
+        params=count_params(raw), tokens_per_s=sum(tps) / len(tps) if tps else float("nan"),
+        elapsed_s=f["elapsed_s"], train_s=f["train_s"], step=f["step"]),
+        param_table=param_table(cfg), paper=PAPER_NUMBERS, gains=learned_gains(raw))
+    if run.master:
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
-        plot_runs({cfg.block: rows}, cfg.out_dir, prefix="loss")
+        plot_runs({cfg.block: st.log}, cfg.out_dir, prefix="loss")
         if cfg.sample_tokens > 0:
-            idx = torch.tensor([ds.encode("def " if "pycode" in ds.name else "\n")], device=device)
-            with autocast_ctx(device, r.dtype):
-                out = model.generate(idx, cfg.sample_tokens, ds.vocab_size)[0].tolist()
-            print("---- sample ----\n" + ds.decode(out) + "\n----------------")
-    return results, rows
+            start = torch.tensor([ds.encode("def " if "pycode" in ds.name else "\n")],
+                                 device=run.dev)
+            with run.autocast:
+                out = raw.generate(start, cfg.sample_tokens, ds.vocab_size)[0].tolist()
+            print(f"---- sample ----\n{ds.decode(out)}\n----------------")
+    return results, st.log
 
 
 # ---- checkpoints and files
-def save_checkpoint(r, cfg):
-    """ckpt.pt: model, optimizer, config, step, log and RNG states; written atomically."""
-    cuda = torch.cuda.get_rng_state() if r.device.type == "cuda" else None
-    ck = {"script": SCRIPT, "model": r.model.state_dict(), "step": r.step,
-          "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
-          "config": dataclasses.asdict(cfg), "log": r.log, "train_s": r.train_s,
-          "rng": {"data": r.gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}}
-    write_file(r.ckpt, lambda f: torch.save(ck, f), "wb")
-    r.ckpt_step = r.step
+def save_checkpoint(st, cfg, device):
+    """Model, optimizer, config, step, log, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
+    ck = {"script": SCRIPT, "model": st.raw.state_dict(), "optimizer": st.opt.state_dict(),
+          "scaler": st.scaler.state_dict(), "config": dataclasses.asdict(cfg), "step": st.step,
+          "log": st.log, "train_s": st.train_s,
+          "rng": {"data": st.gen.get_state(), "torch": torch.get_rng_state(),
+                  "cuda": torch.cuda.get_rng_state() if device == "cuda" else None}}
+    write_file(st.path, lambda f: torch.save(ck, f), "wb")
+    st.kept = f"kept {st.path} (step {st.step})"
 
-
-def kept(r):
-    """Which checkpoint a stopped run leaves (the same phrase in all three scripts)."""
-    return f"kept {r.ckpt} (step {r.ckpt_step})" if r.ckpt_step is not None else "no checkpoint yet"
 
 
 def load_checkpoint(path, cfg):
@@ -1075,20 +1064,20 @@ def load_checkpoint(path, cfg):
     return ck, with_block(cfg, **{k: ck["config"][k] for k in ARCH_FIELDS})
 
 
-def restore(ck, r, device):
+def restore(ck, st, device):
     try:
-        r.model.load_state_dict(ck["model"])
-        r.optimizer.load_state_dict(ck["optimizer"])
+        st.raw.load_state_dict(ck["model"])
+        st.opt.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise BadInput(f"checkpoint {r.ckpt} does not fit this model: "
+        raise BadInput(f"checkpoint {st.path} does not fit this model: "
                        f"{str(e).splitlines()[0]}") from None
-    r.scaler.load_state_dict(ck["scaler"])
-    r.gen.set_state(ck["rng"]["data"])
+    st.scaler.load_state_dict(ck["scaler"])
+    st.step, st.log, st.train_s = ck["step"], ck["log"], ck["train_s"]
+    st.kept = f"kept {st.path} (step {st.step})"
+    st.gen.set_state(ck["rng"]["data"])
     torch.set_rng_state(ck["rng"]["torch"])
-    if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+    if device == "cuda" and ck["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
-    r.step = r.ckpt_step = ck["step"]
-    r.log, r.train_s = ck["log"], ck["train_s"]
 
 
 def git_commit():
@@ -1121,6 +1110,17 @@ def write_csv(path, rows):
         w.writeheader()
         w.writerows(rows)
     write_file(path, write)
+
+
+def write_run_info(cfg, ds, run, raw):
+    """config.json, and the run's one-line summary."""
+    n = count_params(raw)
+    write_json(os.path.join(cfg.out_dir, "config.json"), dict(
+        config=dataclasses.asdict(cfg), torch=torch.__version__, device=device_name(run.dev),
+        dtype=str(run.dtype), compiled=run.compile, world_size=run.world, git_commit=git_commit(),
+        params=n, dataset=ds.name, tokenizer=ds.tokenizer))
+    print(f"{cfg.block}: {n / 1e6:.3f}M parameters, {run.tokens} tokens/step, "
+          f"device {run.dev}, dtype {run.dtype}, compile {run.compile}")
 
 
 # ---- main
@@ -1170,7 +1170,7 @@ def run_mode(cfg, ds, ck, device, ddp):
     elif cfg.compare:
         run_compare(cfg, ds, device, ddp)
     else:
-        train(cfg, ds, device, ddp, ck)
+        train(cfg, ds, device, ck)
 
 
 def main(argv=None):
