@@ -1123,7 +1123,17 @@ def write_run_info(cfg, ds, run, raw):
           f"device {run.dev}, dtype {run.dtype}, compile {run.compile}")
 
 
-# ---- main
+def write_param_table(cfg):
+    """params.json, and the table of every block's parameters (printed)."""
+    table = param_table(cfg)
+    print(f"trainable parameters at L={cfg.n_layer}, d={cfg.n_embd}, H={cfg.n_head}, "
+          f"vocab={cfg.vocab_size}:\n" + md_table(["block", "params", "vs Pre-LN"], [
+              [r["block"], f"{r['params'] / 1e6:.3f}M", f"{-100 * r['reduction_vs_preln']:+.1f}%"]
+              for r in table]))
+    write_json(os.path.join(cfg.out_dir, "params.json"),
+               {"config": {k: getattr(cfg, k) for k in ARCH_FIELDS}, "table": table})
+
+
 def setup_ddp(cfg):
     """(device, (rank, world_size)); under torchrun one process per GPU (NCCL) or CPU (gloo)."""
     device = resolve_device(cfg)
@@ -1136,53 +1146,37 @@ def setup_ddp(cfg):
     return device, (torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
-def prepare(argv):
-    """Parse, validate, read the checkpoint and the data: everything before the first write."""
-    cfg = parse_config(argv)
-    validate(cfg)
-    ck, ds = None, None
-    if cfg.resume:
-        ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
-    if not cfg.bench:
-        try:
-            ds = data.load_dataset(cfg.dataset, cfg.tokenizer, data_dir=cfg.data_dir or None)
-            ds.check_block_size(cfg.block_size)
-        except data.DataError as e:
-            raise BadInput(str(e)) from None
-    vocab = cfg.vocab_size or 50257 if ds is None else max(cfg.vocab_size, ds.vocab_size)
-    return with_block(cfg, cfg.block, vocab_size=64 * math.ceil(vocab / 64)), ds, ck
-
-
-def run_mode(cfg, ds, ck, device, ddp):
-    """The parameter table, then one training run, --compare or --bench."""
-    if ddp[0] == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        table = param_table(cfg)
-        print(f"trainable parameters at L={cfg.n_layer}, d={cfg.n_embd}, H={cfg.n_head}, "
-              f"vocab={cfg.vocab_size}:\n" + md_table(["block", "params", "vs Pre-LN"], [
-                  [r["block"], f"{r['params'] / 1e6:.3f}M",
-                   f"{-100 * r['reduction_vs_preln']:+.1f}%"] for r in table]))
-        write_json(os.path.join(cfg.out_dir, "params.json"),
-                   {"config": {k: getattr(cfg, k) for k in ARCH_FIELDS}, "table": table})
-    if cfg.bench:
-        if ddp[0] == 0:
-            run_bench(cfg, device)
-    elif cfg.compare:
-        run_compare(cfg, ds, device, ddp)
-    else:
-        train(cfg, ds, device, ck)
-
-
 def main(argv=None):
     created = None  # the out_dir this run created: removed again if it fails on bad input
     try:
-        cfg, ds, ck = prepare(argv)
+        cfg = parse_config(argv)
+        validate(cfg)
+        ck, ds = None, None
+        if cfg.resume:
+            ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
+        if not cfg.bench:
+            try:
+                ds = data.load_dataset(cfg.dataset, cfg.tokenizer, data_dir=cfg.data_dir or None)
+                ds.check_block_size(cfg.block_size)
+            except data.DataError as e:  # only here: later ones must not remove a run's files
+                raise BadInput(str(e)) from None
+        vocab = cfg.vocab_size or 50257 if ds is None else max(cfg.vocab_size, ds.vocab_size)
+        cfg = with_block(cfg, cfg.block, vocab_size=64 * math.ceil(vocab / 64))
         device, ddp = setup_ddp(cfg)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        created = cfg.out_dir if not os.path.exists(cfg.out_dir) and ddp[0] == 0 else None
+        created = None if os.path.exists(cfg.out_dir) or ddp[0] else cfg.out_dir
         try:
-            run_mode(cfg, ds, ck, device, ddp)
+            if ddp[0] == 0:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+                write_param_table(cfg)
+            if cfg.bench:
+                if ddp[0] == 0:
+                    run_bench(cfg, device)
+            elif cfg.compare:
+                run_compare(cfg, ds, device, ddp)
+            else:
+                train(cfg, ds, device, ck)
         except RuntimeError as e:  # (torch.cuda.OutOfMemoryError is one)
             if not isinstance(e, torch.cuda.OutOfMemoryError) and "allocate memory" not in str(e):
                 raise
