@@ -535,7 +535,8 @@ def run_compare(cfg, ds, device, ddp):
     for b in cfg.compare.split(","):
         sub = with_block(cfg, b, out_dir=os.path.join(cfg.out_dir, b), compare="")
         os.makedirs(sub.out_dir, exist_ok=True)
-        res, runs[b] = train(sub, ds, device)
+        res = train(sub, ds, device)
+        runs[b] = res["log"]
         table.append({"block": b, **{k: res["final"][k] for k in (
             "params", "tokens_per_s", "train_loss", "val_loss", "train_s")}})
     if ddp[0] == 0:
@@ -684,11 +685,11 @@ def run_bench(cfg, device):
 
 # ---- command line
 class BadInput(Exception):
-    """A bad flag, file, checkpoint or size: main prints one line and exits with status 2."""
+    """A user error: one line on stderr, exit status 2, nothing written."""
 
 
 class Diverged(Exception):
-    """A non-finite loss or gradient norm: main prints one line and exits with status 3."""
+    """A non-finite loss or gradient norm: one line, exit status 3, the last checkpoint kept."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -707,7 +708,7 @@ def build_parser():
                       description="Simplifying Transformer Blocks (He & Hofmann, ICLR 2024).")
     for f in dataclasses.fields(Config):
         kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
-        if isinstance(f.default, bool) or f.default is None:
+        if f.default is None or isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), choices=f.metadata["choices"], **kw)
@@ -721,8 +722,8 @@ def parse_config(argv=None) -> Config:
     if preset == "auto":
         cuda = given.get("device", "auto") in ("auto", "cuda") and torch.cuda.is_available()
         preset = "gpu" if cuda else "cpu"
-    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
-    cfg.explicit = set(given)  # (they win over presets and checkpoints)
+    cfg = Config(**{**PRESETS[preset], **given})
+    cfg.preset, cfg.explicit = preset, set(given)  # (they win over presets and checkpoints)
     return with_block(cfg, cfg.block)
 
 
@@ -783,7 +784,7 @@ def validate(cfg: Config):
     need(not cpu or cfg.device in ("cpu", "auto"),
          f"--device {cfg.device} is not available here; use --device cpu")
     need(not (cpu and cfg.dtype == "float16"), "float16 needs CUDA or MPS; use float32 or bfloat16")
-    parent = os.path.abspath(cfg.out_dir)  # the out_dir: a file, under a file, not writable?
+    parent = os.path.abspath(cfg.out_dir)   # out_dir: a file, under a file, not writable?
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     need(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
@@ -829,9 +830,9 @@ def warmup_iters(cfg):
 def make_optimizer(model, cfg, device_type):
     """AdamW; weight decay only on matrices and embeddings, not on gains, norms, biases (< 2-D)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}  # (eps 1e-8, as the paper)
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    extra = dict(fused=True) if device_type == "cuda" else {}  # (eps 1e-8, as the paper)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
@@ -842,16 +843,16 @@ def evaluate(model, ds, cfg, run):
     out = {}
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        losses = torch.zeros(cfg.eval_iters, device=run.dev)
-        for i in range(cfg.eval_iters):
+        losses = []
+        for _ in range(cfg.eval_iters):
             x, y = ds.get_batch(split, cfg.batch_size, cfg.block_size, device=run.dev,
                                 generator=gen, rank=run.rank, world_size=run.world)
             with run.autocast:
-                losses[i] = model(x, y)[1].float()
+                losses.append(model(x, y)[1].float())
+        loss = torch.stack(losses).mean()
         if run.ddp:
-            torch.distributed.all_reduce(losses)
-            losses /= run.world
-        out[split] = losses.mean().item()
+            torch.distributed.all_reduce(loss)
+        out[split] = loss.item() / run.world
     model.train()
     return out
 
@@ -1029,17 +1030,17 @@ def finish_run(cfg, ds, run, st):
             with run.autocast:
                 out = raw.generate(start, cfg.sample_tokens, ds.vocab_size)[0].tolist()
             print(f"---- sample ----\n{ds.decode(out)}\n----------------")
-    return results, st.log
+    return dict(results, log=st.log)
 
 
 # ---- checkpoints and files
 def save_checkpoint(st, cfg, device):
     """Model, optimizer, config, step, log, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
-    ck = {"script": SCRIPT, "model": st.raw.state_dict(), "optimizer": st.opt.state_dict(),
-          "scaler": st.scaler.state_dict(), "config": dataclasses.asdict(cfg), "step": st.step,
-          "log": st.log, "train_s": st.train_s,
-          "rng": {"data": st.gen.get_state(), "torch": torch.get_rng_state(),
-                  "cuda": torch.cuda.get_rng_state() if device == "cuda" else None}}
+    ck = dict(script=SCRIPT, model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
+              scaler=st.scaler.state_dict(), config=dataclasses.asdict(cfg), step=st.step,
+              log=st.log, train_s=st.train_s,
+              rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
+                       cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
     write_file(st.path, lambda f: torch.save(ck, f), "wb")
     st.kept = f"kept {st.path} (step {st.step})"
 
