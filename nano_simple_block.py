@@ -64,7 +64,6 @@ exercises are marked "BEGIN EXERCISE" (python tests/make_exercises.py --list).
 """
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
@@ -620,7 +619,7 @@ def parse_bench_entry(entry, cfg):
     return dataclasses.replace(cfg, **over)
 
 
-def bench_step(c, x, y, device, dtype):
+def bench_step(c, x, y, device, autocast):
     """One --bench entry: a closure running one full training step, and the model."""
     torch.manual_seed(c.seed)
     model = GPT(c).to(device)
@@ -628,7 +627,7 @@ def bench_step(c, x, y, device, dtype):
     cmodel, compiled = maybe_compile(model, c, device)
 
     def step():
-        with autocast_ctx(device, dtype):
+        with autocast:
             loss = cmodel(x, y)[1]
         loss.backward()
         if c.grad_clip > 0:
@@ -642,7 +641,7 @@ def run_bench(cfg, device):
     """Time full training steps (forward, backward, clip, AdamW) of each --bench entry in one
     process on random tokens: 5 untimed steps (the first compiles), then 3 interleaved rounds of
     --bench_iters steps (clock drift hits every entry alike); the best round counts."""
-    dtype, peak = resolve_dtype(cfg, device), peak_flops(device)
+    run, peak = setup_run(cfg, device), peak_flops(device)
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     xy = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1),
                        generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -660,7 +659,7 @@ def run_bench(cfg, device):
     rows, steps = [], []
     for entry in cfg.bench.split(","):
         c = parse_bench_entry(entry, cfg)
-        step, model, compiled = bench_step(c, x, y, device, dtype)
+        step, model, compiled = bench_step(c, x, y, device, run.autocast)
         steps.append(step)
         rows.append({"block": entry, "params": count_params(model), "ms_rounds": [],
                      "warmup_s": timed(step, 5), "flops_per_token": flops_per_token(model, c),
@@ -675,7 +674,7 @@ def run_bench(cfg, device):
         r["ms_per_step"] = min(r["ms_rounds"])
         r["tokens_per_s"] = cfg.batch_size * cfg.block_size / (r["ms_per_step"] / 1000)
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak if peak else None
-    head = (f"device {device_name(device)}, torch {torch.__version__}, {dtype}, compile "
+    head = (f"device {device_name(device)}, torch {torch.__version__}, {run.dtype}, compile "
             f"{rows[0]['compiled']}, L {cfg.n_layer}, d {cfg.n_embd}, H {cfg.n_head}, "
             f"T {cfg.block_size}, B {cfg.batch_size}, vocab {cfg.vocab_size}; best of "
             f"3 rounds x {cfg.bench_iters} steps")
@@ -744,19 +743,6 @@ def resolve_device(cfg):
     return torch.device(cfg.device if ok[cfg.device] else "cpu")
 
 
-def resolve_dtype(cfg, device):
-    if cfg.dtype == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, cfg.dtype)
-
-
-def autocast_ctx(device, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 RULES = (  # (flags, what each must be, the test)
     (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
       "eval_interval", "eval_iters", "bench_iters"), ">= 1", lambda v: v >= 1),
@@ -770,7 +756,7 @@ RULES = (  # (flags, what each must be, the test)
 )
 
 
-def validate(cfg: Config):
+def validate(cfg: Config, device) -> Config:
     """Every check that can fail before anything is written (for each --compare/--bench entry)."""
     for c in run_configs(cfg):
         for names, want, ok in RULES:
@@ -780,7 +766,7 @@ def validate(cfg: Config):
         need(c.n_embd % c.n_head == 0,
              f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
         need(c.block in BLOCKS, f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
-    cpu = resolve_device(cfg).type == "cpu"
+    cpu = device.type == "cpu"
     need(not cpu or cfg.device in ("cpu", "auto"),
          f"--device {cfg.device} is not available here; use --device cpu")
     need(not (cpu and cfg.dtype == "float16"), "float16 needs CUDA or MPS; use float32 or bfloat16")
@@ -789,6 +775,7 @@ def validate(cfg: Config):
         parent = os.path.dirname(parent)
     need(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
          f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
+    return cfg
 
 
 def run_configs(cfg: Config):
@@ -859,13 +846,15 @@ def evaluate(model, ds, cfg, run):
 
 def setup_run(cfg, device):
     """DDP (torchrun, set up by setup_ddp), device, dtype, autocast: what a run is made of."""
-    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp \
-        else (0, 1)
-    dtype = resolve_dtype(cfg, device)
+    ddp, rank, world = torch.distributed.is_available() and torch.distributed.is_initialized(), 0, 1
+    if ddp:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    auto = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtype = getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     return SimpleNamespace(
         ddp=world > 1, rank=rank, world=world, master=rank == 0, device=device.type, dtype=dtype,
-        dev=device, autocast=autocast_ctx(device, dtype),
+        dev=device, autocast=torch.autocast(device.type, dtype=dtype,
+                                            enabled=dtype != torch.float32),
         tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
 
 
@@ -881,7 +870,7 @@ def maybe_compile(model, cfg, device):
 
 
 def train(cfg: Config, ds, device, ck=None):
-    """Train GPT(cfg) on ds: config.json, log.csv, ckpt.pt, results.json, plots in cfg.out_dir."""
+    """Train one model (nanoGPT's loop); returns the results dict (also written to out_dir)."""
     run = setup_run(cfg, device)
     torch.manual_seed(cfg.seed)
     raw = GPT(cfg).to(run.dev)
@@ -955,7 +944,6 @@ def train_step(model, ds, cfg, run, st, bad):
 
 
 def check_finite(bad, st):
-    """bad lives on the device: reading it syncs, so on CUDA it is read only now and then."""
     if bool(bad):
         what = f"grad norm is {st.norm}" if torch.isfinite(st.loss) else f"loss is {float(st.loss)}"
         raise Diverged(f"step {st.step}: {what}; {st.kept}")
@@ -1101,7 +1089,7 @@ def write_file(path, write, mode="w"):
     os.replace(path + ".tmp", path)
 
 
-def write_json(path, obj):
+def write_json(path, obj):  # atomically, as write_csv
     write_file(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
@@ -1135,9 +1123,8 @@ def write_param_table(cfg):
                {"config": {k: getattr(cfg, k) for k in ARCH_FIELDS}, "table": table})
 
 
-def setup_ddp(cfg):
+def setup_ddp(device):
     """(device, (rank, world_size)); under torchrun one process per GPU (NCCL) or CPU (gloo)."""
-    device = resolve_device(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device, (0, 1)
     if device.type == "cuda":
@@ -1151,19 +1138,21 @@ def main(argv=None):
     created = None  # the out_dir this run created: removed again if it fails on bad input
     try:
         cfg = parse_config(argv)
-        validate(cfg)
+        device = resolve_device(cfg)
+        validate(cfg, device)
         ck, ds = None, None
         if cfg.resume:
             ck, cfg = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
         if not cfg.bench:
             try:
-                ds = data.load_dataset(cfg.dataset, cfg.tokenizer, data_dir=cfg.data_dir or None)
+                ds = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
+                                       data_dir=cfg.data_dir or None)
                 ds.check_block_size(cfg.block_size)
             except data.DataError as e:  # only here: later ones must not remove a run's files
                 raise BadInput(str(e)) from None
         vocab = cfg.vocab_size or 50257 if ds is None else max(cfg.vocab_size, ds.vocab_size)
         cfg = with_block(cfg, cfg.block, vocab_size=64 * math.ceil(vocab / 64))
-        device, ddp = setup_ddp(cfg)
+        device, ddp = setup_ddp(device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         created = None if os.path.exists(cfg.out_dir) or ddp[0] else cfg.out_dir
