@@ -825,7 +825,7 @@ def make_optimizer(model, cfg, device_type):
 
 @torch.no_grad()
 def evaluate(model, ds, cfg, run):
-    """Mean loss over eval_iters batches of each split; the same batches at every eval."""
+    """Mean loss on fixed train/val batches (the same at every eval)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
@@ -899,7 +899,7 @@ def train(cfg: Config, ds, device, ck=None):
             if st.step % cfg.eval_interval == 0 or st.step == cfg.max_iters:
                 check_finite(bad, st)                                 # never save bad weights
                 if not (st.log and st.log[-1]["step"] == st.step):  # (resumed: logged already)
-                    log_eval(cfg, ds, run, st, pbar)
+                    log_eval(cfg, ds, run, st)
                 st.mark = (time.time(), st.step)
             elif stop and run.master:
                 check_finite(bad, st)
@@ -968,7 +968,7 @@ def flops_per_token(model, cfg):
     return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-def log_eval(cfg, ds, run, st, pbar):
+def log_eval(cfg, ds, run, st):
     """Tokens/s since st.mark; evaluate, append a row to log.csv, print it, checkpoint (not at
     step 0)."""
     now, lr, tokens = time.time(), get_lr(st.step, cfg), st.step * run.tokens
@@ -986,7 +986,7 @@ def log_eval(cfg, ds, run, st, pbar):
     if not run.master:
         return
     write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
-    pbar.write(f"step {st.step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
+    tqdm.write(f"step {st.step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
                f"lr {lr:.2e}, {tps:,.0f} tok/s")
     if st.step > 0 or cfg.max_iters == 0:
         save_checkpoint(st, cfg, run.device)
