@@ -75,6 +75,7 @@ def sffn_probe(rows):
                   f"{float(r['dead_frac']):.1%} | {r['dead_by_layer']} | {r['maxload_by_layer']} |")
 
 
+C_GPU = 2048  # active cells c (= d_ff) of nano_sffn's gpu preset, the only setting in the CSV
 PAPER_PPL = dict(dense=16.96, switch=16.45, avgk=14.80)  # ICLR version; its g was not retrieved
 
 
@@ -101,7 +102,7 @@ def sffn_compare(rows, steps=6000):
         tps = median([float(r["tokens_per_s"]) for r in v])
         rel = "" if d_loss is None or k[0] == "dense" else f"{math.exp(m - d_loss) - 1:+.1%}"
         dead = median([float(r["dead_frac"]) for r in v]) if v[0]["dead_frac"] else None
-        b = 1 if k[0] == "dense" else 2048 // k[1]
+        b = 1 if k[0] == "dense" else C_GPU // k[1]
         print(f"| {k[0]} | {k[1]} | {b} | {k[2]} | {k[3]:g} | {','.join(r['seed'] for r in v)} | "
               f"{m:.4f} ± {h:.4f} | {math.exp(m):.3f} | {rel} | {int(v[0]['params']) / 1e6:.1f}M | "
               f"{int(v[0]['fwd_flops_per_token']) / 1e6:.1f}M | {tps:,.0f} ({tps / d_tps:.2f}x) | "
@@ -125,7 +126,7 @@ def sffn_compare(rows, steps=6000):
     if dense:
         ax.axhline(math.exp(d_loss), color="k", lw=1, ls=":", label="dense")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("block size g (cells per block; b = 2048 / g blocks chosen)")
+    ax.set_xlabel(f"block size g (cells per block; b = {C_GPU} / g blocks chosen)")
     ax.set_ylabel("val perplexity (GPT-2 BPE)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
