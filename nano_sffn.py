@@ -793,10 +793,9 @@ def run_bench(cfg, device):
             ok = impl == "masked" or device == "cpu" or native_grouped_ok(device, dt, d, g, layer.B)
             row[f"{impl}_ms"] = ms(lambda: layer(x)[0].backward(gy)) if ok else None
         rows.append(row)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(write_table(cfg.out_dir, "bench", rows, f"layer fwd+bwd, {name}, {dt}, T={T} d={d} "
-                      f"d_m={cfg.d_m} c={cfg.d_ff}, Avg-K selection, torch {torch.__version__}, "
-                      f"mean of {cfg.bench_iters} iterations (ms)"))
+    print(write_table(cfg.out_dir, "bench", rows, f"layer fwd+bwd, {device_name(device)}, {dt}, "
+                      f"T={T} d={d} d_m={cfg.d_m} c={cfg.d_ff}, Avg-K selection, "
+                      f"torch {torch.__version__}, mean of {cfg.bench_iters} iterations (ms)"))
     return rows
 
 
@@ -1072,6 +1071,10 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A8
              "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
 
 
+def device_name(device):
+    return torch.cuda.get_device_name() if device == "cuda" else device
+
+
 def log_eval(cfg, ds, run, st, total, elapsed):
     """Tokens/s since st.mark; evaluate, append a row to log.csv, print it, checkpoint (not at
     step 0: nanoGPT's rule)."""
@@ -1080,8 +1083,7 @@ def log_eval(cfg, ds, run, st, total, elapsed):
         st.tps = (st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
     tps = st.tps
     losses, health = evaluate(st.raw, ds, cfg, run)
-    name = torch.cuda.get_device_name() if run.device == "cuda" else ""
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = next((v for k, v in PEAK_BF16.items() if k in device_name(run.device)), None)
     st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
                        elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step, cfg),
                        train_loss=losses["train"], val_loss=losses["val"], tokens_per_s=tps,
@@ -1223,7 +1225,7 @@ def write_run_info(cfg, ds, run, rows, total, vocab):
     Path(cfg.out_dir, "flops.txt").write_text(text + "\n")
     write_json(os.path.join(cfg.out_dir, "config.json"), dict(
         config=asdict(cfg), torch=torch.__version__, device=run.device,
-        device_name=torch.cuda.get_device_name() if run.device == "cuda" else run.device,
+        device_name=device_name(run.device),
         git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
         vocab_size=ds.vocab_size, vocab_padded=vocab))
 
