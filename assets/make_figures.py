@@ -79,6 +79,37 @@ C_GPU = 2048  # active cells c (= d_ff) of nano_sffn's gpu preset, the only sett
 PAPER_PPL = dict(dense=16.96, switch=16.45, avgk=14.80)  # ICLR version; its g was not retrieved
 
 
+def solo_tps(rows):
+    """Median tokens/s of the runs that had their GPU to themselves (None if there is none)."""
+    solo = [float(r["tokens_per_s"]) for r in rows if "shared" not in r["device"]]
+    return median(solo) if solo else None
+
+
+def sffn_pairs(rows, steps=6000, lr=0.001):
+    """Same-seed differences of val loss for the orderings the paper's claims rest on."""
+    runs = {(r["selector"], int(r["g"]), r["avgk_balance"], r["seed"]): float(r["val_loss"])
+            for r in rows if int(r["steps"]) == steps and float(r["lr"]) == lr}
+    pairs = [("C1", ("avgk", 64, "none"), ("avgk", 256, "none")),
+             ("C1", ("avgk", 256, "none"), ("avgk", 2048, "none")),
+             ("C2", ("avgk", 64, "none"), ("switch", 2048, "none")),
+             ("C2", ("avgk", 64, "none"), ("hash", 2048, "none")),
+             ("C3", ("avgk", 256, "none"), ("topk", 256, "none")),
+             ("bias", ("avgk", 64, "bias"), ("avgk", 64, "none")),
+             ("bias", ("avgk", 256, "bias"), ("avgk", 256, "none")),
+             ("dense", ("avgk", 2048, "none"), ("dense", 2048, "none"))]
+    print(f"\nSame-seed differences of val loss (A − B; negative: A is better), {steps} steps:\n")
+    print("| claim | A | B | per seed | mean |")
+    print("|---|---|---|---|---|")
+    name = lambda a: f"{a[0]}{'' if a[0] == 'dense' else ' g=%d' % a[1]}" + (
+        " + bias" if a[2] == "bias" else "")
+    for claim, a, b in pairs:
+        seeds = sorted({k[3] for k in runs if k[:3] == a} & {k[3] for k in runs if k[:3] == b})
+        if seeds:
+            d = [runs[a + (s,)] - runs[b + (s,)] for s in seeds]
+            per = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(seeds, d))
+            print(f"| {claim} | {name(a)} | {name(b)} | {per} | {sum(d) / len(d):+.4f} |")
+
+
 def sffn_compare(rows, steps=6000):
     """The paper's comparison at the gpu preset (issue 10): one row per arm, seeds pooled."""
     arms = defaultdict(list)  # (selector, g, balance, lr) -> rows
@@ -89,8 +120,8 @@ def sffn_compare(rows, steps=6000):
         return
     dense = [float(r["val_loss"]) for k, v in arms.items() if k[0] == "dense" for r in v]
     d_loss = mean_half_range(dense)[0] if dense else None
-    d_tps = median([float(r["tokens_per_s"]) for k, v in arms.items() if k[0] == "dense"
-                    for r in v]) if dense else None
+    d_seed = {r["seed"]: float(r["val_loss"]) for k, v in arms.items() if k[0] == "dense" for r in v}
+    d_tps = solo_tps([r for k, v in arms.items() if k[0] == "dense" for r in v])
     print(f"\nS-FFN at the gpu preset, {steps} steps (val loss mean ± half-range over seeds):\n")
     print("| selector | g | b | balance | LR | seeds | val loss | val ppl | ppl vs dense | "
           "params | fwd FLOPs/token | tokens/s (vs dense) | dead blocks | max/mean load |")
@@ -99,13 +130,15 @@ def sffn_compare(rows, steps=6000):
     for k in sorted(arms, key=lambda k: (order.index(k[0]), -k[1], k[2], k[3])):
         v = arms[k]
         m, h = mean_half_range([float(r["val_loss"]) for r in v])
-        tps = median([float(r["tokens_per_s"]) for r in v])
-        rel = "" if d_loss is None or k[0] == "dense" else f"{math.exp(m - d_loss) - 1:+.1%}"
+        tps = solo_tps(v)
+        speed = "" if tps is None else f"{tps:,.0f}" + (f" ({tps / d_tps:.2f}x)" if d_tps else "")
+        ds = [d_seed[r["seed"]] for r in v if r["seed"] in d_seed]  # dense at the same seeds
+        rel = "" if not ds or k[0] == "dense" else f"{math.exp(m - sum(ds) / len(ds)) - 1:+.1%}"
         dead = median([float(r["dead_frac"]) for r in v]) if v[0]["dead_frac"] else None
         b = 1 if k[0] == "dense" else C_GPU // k[1]
         print(f"| {k[0]} | {k[1]} | {b} | {k[2]} | {k[3]:g} | {','.join(r['seed'] for r in v)} | "
               f"{m:.4f} ± {h:.4f} | {math.exp(m):.3f} | {rel} | {int(v[0]['params']) / 1e6:.1f}M | "
-              f"{int(v[0]['fwd_flops_per_token']) / 1e6:.1f}M | {tps:,.0f} ({tps / d_tps:.2f}x) | "
+              f"{int(v[0]['fwd_flops_per_token']) / 1e6:.1f}M | {speed} | "
               f"{'' if dead is None else f'{dead:.0%}'} | {v[0]['maxload_by_layer']} |")
     print("\nThe paper (ICLR version), ppl vs dense: " + ", ".join(
         f"{s} {p} ({p / PAPER_PPL['dense'] - 1:+.1%})" for s, p in PAPER_PPL.items()))
@@ -137,7 +170,7 @@ def sffn_compare(rows, steps=6000):
 
 def sffn_curves(rows, steps=6000):
     """Val loss and Avg-K's dead-block fraction (mean of the sparse layers) against step."""
-    runs = [r for r in rows if int(r["steps"]) == steps and r.get("curve")]
+    runs = [r for r in rows if int(r["steps"]) == steps and r.get("curve") and r["seed"] == "1337"]
     if not runs:
         return
     import matplotlib
@@ -254,4 +287,5 @@ if __name__ == "__main__":
     simple_block_bench(read("simple_block_bench.csv"))
     sffn_probe(read("sffn_gpu_runs.csv"))
     sffn_compare(read("sffn_gpu_runs.csv"))
+    sffn_pairs(read("sffn_gpu_runs.csv"))
     sffn_curves(read("sffn_gpu_runs.csv"))
