@@ -966,7 +966,7 @@ def setup_run(cfg, device):
     dtype = getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     if use_compile and device == "mps":
-        print("note: torch.compile is not used on MPS; running eagerly")
+        print("note: torch.compile is not available on MPS; running eagerly")
         use_compile = False
     return SimpleNamespace(
         ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, dtype=dtype,
@@ -1150,7 +1150,7 @@ def load_checkpoint(path, cfg):
             raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadInput(f"cannot read checkpoint {path}: {msg}; fix --out_dir or drop --resume")
+        raise BadInput(f"cannot read checkpoint {path}: {msg}; delete it or run without --resume")
     need(ck["script"] == SCRIPT, f"{path} was written by {ck['script']}.py, not {SCRIPT}.py")
     for k in ARCH:
         need(k not in cfg.explicit or ck["config"].get(k) == getattr(cfg, k),

@@ -767,7 +767,7 @@ def validate(cfg: Config, device) -> Config:
         need(c.block in BLOCKS, f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
     cpu = device.type == "cpu"
     need(not cpu or cfg.device in ("cpu", "auto"),
-         f"--device {cfg.device} is not available here; use --device cpu")
+         f"--device {cfg.device} is not available here; use --device cpu or auto")
     need(not (cpu and cfg.dtype == "float16"), "float16 needs CUDA or MPS; use float32 or bfloat16")
     parent = os.path.abspath(cfg.out_dir)   # out_dir: a file, under a file, not writable?
     while not os.path.exists(parent):
@@ -1042,8 +1042,8 @@ def load_checkpoint(path, cfg):
         ck = torch.load(path, map_location="cpu", weights_only=False)
         assert isinstance(ck, dict) and isinstance(ck["config"], dict) and "model" in ck
     except Exception as e:
-        raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; delete it or run "
-                       "without --resume") from None
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(f"cannot read checkpoint {path}: {msg}; delete it or run without --resume")
     who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
     need(ck.get("script") == SCRIPT, f"{path} was written by {who}, not {SCRIPT}.py")
     for k in cfg.explicit:
