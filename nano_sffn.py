@@ -76,7 +76,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1105,7 +1105,7 @@ def finish_run(cfg, ds, run, st, total, rows):
     f = st.log[-1]
     impl = {i: "grouped" if use_grouped(layer, run.device, run.dtype, cfg.n_embd) else "masked"
             for i, layer in st.raw.sparse_layers()}
-    results = dict(script=SCRIPT + ".py", config=asdict(cfg), final=dict(
+    results = dict(script=SCRIPT + ".py", config=dataclasses.asdict(cfg), final=dict(
         train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(f["val_loss"]),
         tokens_per_s=f["tokens_per_s"], params=total["params"], elapsed_s=st.elapsed),
         flops=dict(total, per_ffn_layer=rows), impl=impl,     # forward FLOPs per token
@@ -1125,9 +1125,9 @@ def finish_run(cfg, ds, run, st, total, rows):
 
 # ---- checkpoints and files
 def save_checkpoint(st, cfg, device, elapsed):
-    """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
+    """Model, optimizer, config, step, log, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
     ck = dict(script=SCRIPT, model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
-              config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
+              config=dataclasses.asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
               rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
     write_file(st.path, lambda f: torch.save(ck, f), "wb")
@@ -1225,7 +1225,7 @@ def write_run_info(cfg, ds, run, rows, total, vocab):
     print(text)
     Path(cfg.out_dir, "flops.txt").write_text(text + "\n")
     write_json(os.path.join(cfg.out_dir, "config.json"), dict(
-        config=asdict(cfg), torch=torch.__version__, device=run.device,
+        config=dataclasses.asdict(cfg), torch=torch.__version__, device=run.device,
         device_name=device_name(run.device), git_commit=git_commit(), dataset=ds.name,
         tokenizer=ds.tokenizer, vocab_size=ds.vocab_size, vocab_padded=vocab))
 
