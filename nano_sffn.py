@@ -76,7 +76,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,6 +89,7 @@ from tqdm import tqdm
 
 import data
 
+SCRIPT, TITLE = "nano_sffn", "Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)"
 SELECTORS = ("dense", "vanillam", "pkm", "switch", "topk", "base", "hash", "avgk")
 AGGREGATORS = ("pre_mean", "post_mean", "post_sum", "max")
 
@@ -820,8 +821,7 @@ def need(ok, msg):
 
 def build_parser():
     """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
-    p = OneLineParser(prog="nano_sffn.py", argument_default=argparse.SUPPRESS,
-                      description="Unified sparse FFN (Liu et al. 2023, arXiv 2305.13999)")
+    p = OneLineParser(prog=SCRIPT + ".py", argument_default=argparse.SUPPRESS, description=TITLE)
     for f in dataclasses.fields(Config):
         kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
         if f.default is None or isinstance(f.default, bool):
@@ -870,7 +870,7 @@ def validate(cfg: Config, device: str = "cpu") -> Config:
         for n in names:
             need(ok(getattr(cfg, n)), f"--{n} must be {want} (got {getattr(cfg, n)})")
     need(0 <= cfg.min_lr <= cfg.lr, f"--min_lr must be in [0, lr={cfg.lr}] (got {cfg.min_lr})")
-    need(cfg.n_embd % cfg.n_head == 0, f"--n_head {cfg.n_head} does not divide --n_embd")
+    need(cfg.n_embd % cfg.n_head == 0, f"--n_head {cfg.n_head} must divide --n_embd {cfg.n_embd}")
     need(cfg.avgk_balance == "none" or cfg.selector == "avgk" or cfg.compare,
          "--avgk_balance bias balances Avg-K: use it with --selector avgk")
     need(cfg.dtype != "float16" or device in ("cuda", "mps"),
@@ -919,8 +919,8 @@ def get_lr(it, cfg):
 
 
 def make_optimizer(model, cfg, device_type):
-    """AdamW; decay on matrices and embeddings (K, V, gates) only, not on norms."""
-    params = list(model.parameters())
+    """AdamW; weight decay only on matrices and embeddings, not on gains, norms, biases (< 2-D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     extra = dict(fused=True) if device_type == "cuda" else {}
@@ -966,7 +966,7 @@ def setup_run(cfg, device):
     dtype = getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
     if use_compile and device == "mps":
-        print("note: torch.compile is not used on MPS; running eagerly")
+        print("note: torch.compile is not available on MPS; running eagerly")
         use_compile = False
     return SimpleNamespace(
         ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, dtype=dtype,
@@ -1072,16 +1072,15 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A8
 
 
 def device_name(device):
-    return torch.cuda.get_device_name() if device == "cuda" else device
+    return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
 
 
 def log_eval(cfg, ds, run, st, total, elapsed):
     """Tokens/s since st.mark; evaluate, append a row to log.csv, print it, checkpoint (not at
     step 0: nanoGPT's rule)."""
     sync(run.device)
-    if st.step > st.mark[1]:
-        st.tps = (st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
-    tps = st.tps
+    tps = st.tps = ((st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
+                    if st.step > st.mark[1] else st.tps)   # (else: the last interval's)
     losses, health = evaluate(st.raw, ds, cfg, run)
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name(run.device)), None)
     st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
@@ -1093,14 +1092,12 @@ def log_eval(cfg, ds, run, st, total, elapsed):
         return
     write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
     msg = f"step {st.step}: train {losses['train']:.4f} val {losses['val']:.4f} tok/s {tps:,.0f}"
-    ents = [v for k, v in health.items() if k.endswith("_entropy")]
+    ents, deads = ([v for k, v in health.items() if k.endswith(s)] for s in ("_entropy", "_dead"))
     if ents:
-        deads = [v for k, v in health.items() if k.endswith("_dead")]
         msg += f" | usage entropy {np.mean(ents):.3f} dead {np.mean(deads):.3f}"
     tqdm.write(msg)
     if st.step > 0:
         save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
-        st.kept = f"kept {st.path} (step {st.step})"
 
 
 def finish_run(cfg, ds, run, st, total, rows):
@@ -1108,7 +1105,7 @@ def finish_run(cfg, ds, run, st, total, rows):
     f = st.log[-1]
     impl = {i: "grouped" if use_grouped(layer, run.device, run.dtype, cfg.n_embd) else "masked"
             for i, layer in st.raw.sparse_layers()}
-    results = dict(script="nano_sffn.py", config=asdict(cfg), final=dict(
+    results = dict(script=SCRIPT + ".py", config=dataclasses.asdict(cfg), final=dict(
         train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(f["val_loss"]),
         tokens_per_s=f["tokens_per_s"], params=total["params"], elapsed_s=st.elapsed),
         flops=dict(total, per_ffn_layer=rows), impl=impl,     # forward FLOPs per token
@@ -1128,13 +1125,13 @@ def finish_run(cfg, ds, run, st, total, rows):
 
 # ---- checkpoints and files
 def save_checkpoint(st, cfg, device, elapsed):
-    """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
-    ck = dict(script="nano_sffn", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
-              config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
+    """Model, optimizer, config, step, log, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
+    ck = dict(script=SCRIPT, model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
+              config=dataclasses.asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
               rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
-    torch.save(ck, st.path + ".tmp")
-    os.replace(st.path + ".tmp", st.path)
+    write_file(st.path, lambda f: torch.save(ck, f), "wb")
+    st.kept = f"kept {st.path} (step {st.step})"
 
 
 ARCH = ("selector", "n_layer", "n_head", "n_embd", "block_size", "d_ff", "d_m", "g", "b",
@@ -1153,8 +1150,8 @@ def load_checkpoint(path, cfg):
             raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadInput(f"cannot read checkpoint {path}: {msg}; fix --out_dir or drop --resume")
-    need(ck["script"] == "nano_sffn", f"{path} was written by {ck['script']}.py, not nano_sffn.py")
+        raise BadInput(f"cannot read checkpoint {path}: {msg}; delete it or run without --resume")
+    need(ck["script"] == SCRIPT, f"{path} was written by {ck['script']}.py, not {SCRIPT}.py")
     for k in ARCH:
         need(k not in cfg.explicit or ck["config"].get(k) == getattr(cfg, k),
              f"checkpoint has {k}={ck['config'].get(k)} but --{k} {getattr(cfg, k)} was given")
@@ -1188,19 +1185,23 @@ def git_commit():
         return None
 
 
-def write_json(path, obj):  # atomically, as write_csv
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+def write_file(path, write, mode="w"):
+    """write(f) into path.tmp, then rename it: never a half-written file."""
+    with open(path + ".tmp", mode, newline=None if "b" in mode else "") as f:
+        write(f)
     os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):  # atomically, as write_csv
+    write_file(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
 def write_csv(path, rows):
-    """rows (dicts) to path, atomically (log.csv is rewritten at every eval)."""
-    with open(path + ".tmp", "w", newline="") as f:
+    def write(f):  # (log.csv is rewritten at every eval)
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
-    os.replace(path + ".tmp", path)
+    write_file(path, write)
 
 
 def write_table(out_dir, name, rows, head=""):
@@ -1224,10 +1225,9 @@ def write_run_info(cfg, ds, run, rows, total, vocab):
     print(text)
     Path(cfg.out_dir, "flops.txt").write_text(text + "\n")
     write_json(os.path.join(cfg.out_dir, "config.json"), dict(
-        config=asdict(cfg), torch=torch.__version__, device=run.device,
-        device_name=device_name(run.device),
-        git_commit=git_commit(), dataset=ds.name, tokenizer=ds.tokenizer,
-        vocab_size=ds.vocab_size, vocab_padded=vocab))
+        config=dataclasses.asdict(cfg), torch=torch.__version__, device=run.device,
+        device_name=device_name(run.device), git_commit=git_commit(), dataset=ds.name,
+        tokenizer=ds.tokenizer, vocab_size=ds.vocab_size, vocab_padded=vocab))
 
 
 def main(argv=None):
@@ -1265,7 +1265,7 @@ def main(argv=None):
         code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
         if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
             shutil.rmtree(created, ignore_errors=True)  # (a run with a checkpoint is kept)
-        print(f"nano_sffn.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
+        print(f"{SCRIPT}.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(code)
     finally:  # torchrun: one process group for all --compare runs (re-creating it can hang)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

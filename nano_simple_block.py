@@ -83,7 +83,7 @@ from tqdm.auto import tqdm
 
 import data
 
-SCRIPT = "nano_simple_block"
+SCRIPT, TITLE = "nano_simple_block", "Simplifying Transformer Blocks (He & Hofmann, ICLR 2024)."
 BLOCKS = ("preln", "parallel", "vskip", "sas", "sasp", "sasp_nonorm")
 SHAPED_BLOCKS = ("vskip", "sas", "sasp", "sasp_nonorm")  # skipless, shaped attention sub-block
 
@@ -703,8 +703,7 @@ def need(ok, msg):
 
 def build_parser():
     """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
-    p = OneLineParser(prog=SCRIPT + ".py", argument_default=argparse.SUPPRESS,
-                      description="Simplifying Transformer Blocks (He & Hofmann, ICLR 2024).")
+    p = OneLineParser(prog=SCRIPT + ".py", argument_default=argparse.SUPPRESS, description=TITLE)
     for f in dataclasses.fields(Config):
         kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
         if f.default is None or isinstance(f.default, bool):
@@ -745,10 +744,11 @@ def resolve_device(cfg):
 
 RULES = (  # (flags, what each must be, the test)
     (("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "mlp_ratio",
-      "eval_interval", "eval_iters", "bench_iters"), ">= 1", lambda v: v >= 1),
+      "eval_interval", "eval_iters", "bench_iters"), "an integer >= 1", lambda v: v >= 1),
     (("max_iters", "warmup_iters", "stop_at", "sample_tokens", "vocab_size", "min_lr",
-      "weight_decay", "grad_clip", "norm_eps"), "finite and >= 0", lambda v: 0 <= v < math.inf),
-    (("lr",), "finite and > 0", lambda v: 0 < v < math.inf),
+      "weight_decay", "grad_clip", "norm_eps"),
+     "a finite number >= 0", lambda v: 0 <= v < math.inf),
+    (("lr",), "a finite number > 0", lambda v: 0 < v < math.inf),
     (("beta1", "beta2"), "in [0, 1)", lambda v: 0 <= v < 1),
     (("warmup_frac",), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("beta_sa", "beta_ff"), "finite (--beta_ff < 0: the default)", math.isfinite),
@@ -762,13 +762,12 @@ def validate(cfg: Config, device) -> Config:
         for names, want, ok in RULES:
             for n in names:
                 need(ok(getattr(c, n)), f"--{n} must be {want} (got {getattr(c, n)})")
-        need(c.min_lr <= c.lr, f"--min_lr must be <= --lr (got {c.min_lr})")
-        need(c.n_embd % c.n_head == 0,
-             f"--n_embd {c.n_embd} is not divisible by --n_head {c.n_head}")
+        need(c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}] (got {c.min_lr})")
+        need(c.n_embd % c.n_head == 0, f"--n_head {c.n_head} must divide --n_embd {c.n_embd}")
         need(c.block in BLOCKS, f"unknown block {c.block!r}; choose from {', '.join(BLOCKS)}")
     cpu = device.type == "cpu"
     need(not cpu or cfg.device in ("cpu", "auto"),
-         f"--device {cfg.device} is not available here; use --device cpu")
+         f"--device {cfg.device} is not available here; use --device cpu or auto")
     need(not (cpu and cfg.dtype == "float16"), "float16 needs CUDA or MPS; use float32 or bfloat16")
     parent = os.path.abspath(cfg.out_dir)   # out_dir: a file, under a file, not writable?
     while not os.path.exists(parent):
@@ -819,7 +818,7 @@ def make_optimizer(model, cfg, device_type):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    extra = dict(fused=True) if device_type == "cuda" else {}  # (eps 1e-8, as the paper)
+    extra = dict(fused=True) if device_type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
@@ -890,7 +889,7 @@ def train(cfg: Config, ds, device, ck=None):
         write_run_info(cfg, ds, run, raw)
     st.t0 = time.time() - (st.log[-1]["elapsed_s"] if st.log else 0.0)
     st.mark = (time.time(), st.step)  # start of the timed interval: (time, step)
-    bad = torch.zeros((), dtype=torch.bool, device=run.dev)  # a non-finite loss or grad norm
+    bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
     pbar = tqdm(total=cfg.max_iters, initial=st.step, dynamic_ncols=True, desc=cfg.block,
                 disable=not (run.master and cfg.progress))
     try:
@@ -939,14 +938,15 @@ def train_step(model, ds, cfg, run, st, bad):
     st.scaler.step(st.opt)
     st.scaler.update()
     st.opt.zero_grad(set_to_none=True)
-    bad |= ~torch.isfinite(st.loss + (0 if st.norm is None else st.norm))
+    bad[0] |= ~torch.isfinite(st.loss)
+    bad[1] |= st.norm is not None and ~torch.isfinite(st.norm)
     st.step += 1
 
 
 def check_finite(bad, st):
-    if bool(bad):
-        what = f"grad norm is {st.norm}" if torch.isfinite(st.loss) else f"loss is {float(st.loss)}"
-        raise Diverged(f"step {st.step}: {what}; {st.kept}")
+    if bool(bad.any()):
+        what = "loss" if bool(bad[0]) else "grad norm"
+        raise Diverged(f"step {st.step}: {what} is not finite; {st.kept}")
 
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
@@ -955,7 +955,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "B
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
 
 
 def peak_flops(device):
@@ -1042,8 +1042,8 @@ def load_checkpoint(path, cfg):
         ck = torch.load(path, map_location="cpu", weights_only=False)
         assert isinstance(ck, dict) and isinstance(ck["config"], dict) and "model" in ck
     except Exception as e:
-        raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; delete it or run "
-                       "without --resume") from None
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(f"cannot read checkpoint {path}: {msg}; delete it or run without --resume")
     who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
     need(ck.get("script") == SCRIPT, f"{path} was written by {who}, not {SCRIPT}.py")
     for k in cfg.explicit:
