@@ -1248,8 +1248,7 @@ class BadInput(Exception):
 
 
 class Diverged(Exception):
-    """A non-finite loss, gradient norm or weights: one line, exit status 3, the last checkpoint
-    kept."""
+    """A non-finite loss, gradient norm or weights: one line, exit status 3, checkpoint kept."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1512,11 +1511,11 @@ def log_eval(cfg, ds, run, st, elapsed):
     tps = st.tps
     val_loss, accs = evaluate(st.raw, ds, cfg, run, st.quick)
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name(run.device)), None)
-    flops = 6 * st.raw.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM
+    fwd = forward_flops_per_token(st.raw, cfg.block_size)
     st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
                        elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step - 1, cfg),
                        train_loss=float(st.loss), val_loss=val_loss, tokens_per_s=tps,
-                       mfu=tps * flops / peak if peak and tps == tps else None, **accs))
+                       mfu=tps * 3 * fwd / peak if peak and tps == tps else None, **accs))
     if not run.master:
         return
     write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
@@ -1534,10 +1533,11 @@ def finish_run(cfg, ds, run, st):
     if not all(torch.isfinite(v).all() for v in st.raw.state_dict().values()):
         raise Diverged(f"{st.path} has non-finite weights (step {st.step}); nothing to analyse")
     f, t0 = st.log[-1], time.time()
-    res = dict(script="nano_prune.py", config=dataclasses.asdict(cfg), final=dict(
-        train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(min(f["val_loss"],
-        700)), tokens_per_s=f["tokens_per_s"], mfu=f["mfu"], params=st.raw.num_params(),
-        steps=st.step, elapsed_s=st.elapsed), device=str(run.dev), torch=torch.__version__)
+    final = dict(train_loss=f["train_loss"], val_loss=f["val_loss"],
+                 val_ppl=math.exp(min(f["val_loss"], 700)), tokens_per_s=f["tokens_per_s"],
+                 mfu=f["mfu"], params=st.raw.num_params(), steps=st.step, elapsed_s=st.elapsed)
+    res = dict(script="nano_prune.py", config=dataclasses.asdict(cfg), final=final,
+               device=str(run.dev), torch=torch.__version__)
     args = (st.raw, ds.tasks, cfg, str(run.dev), run.autocast)
     if 0 < cfg.stop_at <= st.step < cfg.max_iters and not cfg.skip_train:
         print(f"stopped at step {st.step} (--stop_at); continue with --resume")
