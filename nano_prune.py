@@ -57,7 +57,6 @@ it fast (physically_prune, --bench) -> skeleton (BadInput ... train, checkpoints
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
@@ -68,7 +67,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -445,7 +444,7 @@ class GPT(nn.Module):
 
 @torch.no_grad()
 def accuracy(model: GPT, X: torch.Tensor, Y: torch.Tensor, cand: torch.Tensor, device,
-             batch: int, ctx=contextlib.nullcontext()) -> float:
+             batch: int, ctx) -> float:
     """Fraction of prompts whose answer is the argmax of the next-token logits over the
     candidates (lm-eval's multiple-choice accuracy)."""
     cand, correct = cand.to(device), 0
@@ -497,11 +496,6 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
     else:  # one normaliser for all layers: the mean over prompts
         imp /= n
     return imp.numpy()
-
-
-def layer_l2_normalise(imp: np.ndarray) -> np.ndarray:
-    """Michel et al.'s optional per-layer normalisation: each layer's row over its L2 norm."""
-    return imp / (np.linalg.norm(imp, axis=1, keepdims=True) + 1e-20)
 
 
 def aggregate(imps: list[np.ndarray], how: str) -> np.ndarray:
@@ -620,8 +614,7 @@ def copying_score_olsson(model: GPT, ids: torch.Tensor, start: int, device) -> n
         Wo = blk.attn.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
         contrib = torch.einsum("nhtd,hcd->nhtc", y, Wo)  # (n, H, T, C) in the residual
         logits_s = torch.einsum("nhtc,nsc->nhts", contrib, E_s)  # (n, H, T, S) logit effects
-        tgt = att.argmax(-1) - start  # (n, H, T) attended position -> index in the sample
-        tgt = torch.where(tgt >= 0, tgt, torch.full_like(tgt, -1))
+        tgt = (att.argmax(-1) - start).clamp(min=-1)  # (n, H, T) index in the sample, or -1
         out.append(copy_ratio(logits_s[:, :, start:], tgt[:, :, start:]).mean((0, 2)).cpu())
     return torch.stack(out).numpy()
 
@@ -744,7 +737,8 @@ class Study:
         s = head_importance(self.model, X, Y, self.device, c.analysis_batch,
                             abs_per or c.abs_per, c.imp_norm)
         ln = c.layer_norm_imp if layer_norm is None else layer_norm
-        return layer_l2_normalise(s) if ln else s
+        # Michel et al.'s optional per-layer normalisation: each layer's row over its L2 norm
+        return s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-20) if ln else s
 
 
 def sec_full_accuracy(st: Study):
@@ -1536,7 +1530,7 @@ def finish_run(cfg, ds, run, st):
     final = dict(train_loss=f["train_loss"], val_loss=f["val_loss"],
                  val_ppl=math.exp(min(f["val_loss"], 700)), tokens_per_s=f["tokens_per_s"],
                  mfu=f["mfu"], params=st.raw.num_params(), steps=st.step, elapsed_s=st.elapsed)
-    res = dict(script="nano_prune.py", config=dataclasses.asdict(cfg), final=final,
+    res = dict(script="nano_prune.py", config=asdict(cfg), final=final,
                device=str(run.dev), torch=torch.__version__)
     args = (st.raw, ds.tasks, cfg, str(run.dev), run.autocast)
     if 0 < cfg.stop_at <= st.step < cfg.max_iters and not cfg.skip_train:
@@ -1558,7 +1552,7 @@ def finish_run(cfg, ds, run, st):
 def save_checkpoint(st, cfg, device, elapsed):
     """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
     ck = dict(script="nano_prune", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
-              config=dataclasses.asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
+              config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
               rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
     torch.save(ck, st.path + ".tmp")
@@ -1632,7 +1626,7 @@ def write_run_info(cfg, ds, run, raw):
           f"{cfg.block_size}, {raw.num_params():,} parameters, vocab {ds.tasks.vocab_size}; "
           f"device {run.dev}, dtype {str(run.dtype)[6:]}, preset {cfg.preset}")
     write_json(os.path.join(cfg.out_dir, "config.json"), dict(
-        config=dataclasses.asdict(cfg), torch=torch.__version__, device=run.device,
+        config=asdict(cfg), torch=torch.__version__, device=run.device,
         device_name=device_name(run.device), git_commit=git_commit(), world_size=run.world))
 
 
