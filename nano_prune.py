@@ -57,7 +57,7 @@ it fast (physically_prune, --bench) -> skeleton (BadInput ... train, checkpoints
 from __future__ import annotations
 
 import argparse
-import contextlib
+import csv
 import dataclasses
 import json
 import math
@@ -67,7 +67,8 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -443,7 +444,7 @@ class GPT(nn.Module):
 
 @torch.no_grad()
 def accuracy(model: GPT, X: torch.Tensor, Y: torch.Tensor, cand: torch.Tensor, device,
-             batch: int, ctx=contextlib.nullcontext()) -> float:
+             batch: int, ctx) -> float:
     """Fraction of prompts whose answer is the argmax of the next-token logits over the
     candidates (lm-eval's multiple-choice accuracy)."""
     cand, correct = cand.to(device), 0
@@ -495,11 +496,6 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
     else:  # one normaliser for all layers: the mean over prompts
         imp /= n
     return imp.numpy()
-
-
-def layer_l2_normalise(imp: np.ndarray) -> np.ndarray:
-    """Michel et al.'s optional per-layer normalisation: each layer's row over its L2 norm."""
-    return imp / (np.linalg.norm(imp, axis=1, keepdims=True) + 1e-20)
 
 
 def aggregate(imps: list[np.ndarray], how: str) -> np.ndarray:
@@ -618,8 +614,7 @@ def copying_score_olsson(model: GPT, ids: torch.Tensor, start: int, device) -> n
         Wo = blk.attn.c_proj.weight.float().view(-1, H, hs).transpose(0, 1)  # (H, C, hs)
         contrib = torch.einsum("nhtd,hcd->nhtc", y, Wo)  # (n, H, T, C) in the residual
         logits_s = torch.einsum("nhtc,nsc->nhts", contrib, E_s)  # (n, H, T, S) logit effects
-        tgt = att.argmax(-1) - start  # (n, H, T) attended position -> index in the sample
-        tgt = torch.where(tgt >= 0, tgt, torch.full_like(tgt, -1))
+        tgt = (att.argmax(-1) - start).clamp(min=-1)  # (n, H, T) index in the sample, or -1
         out.append(copy_ratio(logits_s[:, :, start:], tgt[:, :, start:]).mean((0, 2)).cpu())
     return torch.stack(out).numpy()
 
@@ -742,7 +737,8 @@ class Study:
         s = head_importance(self.model, X, Y, self.device, c.analysis_batch,
                             abs_per or c.abs_per, c.imp_norm)
         ln = c.layer_norm_imp if layer_norm is None else layer_norm
-        return layer_l2_normalise(s) if ln else s
+        # Michel et al.'s optional per-layer normalisation: each layer's row over its L2 norm
+        return s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-20) if ln else s
 
 
 def sec_full_accuracy(st: Study):
@@ -1240,13 +1236,13 @@ def parse_bench(spec: str, L: int) -> list[tuple[int, int]]:
     return out
 
 
-# ---- The skeleton: command line, training loop, checkpoints, main (same in all three scripts) ---
+# ---- command line
 class BadInput(Exception):
-    """Bad input: one line on stderr, exit status 2, nothing written."""
+    """A user error: one line on stderr, exit status 2, nothing written."""
 
 
 class Diverged(Exception):
-    """A non-finite loss or gradient norm, or loaded weights: one line, exit status 3."""
+    """A non-finite loss, gradient norm or weights: one line, exit status 3, checkpoint kept."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1279,22 +1275,18 @@ def parse_config(argv=None) -> Config:
     preset = given.get("preset", "auto")
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
-    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
-    cfg.explicit = set(given)
+    cfg = Config(**{**PRESETS[preset], **given})
+    cfg.preset, cfg.explicit = preset, set(given)
     return cfg
 
 
-def resolve_device(cfg: Config) -> str:
-    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if cfg.device == "auto":
-        return next(d for d, there in ok.items() if there)
-    need(ok[cfg.device], f"--device {cfg.device} is not available here; use --device cpu or auto")
-    return cfg.device
-
-
-def autocast_ctx(device_type: str, ptdtype):
-    return (contextlib.nullcontext() if ptdtype == torch.float32
-            else torch.autocast(device_type=device_type, dtype=ptdtype))
+def resolve_device(cfg):
+    name, mps = cfg.device, torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    need((name != "cuda" or torch.cuda.is_available()) and (name != "mps" or mps),
+         f"--device {name} is not available here; use --device cpu or auto")
+    return name
 
 
 RULES = (  # (flags, what each must be, the test)
@@ -1312,57 +1304,46 @@ RULES = (  # (flags, what each must be, the test)
 )
 
 
-def validate(c: Config):
-    """Every check that can fail runs here, before anything is read or written."""
+def validate(cfg: Config, device: str = "cpu") -> Config:
+    """Reject bad settings (BadInput) before anything is read or written."""
     for names, want, ok in RULES:
         for n in names:
-            need(ok(getattr(c, n)), f"--{n} must be {want} (got {getattr(c, n)})")
-    need(0 <= c.min_lr <= c.lr, f"--min_lr must be in [0, lr={c.lr}] (got {c.min_lr})")
-    need(c.max_iters >= 1 or c.skip_train, "--max_iters must be >= 1 (or use --skip_train)")
-    k, text = max(parse_shots(c.shots)), c.text_frac if c.dataset != "none" else 0.0
-    need(max(c.rep_frac, c.rep_frac_early) + text < 1, f"--rep_frac {c.rep_frac} and "
-         f"--rep_frac_early {c.rep_frac_early} plus --text_frac {text} must each stay below 1")
-    parse_compare(c.compare)
-    parse_bench(c.bench, c.n_layer)
-    need(not (c.bench and c.compare), "--bench and --compare each replace the analysis; pick one")
-    need(not (c.skip_train and c.resume), "--skip_train and --resume contradict each other")
-    need(c.n_embd % c.n_head == 0, f"--n_embd {c.n_embd} must be a multiple of --n_head {c.n_head}")
-    need(c.n_labels >= c.n_clusters, "--n_labels must be >= --n_clusters")
-    need(c.block_size >= max(3 + 2 * k, 18), f"--block_size {c.block_size} is too short: a "
+            need(ok(getattr(cfg, n)), f"--{n} must be {want} (got {getattr(cfg, n)})")
+    need(0 <= cfg.min_lr <= cfg.lr, f"--min_lr must be in [0, lr={cfg.lr}] (got {cfg.min_lr})")
+    need(cfg.max_iters >= 1 or cfg.skip_train, "--max_iters must be >= 1 (or use --skip_train)")
+    k, text = max(parse_shots(cfg.shots)), cfg.text_frac if cfg.dataset != "none" else 0.0
+    need(max(cfg.rep_frac, cfg.rep_frac_early) + text < 1, f"--rep_frac {cfg.rep_frac} and "
+         f"--rep_frac_early {cfg.rep_frac_early} plus --text_frac {text} must each stay below 1")
+    parse_compare(cfg.compare)
+    parse_bench(cfg.bench, cfg.n_layer)
+    need(not (cfg.bench and cfg.compare), "--bench and --compare each replace the analysis")
+    need(not (cfg.skip_train and cfg.resume), "--skip_train and --resume contradict each other")
+    need(cfg.n_embd % cfg.n_head == 0, f"--n_head {cfg.n_head} does not divide --n_embd")
+    need(cfg.n_labels >= cfg.n_clusters, "--n_labels must be >= --n_clusters")
+    need(cfg.block_size >= max(3 + 2 * k, 18), f"--block_size {cfg.block_size} is too short: a "
          f"{k}-shot prompt needs {3 + 2 * k} tokens, prefix matching 18; raise it or lower --shots")
-    n_content = max(2 * c.n_clusters, 8, 2 * k + 2)
-    need(c.n_content >= n_content, f"--n_content {c.n_content} is too small for {c.n_clusters} "
-         f"clusters and {k} shots; use at least {n_content}")
-    need(c.dtype != "float16" or resolve_device(c) in ("cuda", "mps"),
+    n_content = max(2 * cfg.n_clusters, 8, 2 * k + 2)
+    need(cfg.n_content >= n_content, f"--n_content {cfg.n_content} is too small for "
+         f"{cfg.n_clusters} clusters and {k} shots; use at least {n_content}")
+    need(cfg.dtype != "float16" or device in ("cuda", "mps"),
          "float16 needs CUDA or MPS; use float32 or bfloat16")
-    parent = os.path.abspath(c.out_dir)  # the out_dir's nearest existing parent must be writable
+    parent = os.path.abspath(cfg.out_dir)   # out_dir: a file, under a file, not writable?
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     need(os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK),
-         f"--out_dir {c.out_dir}: {parent} is not a writable directory; pick another")
-    need(not (c.skip_train or c.resume) or os.path.isfile(ckpt_path(c)),
-         f"checkpoint {ckpt_path(c)} not found; train first, or give --skip_train a --ckpt PATH")
+         f"--out_dir {cfg.out_dir}: {parent} is not a writable directory")
+    need(not (cfg.skip_train or cfg.resume) or os.path.isfile(ckpt_path(cfg)),
+         f"checkpoint {ckpt_path(cfg)} not found; train first, or give --skip_train a --ckpt PATH")
+    return cfg
 
 
 def ckpt_path(cfg: Config) -> str:
     return cfg.ckpt if cfg.skip_train and cfg.ckpt else os.path.join(cfg.out_dir, "ckpt.pt")
 
 
-def load_text(cfg: Config):
-    """The optional natural text, through the shared loader (data.DataError -> BadInput)."""
-    if cfg.dataset == "none":
-        return None
-    try:
-        ds = data.load_dataset(cfg.dataset, cfg.tokenizer, data_dir=cfg.data_dir or None)
-        ds.check_block_size(cfg.block_size)
-    except data.DataError as e:
-        raise BadInput(str(e)) from None
-    return ds
-
-
 # ---- training
-def get_lr(it: int, cfg: Config) -> float:
-    """Linear warmup, then cosine decay to min_lr."""
+def get_lr(it, cfg):
+    """Linear warm-up, then cosine decay to min_lr."""
     if it < cfg.warmup_iters:
         return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
     if it >= cfg.max_iters:
@@ -1371,212 +1352,242 @@ def get_lr(it: int, cfg: Config) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: nn.Module, cfg: Config, device_type: str):
-    """AdamW; weight decay only on matrices and embeddings (>= 2-D), not on norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}
+def make_optimizer(model, cfg, device_type):
+    """AdamW; decay on matrices and embeddings only, not on norms."""
+    params = list(model.parameters())
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    extra = dict(fused=True) if device_type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
-def peak_flops(device_type: str) -> float | None:
-    """Dense bf16 peak FLOP/s of the GPU, for the MFU (None: unknown, or not a GPU)."""
-    name = torch.cuda.get_device_name() if device_type == "cuda" else ""
-    return next((v for k, v in {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12,
-                                "A10": 125e12, "L4": 121e12, "4090": 165e12, "3090": 71e12,
-                                "V100": 125e12, "T4": 65e12}.items() if k in name), None)
-
-
 @torch.no_grad()
-def evaluate(model: GPT, batcher: Batcher, quick: dict, tasks: ICLTasks, cfg: Config, device,
-             ctx) -> tuple[float, dict]:
-    """Validation loss (the same batches every time) and accuracy on small fixed prompt sets."""
-    model.eval()
-    gv = torch.Generator().manual_seed(cfg.seed + 99)
+def evaluate(raw, ds, cfg, run, quick):
+    """Mean CE on fixed val batches (the same at every eval) + accuracy on the quick prompts."""
+    raw.eval()
+    egen = torch.Generator().manual_seed(cfg.seed + 99)
     losses = []
     for _ in range(cfg.eval_iters):
-        x, y = batcher.get(cfg.batch_size, gv, split="val")
-        with ctx:
-            losses.append(model(x.to(device), y.to(device))[1].item())
-    accs = {f"acc_{t}_{k}": accuracy(model, X, Y, tasks.candidates(t), device, 256, ctx)
+        x, y = ds.get(cfg.batch_size, egen, split="val")
+        with run.autocast:
+            losses.append(raw(x.to(run.dev), y.to(run.dev))[1].item())
+    accs = {f"acc_{t}_{k}": accuracy(raw, X, Y, ds.tasks.candidates(t), run.dev, 256, run.autocast)
             for (t, k), (X, Y) in quick.items()}
-    model.train()
+    raw.train()
     return float(np.mean(losses)), accs
 
 
-def setup_run(cfg: Config):
-    """Device, DDP (torchrun), compile and dtype. -> device, ddp."""
-    device, ddp = resolve_device(cfg), {"rank": 0, "local_rank": 0, "world": 1}
-    if int(os.environ.get("RANK", -1)) != -1:
-        ddp = {"rank": int(os.environ["RANK"]), "local_rank": int(os.environ["LOCAL_RANK"]),
-               "world": int(os.environ["WORLD_SIZE"])}
+def setup_run(cfg, device):
+    """DDP (torchrun), device, dtype, autocast, compile: what a run is made of."""
+    ddp, rank, world = int(os.environ.get("RANK", -1)) != -1, 0, 1
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if ddp:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
         if device == "cuda":
-            torch.cuda.set_device(ddp["local_rank"])
-        device = f"cuda:{ddp['local_rank']}" if device == "cuda" else "cpu"
-        torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
-    device_type = device.split(":")[0]
-    if cfg.compile and device_type != "cuda":
-        print(f"note: torch.compile is not used on {device_type} here (--no-compile)")
-    cfg.compile = device_type == "cuda" and cfg.compile is not False
-    if cfg.dtype == "auto":
-        bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
-        cfg.dtype = "bfloat16" if bf16 else "float32"
-    if device_type == "cuda":
+            torch.cuda.set_device(local)
+    auto = "bfloat16" if device == "cuda" else "float32"
+    dtype = getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
+    use_compile = cfg.compile if cfg.compile is not None else device == "cuda"
+    if use_compile and device != "cuda":
+        print(f"note: torch.compile is not used on {device} here; running eagerly")
+        use_compile = False
+    if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, ddp
+    return SimpleNamespace(
+        ddp=ddp, rank=rank, world=world, master=rank == 0, device=device, dtype=dtype,
+        dev=torch.device(device, local if device == "cuda" else None),
+        autocast=torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32),
+        compile=use_compile, tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum * world)
 
 
-def train(cfg: Config, model: GPT, tasks: ICLTasks, batcher: Batcher, device: str, ptdtype,
-          ddp: dict, ck: dict | None = None) -> dict:
-    """nanoGPT's loop: AdamW, warmup + cosine, clipping, accumulation, autocast, compile, DDP.
-    A non-finite loss or gradient norm stops it at once (Diverged), before any checkpoint.
-    -> results.json's "final" (also kept in every checkpoint)."""
-    master, device_type = ddp["rank"] == 0, device.split(":")[0]
-    ctx, path = autocast_ctx(device_type, ptdtype), ckpt_path(cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=(ptdtype == torch.float16))
-    optimizer = make_optimizer(model, cfg, device_type)
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * ddp["rank"])  # batches (checkpointed)
-    step, t_before = restore(ck, model, optimizer, gen) if ck else (0, 0.0)
-    raw_model, kept = model, f"kept {path} (step {step})" if step else "no checkpoint yet"
-    model = torch.compile(model) if cfg.compile else model
-    if ddp["world"] > 1:
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def train(cfg: Config, ds, device, ck=None):
+    """Train one model (nanoGPT's loop; with --skip_train, only load it); then finish_run."""
+    run = setup_run(cfg, device)
+    torch.manual_seed(cfg.seed)
+    raw = GPT(cfg, ds.tasks.vocab_size).to(run.dev)
+    gquick = torch.Generator().manual_seed(cfg.seed + 7)     # the quick ICL evaluation's prompts
+    st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
+                         elapsed=0.0, path=ckpt_path(cfg), kept="no checkpoint yet",
+                         quick={(t, k): ds.tasks.prompts(t, k, 128, gquick)
+                                for t in TASKS for k in parse_shots(cfg.shots)},
+                         gen=torch.Generator().manual_seed(cfg.seed + 1000 * run.rank))  # data
+    if ck is not None:
+        restore(ck, st, device)
+    if run.master:
+        write_run_info(cfg, ds, run, raw)
+    model = torch.compile(raw) if run.compile else raw
+    if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[ddp["local_rank"]] if device_type == "cuda" else None)
-    log = EvalLog(cfg, tasks, master)
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * ddp["world"]
-    fpt = 6 * raw_model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size  # PaLM
-    peak, end = peak_flops(device_type), min(cfg.max_iters, cfg.stop_at or cfg.max_iters)
-    t0 = t_last = time.time()
-    step_last, last_loss, tok_s, mfu, val_loss = step, math.nan, 0.0, None, math.nan
-
-    def final():
-        return {"train_loss": last_loss, "val_loss": val_loss, "tokens_per_s": tok_s, "mfu": mfu,
-                "val_ppl": math.exp(min(val_loss, 700)), "params": raw_model.num_params(),
-                "steps": step, "elapsed_s": t_before + time.time() - t0}
-    model.train()
-    bar = tqdm(range(step, end), initial=step, total=end, desc="train", dynamic_ncols=True,
-               disable=not (master and cfg.progress))
+        model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None)
+    scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16 and device == "cuda")
+    first, t0 = st.step, time.time()
+    st.mark, st.tps = (t0, first), float("nan")  # start of the timed interval: (time, step)
+    pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc="train",
+                disable=not (run.master and cfg.progress) or cfg.skip_train)
     try:
-        for it in bar:
-            lr = get_lr(it, cfg)
-            for grp in optimizer.param_groups:
-                grp["lr"] = lr
-            loss_acc, norm = backward(model, batcher, gen, it, cfg, device, ctx, scaler, ddp), None
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            step = it + 1
-            logged = step % 10 == 0 or step == end or step % cfg.eval_interval == 0
-            if device_type != "cuda" or logged:  # on CUDA, no extra host sync per step
-                check_finite(loss_acc, norm, step, kept, ptdtype)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if logged:
-                last_loss, now = float(loss_acc), time.time()
-                tok_s = tokens_per_iter * (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last, mfu = now, step, fpt * tok_s / peak if peak else None
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}",
-                                mfu=f"{100 * mfu:.1f}%" if mfu is not None else "n/a")
-            if master and (step % cfg.eval_interval == 0 or step == end):
-                val_loss, accs = evaluate(raw_model, batcher, log.quick, tasks, cfg, device, ctx)
-                row = final()
-                log.write(**row, **accs, tokens=step * tokens_per_iter, lr=lr, step=step)
-                save_checkpoint(path, raw_model, optimizer, cfg, step, gen, row)
-                kept, t_last = f"kept {path} (step {step})", time.time()  # (tokens/s: training)
+        while True:
+            stop = cfg.skip_train or st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
+            if (st.step % cfg.eval_interval == 0 or stop) and st.step > first:
+                check_finite(st)                                      # never save bad weights
+                log_eval(cfg, ds, run, st, time.time() - t0)
+                st.mark = (time.time(), st.step)
+            if stop:
+                break
+            train_step(model, ds, cfg, run, st, scaler)
+            if device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: with the loss sync
+                check_finite(st)
+                pbar.set_postfix(loss=f"{float(st.loss):.3f}")
+            if st.step - first == 3:                   # compile and warm-up done: restart the clock
+                sync(device)
+                st.mark = (time.time(), st.step)
+            pbar.update(1)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"interrupted at step {step}; {kept}") from None
-    finally:
-        bar.close()
-    if master and not math.isfinite(val_loss):  # nothing left to train (resumed at the end)
-        val_loss, _ = evaluate(raw_model, batcher, log.quick, tasks, cfg, device, ctx)
-    return final()
+        raise KeyboardInterrupt(f"interrupted at step {st.step}; {st.kept}") from None
+    st.elapsed += time.time() - t0
+    pbar.close()
+    return finish_run(cfg, ds, run, st)
 
 
-def backward(model, batcher: Batcher, gen, it: int, cfg: Config, device, ctx, scaler, ddp):
-    """The gradient of one optimizer step, over grad_accum micro-batches (DDP syncs on the last).
-    -> the summed loss, a tensor (no host sync)."""
-    loss_acc = 0.0
+def train_step(model, ds, cfg, run, st, scaler):
+    """One optimizer step (grad_accum micro-steps); keeps its loss and grad norm in st."""
+    for group in st.opt.param_groups:
+        group["lr"] = get_lr(st.step, cfg)
+    st.loss, st.norm = 0.0, None
     for micro in range(cfg.grad_accum):
-        x, y = batcher.get(cfg.batch_size, gen, it=it)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        sync = ddp["world"] == 1 or micro == cfg.grad_accum - 1
-        with contextlib.nullcontext() if sync else model.no_sync():
-            with ctx:
-                loss = model(x, y)[1] / cfg.grad_accum
-            scaler.scale(loss).backward()
-        loss_acc += loss.detach()
-    return loss_acc
+        x, y = ds.get(cfg.batch_size, st.gen, it=st.step)
+        x, y = x.to(run.dev, non_blocking=True), y.to(run.dev, non_blocking=True)
+        if run.ddp:
+            model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+        with run.autocast:
+            loss = model(x, y)[1] / cfg.grad_accum
+        st.loss += loss.detach()
+        scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(st.opt)
+        norm = torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip)
+        if not scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
+            st.norm = norm
+    scaler.step(st.opt)
+    scaler.update()
+    st.opt.zero_grad(set_to_none=True)
+    st.step += 1
 
 
-def check_finite(loss, norm, step: int, kept: str, ptdtype):
-    bad = [] if math.isfinite(float(loss)) else [f"loss is {float(loss)}"]
-    if norm is not None and ptdtype != torch.float16 and not math.isfinite(float(norm)):
-        bad.append(f"grad norm is {float(norm)}")  # (fp16: the GradScaler skips such steps)
+def check_finite(st):
+    bad = [f"{what} is {float(v)}" for what, v in (("loss", st.loss), ("grad norm", st.norm))
+           if v is not None and not math.isfinite(float(v))]
     if bad:
-        raise Diverged(f"step {step}: {' and '.join(bad)}; {kept}")
+        raise Diverged(f"step {st.step}: {' and '.join(bad)}; {st.kept}")
 
 
-class EvalLog:
-    """log.csv: one row per evaluation, with the accuracy of every (task, shot) on 128 prompts."""
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12,
+             "V100": 125e12}   # dense bf16 FLOP/s, for MFU; first match of the device name wins
 
-    def __init__(self, cfg: Config, tasks: ICLTasks, master: bool):
-        self.path, shots = os.path.join(cfg.out_dir, "log.csv"), parse_shots(cfg.shots)
-        geval = torch.Generator().manual_seed(cfg.seed + 7)
-        self.quick = {(t, k): tasks.prompts(t, k, 128, geval) for t in TASKS for k in shots}
-        self.cols = ["step", "tokens", "elapsed_s", "lr", "train_loss", "val_loss",
-                     "tokens_per_s", "mfu"] + [f"acc_{t}_{k}" for t, k in self.quick]
-        if master and not (cfg.resume and os.path.exists(self.path)):
-            with open(self.path, "w") as f:
-                f.write(",".join(self.cols) + "\n")
 
-    def write(self, **row):  # (extra keys are left out; None is written as n/a)
-        cells = ("n/a" if row[c] is None else row[c] for c in self.cols)
-        with open(self.path, "a") as f:
-            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in cells) + "\n")
-        tqdm.write(f"step {row['step']}: train {row['train_loss']:.4f} val {row['val_loss']:.4f} "
-                   "| " + " ".join(f"{t[:4]}{k}={row[f'acc_{t}_{k}']:.2f}" for t, k in self.quick))
+def device_name(device):
+    return torch.cuda.get_device_name() if device == "cuda" else device
+
+
+def log_eval(cfg, ds, run, st, elapsed):
+    """Tokens/s since st.mark; evaluate, append a row to log.csv, print it, checkpoint."""
+    sync(run.device)
+    if st.step > st.mark[1]:
+        st.tps = (st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
+    tps = st.tps
+    val_loss, accs = evaluate(st.raw, ds, cfg, run, st.quick)
+    peak = next((v for k, v in PEAK_BF16.items() if k in device_name(run.device)), None)
+    fwd = forward_flops_per_token(st.raw, cfg.block_size)
+    st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
+                       elapsed_s=round(st.elapsed + elapsed, 3), lr=get_lr(st.step - 1, cfg),
+                       train_loss=float(st.loss), val_loss=val_loss, tokens_per_s=tps,
+                       mfu=tps * 3 * fwd / peak if peak and tps == tps else None, **accs))
+    if not run.master:
+        return
+    write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
+    tqdm.write(f"step {st.step}: train {float(st.loss):.4f} val {val_loss:.4f} | " + " ".join(
+        f"{t[:4]}{k}={accs[f'acc_{t}_{k}']:.2f}" for t, k in st.quick))
+    save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
+    st.kept = f"kept {st.path} (step {st.step})"
+
+
+def finish_run(cfg, ds, run, st):
+    """results.json; after a full run the paper's analysis and its figures, or --bench or
+    --compare instead."""
+    if not run.master:
+        return None
+    if not all(torch.isfinite(v).all() for v in st.raw.state_dict().values()):
+        raise Diverged(f"{st.path} has non-finite weights (step {st.step}); nothing to analyse")
+    f, t0 = st.log[-1], time.time()
+    final = dict(train_loss=f["train_loss"], val_loss=f["val_loss"],
+                 val_ppl=math.exp(min(f["val_loss"], 700)), tokens_per_s=f["tokens_per_s"],
+                 mfu=f["mfu"], params=st.raw.num_params(), steps=st.step, elapsed_s=st.elapsed)
+    res = dict(script="nano_prune.py", config=asdict(cfg), final=final,
+               device=str(run.dev), torch=torch.__version__)
+    args = (st.raw, ds.tasks, cfg, str(run.dev), run.autocast)
+    if 0 < cfg.stop_at <= st.step < cfg.max_iters and not cfg.skip_train:
+        print(f"stopped at step {st.step} (--stop_at); continue with --resume")
+    elif cfg.bench:
+        res["bench"] = run_bench(*args)
+    elif cfg.compare:
+        res["compare"] = run_compare(*args)
+    elif cfg.analysis:
+        res.update(analyse(*args))
+        plot_all(res, cfg.out_dir)
+    res["total_elapsed_s"] = st.elapsed + time.time() - t0
+    write_json(os.path.join(cfg.out_dir, "results.json"), res)
+    print(f"done in {res['total_elapsed_s']:.0f}s; results in {cfg.out_dir}/results.json")
+    return res
 
 
 # ---- checkpoints and files
-def save_checkpoint(path: str, raw_model: GPT, optimizer, cfg: Config, step: int,
-                    gen: torch.Generator, final: dict):
-    torch.save({"script": "nano_prune", "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                "step": step, "final": final, "gen_state": gen.get_state(),
-                "torch_rng": torch.get_rng_state()}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a broken checkpoint
+def save_checkpoint(st, cfg, device, elapsed):
+    """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
+    ck = dict(script="nano_prune", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
+              config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
+              rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
+                       cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
+    torch.save(ck, st.path + ".tmp")
+    os.replace(st.path + ".tmp", st.path)
 
 
-def load_checkpoint(path: str, cfg: Config) -> dict:
-    """Read and check a checkpoint; its model fields replace the config's (a field given
-    explicitly on the command line must agree with it)."""
+def load_checkpoint(path, cfg):
+    """Read and check a checkpoint; its MODEL_FIELDS replace the config's (a field given on the
+    command line must agree with it)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config",
+                                          "log_rows"} <= set(ck)):
+            raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
-        raise BadInput(f"cannot read checkpoint {path}: {type(e).__name__}; train again or "
-                       f"pass another --ckpt") from None
-    need(isinstance(ck, dict) and isinstance(ck.get("config"), dict) and "model" in ck,
-         f"cannot read checkpoint {path}: not a checkpoint dict; train again")
-    need(ck.get("script") == "nano_prune",
-         f"{path} was written by {ck.get('script') or 'another script'}, not nano_prune")
-    for name in MODEL_FIELDS:
-        need(name not in cfg.explicit or getattr(cfg, name) == ck["config"][name],
-             f"checkpoint has {name}={ck['config'][name]} but --{name} {getattr(cfg, name)} "
-             "was given")
-        setattr(cfg, name, ck["config"][name])
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(f"cannot read checkpoint {path}: {msg}; train again or pass another --ckpt")
+    need(ck["script"] == "nano_prune",
+         f"{path} was written by {ck['script']}.py, not nano_prune.py")
+    for k in MODEL_FIELDS:
+        need(k not in cfg.explicit or ck["config"].get(k) == getattr(cfg, k),
+             f"checkpoint has {k}={ck['config'].get(k)} but --{k} {getattr(cfg, k)} was given")
+        setattr(cfg, k, ck["config"][k])
     return ck
 
 
-def restore(ck: dict, model: GPT, optimizer, gen: torch.Generator) -> tuple[int, float]:
-    """--resume: weights, optimizer, the RNG states. -> step, elapsed seconds so far."""
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    gen.set_state(ck["gen_state"])
-    torch.set_rng_state(ck["torch_rng"])
-    print(f"resumed at step {ck['step']}")
-    return ck["step"], ck["final"]["elapsed_s"]
+def restore(ck, st, device):
+    st.raw.load_state_dict(ck["model"])
+    st.opt.load_state_dict(ck["optimizer"])
+    st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
+    st.kept = f"kept {st.path} (step {st.step})"
+    st.gen.set_state(ck["rng"]["data"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if device == "cuda" and ck["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"])
 
 
 def git_commit():
@@ -1592,83 +1603,69 @@ def git_commit():
         return None
 
 
-def write_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:  # numpy scalars and arrays as numbers and lists
+def write_json(path, obj):  # atomically, as write_csv; numpy values as numbers and lists
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1,
                   default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    os.replace(path + ".tmp", path)  # atomic: never a half-written file
+    os.replace(path + ".tmp", path)
 
 
-# ---- main
-def run_mode(cfg: Config, ck: dict | None, text_ds):
-    """Everything after validation: build, train (or load), then the analysis or a mode."""
-    device, ddp = setup_run(cfg)
-    ptdtype = getattr(torch, cfg.dtype)
-    ctx, master = autocast_ctx(device.split(":")[0], ptdtype), ddp["rank"] == 0
-    torch.manual_seed(cfg.seed)
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_json(os.path.join(cfg.out_dir, "config.json"), {
-            "config": dataclasses.asdict(cfg), "torch": torch.__version__, "device": device,
-            "device_name": torch.cuda.get_device_name() if "cuda" in device else device,
-            "git_commit": git_commit(), "world_size": ddp["world"]})
-    tasks = ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed,
-                     text_ds.vocab_size if text_ds is not None else 0)
-    model = GPT(cfg, tasks.vocab_size).to(device)
-    if master:
-        print(f"model: {cfg.n_layer} layers x {cfg.n_head} heads, d {cfg.n_embd}, T "
-              f"{cfg.block_size}, {model.num_params():,} parameters, vocab {tasks.vocab_size}; "
-              f"device {device}, dtype {cfg.dtype}, preset {cfg.preset}")
-    t0 = time.time()
-    if cfg.skip_train:
-        model.load_state_dict(ck["model"])
-        if not all(torch.isfinite(v).all() for v in model.state_dict().values()):
-            raise Diverged(f"{ckpt_path(cfg)} has non-finite weights (step {ck['step']}); "
-                           "nothing to analyse")
-        final = {**ck.get("final", {}), "params": model.num_params()}
-    else:
-        final = train(cfg, model, tasks, Batcher(tasks, cfg, text_ds), device, ptdtype, ddp,
-                      ck if cfg.resume else None)
-    if ddp["world"] > 1:
-        torch.distributed.destroy_process_group()
-    if not master:
-        return
-    res = {"script": "nano_prune.py", "config": dataclasses.asdict(cfg), "final": final,
-           "device": device, "torch": torch.__version__}
-    if cfg.stop_at and not cfg.skip_train and final["steps"] < cfg.max_iters:
-        print(f"stopped at step {final['steps']} (--stop_at); continue with --resume")
-    elif cfg.bench:
-        res["bench"] = run_bench(model, tasks, cfg, device, ctx)
-    elif cfg.compare:
-        res["compare"] = run_compare(model, tasks, cfg, device, ctx)
-    elif cfg.analysis:
-        res.update(analyse(model, tasks, cfg, device, ctx))
-        plot_all(res, cfg.out_dir)
-    res["total_elapsed_s"] = time.time() - t0
-    write_json(os.path.join(cfg.out_dir, "results.json"), res)
-    print(f"done in {time.time() - t0:.0f}s; results in {cfg.out_dir}/results.json")
+def write_csv(path, rows):
+    """rows (dicts) to path, atomically (log.csv is rewritten at every eval)."""
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def write_run_info(cfg, ds, run, raw):
+    """config.json, and the model in one line."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    print(f"model: {cfg.n_layer} layers x {cfg.n_head} heads, d {cfg.n_embd}, T "
+          f"{cfg.block_size}, {raw.num_params():,} parameters, vocab {ds.tasks.vocab_size}; "
+          f"device {run.dev}, dtype {str(run.dtype)[6:]}, preset {cfg.preset}")
+    write_json(os.path.join(cfg.out_dir, "config.json"), dict(
+        config=asdict(cfg), torch=torch.__version__, device=run.device,
+        device_name=device_name(run.device), git_commit=git_commit(), world_size=run.world))
 
 
 def main(argv=None):
-    cfg, created = None, False
+    created = None  # the out_dir this run created: removed again if it fails on bad input
     try:
         cfg = parse_config(argv)
-        validate(cfg)
-        ck = load_checkpoint(ckpt_path(cfg), cfg) if cfg.skip_train or cfg.resume else None
-        validate(cfg)  # again, with the checkpoint's model fields
-        text_ds = load_text(cfg)
-        created = not os.path.exists(cfg.out_dir)
+        device = resolve_device(cfg)
+        validate(cfg, device)
+        ck = None
+        if cfg.resume or cfg.skip_train:
+            ck = load_checkpoint(ckpt_path(cfg), cfg)
+            validate(cfg, device)
+        text = None
+        if cfg.dataset != "none":
+            try:
+                text = data.load_dataset(name=cfg.dataset, tokenizer=cfg.tokenizer,
+                                         data_dir=cfg.data_dir or None)
+                text.check_block_size(cfg.block_size)
+            except data.DataError as e:  # only here: later ones must not remove a run's files
+                raise BadInput(str(e)) from None
+        created = None if os.path.exists(cfg.out_dir) else cfg.out_dir
+        os.makedirs(cfg.out_dir, exist_ok=True)
         try:
-            run_mode(cfg, ck, text_ds)
+            tasks = ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed,
+                             text.vocab_size if text is not None else 0)
+            return train(cfg, Batcher(tasks, cfg, text), device, ck)
         except torch.cuda.OutOfMemoryError:
             raise BadInput("out of memory; lower --batch_size, --block_size, --n_embd or "
                            "--analysis_batch") from None
     except (BadInput, Diverged, KeyboardInterrupt) as e:  # one line; exit 2, 3 or 130
         code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
-        if code == 2 and created and not os.path.exists(ckpt_path(cfg)):  # keep a trained model
-            shutil.rmtree(cfg.out_dir, ignore_errors=True)
+        if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
+            shutil.rmtree(created, ignore_errors=True)  # (a run with a checkpoint is kept)
         print(f"nano_prune.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(code)
+    finally:  # torchrun: destroy the process group once
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
