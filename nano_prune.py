@@ -78,6 +78,8 @@ from tqdm import tqdm
 
 import data
 
+SCRIPT, TITLE = "nano_prune", ("Bansal et al. 2023 in miniature: head/FFN importance, pruning "
+                 "curves and induction heads (defaults: the cpu preset's).")
 TASKS = ("copy", "succ", "recall", "cluster")
 
 
@@ -1257,9 +1259,7 @@ def need(ok, msg):
 
 def build_parser():
     """One flag per Config field (--x / --no-x for booleans); flags not given stay unset."""
-    p = OneLineParser(prog="nano_prune.py", argument_default=argparse.SUPPRESS,
-                      description="Bansal et al. 2023 in miniature: head/FFN importance, pruning "
-                      "curves and induction heads (defaults: the cpu preset's).")
+    p = OneLineParser(prog=SCRIPT + ".py", argument_default=argparse.SUPPRESS, description=TITLE)
     for f in dataclasses.fields(Config):
         kw = dict(help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
         if f.default is None or isinstance(f.default, bool):
@@ -1353,8 +1353,8 @@ def get_lr(it, cfg):
 
 
 def make_optimizer(model, cfg, device_type):
-    """AdamW; decay on matrices and embeddings only, not on norms."""
-    params = list(model.parameters())
+    """AdamW; weight decay only on matrices and embeddings, not on gains, norms, biases (< 2-D)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
     extra = dict(fused=True) if device_type == "cuda" else {}
@@ -1430,20 +1430,21 @@ def train(cfg: Config, ds, device, ck=None):
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16 and device == "cuda")
     first, t0 = st.step, time.time()
     st.mark, st.tps = (t0, first), float("nan")  # start of the timed interval: (time, step)
+    bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
     pbar = tqdm(total=cfg.max_iters, initial=first, dynamic_ncols=True, desc="train",
                 disable=not (run.master and cfg.progress) or cfg.skip_train)
     try:
         while True:
             stop = cfg.skip_train or st.step >= cfg.max_iters or 0 < cfg.stop_at <= st.step
             if (st.step % cfg.eval_interval == 0 or stop) and st.step > first:
-                check_finite(st)                                      # never save bad weights
+                check_finite(bad, st)                                      # never save bad weights
                 log_eval(cfg, ds, run, st, time.time() - t0)
                 st.mark = (time.time(), st.step)
             if stop:
                 break
-            train_step(model, ds, cfg, run, st, scaler)
+            train_step(model, ds, cfg, run, st, scaler, bad)
             if device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: with the loss sync
-                check_finite(st)
+                check_finite(bad, st)
                 pbar.set_postfix(loss=f"{float(st.loss):.3f}")
             if st.step - first == 3:                   # compile and warm-up done: restart the clock
                 sync(device)
@@ -1456,11 +1457,12 @@ def train(cfg: Config, ds, device, ck=None):
     return finish_run(cfg, ds, run, st)
 
 
-def train_step(model, ds, cfg, run, st, scaler):
-    """One optimizer step (grad_accum micro-steps); keeps its loss and grad norm in st."""
+def train_step(model, ds, cfg, run, st, scaler, bad):
+    """One optimizer step (grad_accum micro-steps); its loss in st, a non-finite loss / grad norm
+    flagged in bad."""
     for group in st.opt.param_groups:
         group["lr"] = get_lr(st.step, cfg)
-    st.loss, st.norm = 0.0, None
+    st.loss = 0.0
     for micro in range(cfg.grad_accum):
         x, y = ds.get(cfg.batch_size, st.gen, it=st.step)
         x, y = x.to(run.dev, non_blocking=True), y.to(run.dev, non_blocking=True)
@@ -1469,23 +1471,23 @@ def train_step(model, ds, cfg, run, st, scaler):
         with run.autocast:
             loss = model(x, y)[1] / cfg.grad_accum
         st.loss += loss.detach()
+        bad[0] |= ~torch.isfinite(loss.detach())
         scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
         scaler.unscale_(st.opt)
         norm = torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip)
         if not scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
-            st.norm = norm
+            bad[1] |= ~torch.isfinite(norm)
     scaler.step(st.opt)
     scaler.update()
     st.opt.zero_grad(set_to_none=True)
     st.step += 1
 
 
-def check_finite(st):
-    bad = [f"{what} is {float(v)}" for what, v in (("loss", st.loss), ("grad norm", st.norm))
-           if v is not None and not math.isfinite(float(v))]
-    if bad:
-        raise Diverged(f"step {st.step}: {' and '.join(bad)}; {st.kept}")
+def check_finite(bad, st):
+    if bool(bad.any()):
+        what = "loss" if bool(bad[0]) else "grad norm"
+        raise Diverged(f"step {st.step}: {what} is not finite; {st.kept}")
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -1494,7 +1496,7 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A8
 
 
 def device_name(device):
-    return torch.cuda.get_device_name() if device == "cuda" else device
+    return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
 
 
 def log_eval(cfg, ds, run, st, elapsed):
@@ -1530,7 +1532,7 @@ def finish_run(cfg, ds, run, st):
     final = dict(train_loss=f["train_loss"], val_loss=f["val_loss"],
                  val_ppl=math.exp(min(f["val_loss"], 700)), tokens_per_s=f["tokens_per_s"],
                  mfu=f["mfu"], params=st.raw.num_params(), steps=st.step, elapsed_s=st.elapsed)
-    res = dict(script="nano_prune.py", config=asdict(cfg), final=final,
+    res = dict(script=SCRIPT + ".py", config=asdict(cfg), final=final,
                device=str(run.dev), torch=torch.__version__)
     args = (st.raw, ds.tasks, cfg, str(run.dev), run.autocast)
     if 0 < cfg.stop_at <= st.step < cfg.max_iters and not cfg.skip_train:
@@ -1551,7 +1553,7 @@ def finish_run(cfg, ds, run, st):
 # ---- checkpoints and files
 def save_checkpoint(st, cfg, device, elapsed):
     """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
-    ck = dict(script="nano_prune", model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
+    ck = dict(script=SCRIPT, model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
               config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
               rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
@@ -1570,8 +1572,7 @@ def load_checkpoint(path, cfg):
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BadInput(f"cannot read checkpoint {path}: {msg}; train again or pass another --ckpt")
-    need(ck["script"] == "nano_prune",
-         f"{path} was written by {ck['script']}.py, not nano_prune.py")
+    need(ck["script"] == SCRIPT, f"{path} was written by {ck['script']}.py, not {SCRIPT}.py")
     for k in MODEL_FIELDS:
         need(k not in cfg.explicit or ck["config"].get(k) == getattr(cfg, k),
              f"checkpoint has {k}={ck['config'].get(k)} but --{k} {getattr(cfg, k)} was given")
@@ -1603,6 +1604,13 @@ def git_commit():
         return None
 
 
+def write_file(path, write, mode="w"):
+    """write(f) into path.tmp, then rename it: never a half-written file."""
+    with open(path + ".tmp", mode, newline=None if "b" in mode else "") as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
 def write_json(path, obj):  # atomically, as write_csv; numpy values as numbers and lists
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1,
@@ -1611,12 +1619,11 @@ def write_json(path, obj):  # atomically, as write_csv; numpy values as numbers 
 
 
 def write_csv(path, rows):
-    """rows (dicts) to path, atomically (log.csv is rewritten at every eval)."""
-    with open(path + ".tmp", "w", newline="") as f:
+    def write(f):  # (log.csv is rewritten at every eval)
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
-    os.replace(path + ".tmp", path)
+    write_file(path, write)
 
 
 def write_run_info(cfg, ds, run, raw):
@@ -1661,7 +1668,7 @@ def main(argv=None):
         code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
         if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
             shutil.rmtree(created, ignore_errors=True)  # (a run with a checkpoint is kept)
-        print(f"nano_prune.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
+        print(f"{SCRIPT}.py: {what}{str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(code)
     finally:  # torchrun: destroy the process group once
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -715,5 +715,5 @@ def test_divergence_stops_before_the_analysis(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(F, "cross_entropy", nan_from_step_3)
     out = tmp_path / "run"
     code, _, err = _main(TINY + ["--max_iters", "4", "--out_dir", str(out)], capsys)
-    assert code == 3 and "step 3: loss is nan" in err and "(step 2)" in err
+    assert code == 3 and "step 3: loss is not finite" in err and "(step 2)" in err
     assert not any(f.endswith((".png", "results.json")) for f in _files(out))
