@@ -1162,8 +1162,12 @@ def load_checkpoint(path, cfg):
 
 
 def restore(ck, st, device):
-    st.raw.load_state_dict(ck["model"])
-    st.opt.load_state_dict(ck["optimizer"])
+    try:
+        st.raw.load_state_dict(ck["model"])
+        st.opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # (the last line names a tensor)
+        raise BadInput(f"checkpoint {st.path} does not fit this model: "
+                       f"{str(e).strip().splitlines()[-1].strip()}") from None
     st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
     st.kept = f"kept {st.path} (step {st.step})"
     st.gen.set_state(ck["rng"]["data"])

@@ -1057,9 +1057,9 @@ def restore(ck, st, device):
     try:
         st.raw.load_state_dict(ck["model"])
         st.opt.load_state_dict(ck["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError) as e:  # (the last line names a tensor)
         raise BadInput(f"checkpoint {st.path} does not fit this model: "
-                       f"{str(e).splitlines()[0]}") from None
+                       f"{str(e).strip().splitlines()[-1].strip()}") from None
     st.scaler.load_state_dict(ck["scaler"])
     st.step, st.log, st.train_s = ck["step"], ck["log"], ck["train_s"]
     st.kept = f"kept {st.path} (step {st.step})"
