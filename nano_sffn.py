@@ -1143,6 +1143,7 @@ OWN = ("out_dir", "resume", "stop_at", "progress", "device", "compile", "preset"
 
 def load_checkpoint(path, cfg):
     """Read and check a checkpoint; settings not given on the command line come from it."""
+    need(os.path.isfile(path), f"--resume: no checkpoint at {path}; run without --resume first")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config"}
@@ -1242,9 +1243,10 @@ def main(argv=None):
         runs = parse_compare(cfg) if cfg.compare else []     # before validate() fills g, b
         for c in [cfg] + [c for _, c in runs]:
             validate(c, device)
+        need(not (cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench)),
+             "--compare, --bench and --resume are separate modes; give one of them")
         ck = None
         if cfg.resume:
-            need(not (cfg.bench or cfg.compare), "--resume cannot take --bench or --compare")
             ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
             validate(cfg, device)
         if not cfg.bench:
@@ -1262,9 +1264,12 @@ def main(argv=None):
             for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
                 print(n)
             return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
-        except torch.cuda.OutOfMemoryError:
-            raise BadInput("out of memory; lower --batch_size, --block_size, --n_embd, --d_m or "
-                           "--n_layer") from None
+        except RuntimeError as e:  # (torch.cuda.OutOfMemoryError is one)
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and "allocate memory" not in str(e):
+                raise
+            raise BadInput(f"out of memory at batch_size {cfg.batch_size}, block_size "
+                           f"{cfg.block_size}, n_embd {cfg.n_embd}, n_layer {cfg.n_layer}; "
+                           "lower them (or raise --grad_accum)") from None
     except (BadInput, Diverged, KeyboardInterrupt) as e:  # one line; exit 2, 3 or 130
         code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
         if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):
