@@ -987,7 +987,8 @@ def train(cfg: Config, ds, device, ck=None):
     raw = GPT(cfg, ((ds.vocab_size + 63) // 64) * 64).to(run.dev)    # vocab padded to 64
     st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
                          elapsed=0.0, path=os.path.join(cfg.out_dir, "ckpt.pt"),
-                         kept="no checkpoint yet",
+                         kept="no checkpoint yet", scaler=torch.amp.GradScaler(
+                             enabled=run.dtype == torch.half and device == "cuda"),
                          gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
     if ck is not None:
         restore(ck, st, device)
@@ -999,7 +1000,6 @@ def train(cfg: Config, ds, device, ck=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None,
                     broadcast_buffers=cfg.avgk_balance == "none")  # bias: all-reduced load
-    scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16 and device == "cuda")
     first, t0 = st.step, time.time()
     st.mark, st.tps = (t0, first), float("nan")  # start of the timed interval: (time, step)
     bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
@@ -1014,7 +1014,7 @@ def train(cfg: Config, ds, device, ck=None):
                 st.mark = (time.time(), st.step)
             if stop:
                 break
-            ce = train_step(model, ds, cfg, run, st, scaler, bad)
+            ce = train_step(model, ds, cfg, run, st, bad)
             if device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: with the loss sync
                 check_finite(bad, st)
                 pbar.set_postfix(loss=f"{ce.item():.3f}")
@@ -1029,7 +1029,7 @@ def train(cfg: Config, ds, device, ck=None):
     return finish_run(cfg, ds, run, st, total, rows)
 
 
-def train_step(model, ds, cfg, run, st, scaler, bad):
+def train_step(model, ds, cfg, run, st, bad):
     """One optimizer step (grad_accum micro-steps); flags a non-finite loss / grad norm in bad."""
     for group in st.opt.param_groups:
         group["lr"] = get_lr(st.step, cfg)
@@ -1042,14 +1042,14 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
             _, ce, aux = model(x, y)
             loss = (ce + aux) / cfg.grad_accum
         bad[0] |= ~torch.isfinite(loss.detach())
-        scaler.scale(loss).backward()
+        st.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
-        scaler.unscale_(st.opt)
+        st.scaler.unscale_(st.opt)
         norm = torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip)
-        if not scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
+        if not st.scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
             bad[1] |= ~torch.isfinite(norm)
-    scaler.step(st.opt)
-    scaler.update()
+    st.scaler.step(st.opt)
+    st.scaler.update()
     st.opt.zero_grad(set_to_none=True)
     for layer in st.raw.modules():  # --avgk_balance bias: nudge the selection biases
         if hasattr(layer, "sel_bias"):
@@ -1127,7 +1127,8 @@ def finish_run(cfg, ds, run, st, total, rows):
 def save_checkpoint(st, cfg, device, elapsed):
     """Model, optimizer, config, step, log, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
     ck = dict(script=SCRIPT, model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
-              config=dataclasses.asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
+              scaler=st.scaler.state_dict(), config=dataclasses.asdict(cfg), step=st.step,
+              log_rows=st.log, elapsed_s=elapsed,
               rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
     write_file(st.path, lambda f: torch.save(ck, f), "wb")
@@ -1169,6 +1170,7 @@ def restore(ck, st, device):
     except (RuntimeError, ValueError, KeyError) as e:  # (the last line names a tensor)
         raise BadInput(f"checkpoint {st.path} does not fit this model: "
                        f"{str(e).strip().splitlines()[-1].strip()}") from None
+    st.scaler.load_state_dict(ck.get("scaler", {}))  # (none in older checkpoints)
     st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
     st.kept = f"kept {st.path} (step {st.step})"
     st.gen.set_state(ck["rng"]["data"])

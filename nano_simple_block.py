@@ -1060,7 +1060,7 @@ def restore(ck, st, device):
     except (RuntimeError, ValueError, KeyError) as e:  # (the last line names a tensor)
         raise BadInput(f"checkpoint {st.path} does not fit this model: "
                        f"{str(e).strip().splitlines()[-1].strip()}") from None
-    st.scaler.load_state_dict(ck["scaler"])
+    st.scaler.load_state_dict(ck.get("scaler", {}))  # (none in older checkpoints)
     st.step, st.log, st.train_s = ck["step"], ck["log"], ck["train_s"]
     st.kept = f"kept {st.path} (step {st.step})"
     st.gen.set_state(ck["rng"]["data"])
