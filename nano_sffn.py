@@ -1148,7 +1148,7 @@ def load_checkpoint(path, cfg):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config"}
-                <= set(ck)):
+                <= set(ck) and isinstance(ck["config"], dict)):
             raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
