@@ -987,7 +987,8 @@ def train(cfg: Config, ds, device, ck=None):
     raw = GPT(cfg, ((ds.vocab_size + 63) // 64) * 64).to(run.dev)    # vocab padded to 64
     st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
                          elapsed=0.0, path=os.path.join(cfg.out_dir, "ckpt.pt"),
-                         kept="no checkpoint yet",
+                         kept="no checkpoint yet", scaler=torch.amp.GradScaler(
+                             enabled=run.dtype == torch.half and device == "cuda"),
                          gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
     if ck is not None:
         restore(ck, st, device)
@@ -999,7 +1000,6 @@ def train(cfg: Config, ds, device, ck=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None,
                     broadcast_buffers=cfg.avgk_balance == "none")  # bias: all-reduced load
-    scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16 and device == "cuda")
     first, t0 = st.step, time.time()
     st.mark, st.tps = (t0, first), float("nan")  # start of the timed interval: (time, step)
     bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
@@ -1014,7 +1014,7 @@ def train(cfg: Config, ds, device, ck=None):
                 st.mark = (time.time(), st.step)
             if stop:
                 break
-            ce = train_step(model, ds, cfg, run, st, scaler, bad)
+            ce = train_step(model, ds, cfg, run, st, bad)
             if device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: with the loss sync
                 check_finite(bad, st)
                 pbar.set_postfix(loss=f"{ce.item():.3f}")
@@ -1029,7 +1029,7 @@ def train(cfg: Config, ds, device, ck=None):
     return finish_run(cfg, ds, run, st, total, rows)
 
 
-def train_step(model, ds, cfg, run, st, scaler, bad):
+def train_step(model, ds, cfg, run, st, bad):
     """One optimizer step (grad_accum micro-steps); flags a non-finite loss / grad norm in bad."""
     for group in st.opt.param_groups:
         group["lr"] = get_lr(st.step, cfg)
@@ -1042,14 +1042,14 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
             _, ce, aux = model(x, y)
             loss = (ce + aux) / cfg.grad_accum
         bad[0] |= ~torch.isfinite(loss.detach())
-        scaler.scale(loss).backward()
+        st.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
-        scaler.unscale_(st.opt)
+        st.scaler.unscale_(st.opt)
         norm = torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip)
-        if not scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
+        if not st.scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
             bad[1] |= ~torch.isfinite(norm)
-    scaler.step(st.opt)
-    scaler.update()
+    st.scaler.step(st.opt)
+    st.scaler.update()
     st.opt.zero_grad(set_to_none=True)
     for layer in st.raw.modules():  # --avgk_balance bias: nudge the selection biases
         if hasattr(layer, "sel_bias"):
@@ -1127,7 +1127,8 @@ def finish_run(cfg, ds, run, st, total, rows):
 def save_checkpoint(st, cfg, device, elapsed):
     """Model, optimizer, config, step, log, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
     ck = dict(script=SCRIPT, model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
-              config=dataclasses.asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
+              scaler=st.scaler.state_dict(), config=dataclasses.asdict(cfg), step=st.step,
+              log_rows=st.log, elapsed_s=elapsed,
               rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
     write_file(st.path, lambda f: torch.save(ck, f), "wb")
@@ -1143,10 +1144,11 @@ OWN = ("out_dir", "resume", "stop_at", "progress", "device", "compile", "preset"
 
 def load_checkpoint(path, cfg):
     """Read and check a checkpoint; settings not given on the command line come from it."""
+    need(os.path.isfile(path), f"--resume: no checkpoint at {path}; run without --resume first")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config"}
-                <= set(ck)):
+                <= set(ck) and isinstance(ck["config"], dict)):
             raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -1162,8 +1164,13 @@ def load_checkpoint(path, cfg):
 
 
 def restore(ck, st, device):
-    st.raw.load_state_dict(ck["model"])
-    st.opt.load_state_dict(ck["optimizer"])
+    try:
+        st.raw.load_state_dict(ck["model"])
+        st.opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # (the last line names a tensor)
+        raise BadInput(f"checkpoint {st.path} does not fit this model: "
+                       f"{str(e).strip().splitlines()[-1].strip()}") from None
+    st.scaler.load_state_dict(ck.get("scaler", {}))  # (none in older checkpoints)
     st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
     st.kept = f"kept {st.path} (step {st.step})"
     st.gen.set_state(ck["rng"]["data"])
@@ -1238,9 +1245,10 @@ def main(argv=None):
         runs = parse_compare(cfg) if cfg.compare else []     # before validate() fills g, b
         for c in [cfg] + [c for _, c in runs]:
             validate(c, device)
+        need(not (cfg.compare and cfg.bench or cfg.resume and (cfg.compare or cfg.bench)),
+             "--compare, --bench and --resume are separate modes; give one of them")
         ck = None
         if cfg.resume:
-            need(not (cfg.bench or cfg.compare), "--resume cannot take --bench or --compare")
             ck = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), cfg)
             validate(cfg, device)
         if not cfg.bench:
@@ -1258,9 +1266,12 @@ def main(argv=None):
             for n in ds.notes if int(os.environ.get("RANK", 0)) == 0 else []:
                 print(n)
             return run_compare(cfg, runs, ds, device) if cfg.compare else train(cfg, ds, device, ck)
-        except torch.cuda.OutOfMemoryError:
-            raise BadInput("out of memory; lower --batch_size, --block_size, --n_embd, --d_m or "
-                           "--n_layer") from None
+        except RuntimeError as e:  # (torch.cuda.OutOfMemoryError is one)
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and "allocate memory" not in str(e):
+                raise
+            raise BadInput(f"out of memory at batch_size {cfg.batch_size}, block_size "
+                           f"{cfg.block_size}, n_embd {cfg.n_embd}, n_layer {cfg.n_layer}; "
+                           "lower them (or raise --grad_accum)") from None
     except (BadInput, Diverged, KeyboardInterrupt) as e:  # one line; exit 2, 3 or 130
         code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))
         if code == 2 and created and not any("ckpt.pt" in f for _, _, f in os.walk(created)):

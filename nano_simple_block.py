@@ -1040,16 +1040,16 @@ def load_checkpoint(path, cfg):
     need(os.path.isfile(path), f"--resume: no checkpoint at {path}; run without --resume first")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(ck, dict) and isinstance(ck["config"], dict) and "model" in ck
+        if not (isinstance(ck, dict) and {"script", "model", "optimizer", "step", "config"}
+                <= set(ck) and isinstance(ck["config"], dict)):
+            raise ValueError("not a training checkpoint of these scripts")
     except Exception as e:
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BadInput(f"cannot read checkpoint {path}: {msg}; delete it or run without --resume")
-    who = f"{ck['script']}.py" if ck.get("script") else "another script (or version)"
-    need(ck.get("script") == SCRIPT, f"{path} was written by {who}, not {SCRIPT}.py")
-    for k in cfg.explicit:
-        if k in ARCH_FIELDS and k != "vocab_size" and ck["config"].get(k) != getattr(cfg, k):
-            raise BadInput(f"checkpoint has {k}={ck['config'].get(k)} but --{k} "
-                           f"{getattr(cfg, k)} was given")
+    need(ck["script"] == SCRIPT, f"{path} was written by {ck['script']}.py, not {SCRIPT}.py")
+    for k in ARCH_FIELDS:  # (vocab_size: the data's, padded)
+        need(k not in cfg.explicit or k == "vocab_size" or ck["config"].get(k) == getattr(cfg, k),
+             f"checkpoint has {k}={ck['config'].get(k)} but --{k} {getattr(cfg, k)} was given")
     return ck, with_block(cfg, **{k: ck["config"][k] for k in ARCH_FIELDS})
 
 
@@ -1057,10 +1057,10 @@ def restore(ck, st, device):
     try:
         st.raw.load_state_dict(ck["model"])
         st.opt.load_state_dict(ck["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError) as e:  # (the last line names a tensor)
         raise BadInput(f"checkpoint {st.path} does not fit this model: "
-                       f"{str(e).splitlines()[0]}") from None
-    st.scaler.load_state_dict(ck["scaler"])
+                       f"{str(e).strip().splitlines()[-1].strip()}") from None
+    st.scaler.load_state_dict(ck.get("scaler", {}))  # (none in older checkpoints)
     st.step, st.log, st.train_s = ck["step"], ck["log"], ck["train_s"]
     st.kept = f"kept {st.path} (step {st.step})"
     st.gen.set_state(ck["rng"]["data"])

@@ -195,6 +195,40 @@ def test_bad_checkpoint(name, case, how, good_runs, tmp_path, text_file, capsys)
     assert _snapshot(tmp_path) == before, "a failed resume changed the run directory"
 
 
+@pytest.mark.parametrize("name", SCRIPTS[:2])
+def test_checkpoint_whose_weights_do_not_fit(name, good_runs, tmp_path, text_file, capsys):
+    """The config passes the checks but a tensor has another shape: one line, exit 2."""
+    out_dir = tmp_path / "run"
+    shutil.copytree(good_runs[name], out_dir)
+    ck = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    key = next(k for k, v in ck["model"].items() if v.dim() == 2)
+    ck["model"][key] = ck["model"][key][:-1]
+    torch.save(ck, out_dir / "ckpt.pt")
+    before = _snapshot(tmp_path)
+    argv = _fmt(TINY[name], tmp_path, text_file) + ["--out_dir", str(out_dir), "--resume"]
+    code, out, err = _run_main(importlib.import_module(name), argv, capsys)
+    _assert_one_line(code, out, err)
+    assert "does not fit this model" in err and key in err, err
+    after = _snapshot(tmp_path)  # (nano_simple_block rewrites params.json, the same table)
+    assert after.keys() == before.keys() and after["run/ckpt.pt"] == before["run/ckpt.pt"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS[:2])
+def test_out_of_memory_is_one_line(name, tmp_path, text_file, capsys, monkeypatch):
+    """Out of memory while training: one line (one wording) naming the sizes, exit 2."""
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    mod = importlib.import_module(name)
+    monkeypatch.setattr(mod, "train", oom)
+    argv = _fmt(TINY[name], tmp_path, text_file) + ["--out_dir", str(tmp_path / "run")]
+    code, out, err = _run_main(mod, argv, capsys)
+    _assert_one_line(code, out, err)
+    assert (f"{name}.py: error: out of memory at batch_size 4, block_size 16, n_embd 32, n_layer 2;"
+            " lower them (or raise --grad_accum)") in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def _finite_ckpt(path):
     ck = torch.load(path, map_location="cpu", weights_only=False)
     state = ck["model"]
