@@ -1244,7 +1244,7 @@ class BadInput(Exception):
 
 
 class Diverged(Exception):
-    """A non-finite loss, gradient norm or weights: one line, exit status 3, checkpoint kept."""
+    """Training or a loaded model went non-finite: one line, exit status 3, checkpoint kept."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1581,8 +1581,12 @@ def load_checkpoint(path, cfg):
 
 
 def restore(ck, st, device):
-    st.raw.load_state_dict(ck["model"])
-    st.opt.load_state_dict(ck["optimizer"])
+    try:
+        st.raw.load_state_dict(ck["model"])
+        st.opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # (the last line names a tensor)
+        raise BadInput(f"checkpoint {st.path} does not fit this model: "
+                       f"{str(e).strip().splitlines()[-1].strip()}") from None
     st.step, st.log, st.elapsed = ck["step"], ck["log_rows"], ck["elapsed_s"]
     st.kept = f"kept {st.path} (step {st.step})"
     st.gen.set_state(ck["rng"]["data"])
@@ -1611,11 +1615,9 @@ def write_file(path, write, mode="w"):
     os.replace(path + ".tmp", path)
 
 
-def write_json(path, obj):  # atomically, as write_csv; numpy values as numbers and lists
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1,
-                  default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    os.replace(path + ".tmp", path)
+def write_json(path, obj):  # atomically; numpy and torch values as numbers and lists
+    write_file(path, lambda f: json.dump(
+        obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def write_csv(path, rows):
@@ -1661,8 +1663,12 @@ def main(argv=None):
             tasks = ICLTasks(cfg.n_content, cfg.n_labels, cfg.n_clusters, cfg.task_seed,
                              text.vocab_size if text is not None else 0)
             return train(cfg, Batcher(tasks, cfg, text), device, ck)
-        except torch.cuda.OutOfMemoryError:
-            raise BadInput("out of memory; lower --batch_size, --block_size, --n_embd or "
+        except RuntimeError as e:  # (torch.cuda.OutOfMemoryError is one)
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and "allocate memory" not in str(e):
+                raise
+            raise BadInput(f"out of memory at batch_size {cfg.batch_size}, block_size "
+                           f"{cfg.block_size}, n_embd {cfg.n_embd}, n_layer {cfg.n_layer}; "
+                           "lower them (or raise --grad_accum); in the analysis, lower "
                            "--analysis_batch") from None
     except (BadInput, Diverged, KeyboardInterrupt) as e:  # one line; exit 2, 3 or 130
         code, what = {BadInput: (2, "error: "), Diverged: (3, "diverged: ")}.get(type(e), (130, ""))

@@ -806,7 +806,7 @@ class BadInput(Exception):
 
 
 class Diverged(Exception):
-    """A non-finite loss or gradient norm: one line, exit status 3, the last checkpoint kept."""
+    """Training or a loaded model went non-finite: one line, exit status 3, checkpoint kept."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1199,8 +1199,9 @@ def write_file(path, write, mode="w"):
     os.replace(path + ".tmp", path)
 
 
-def write_json(path, obj):  # atomically, as write_csv
-    write_file(path, lambda f: json.dump(obj, f, indent=2, default=str))
+def write_json(path, obj):  # atomically; numpy and torch values as numbers and lists
+    write_file(path, lambda f: json.dump(
+        obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def write_csv(path, rows):

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 
-FILES = ("nano_sffn.py", "nano_simple_block.py")
+FILES = ("nano_sffn.py", "nano_simple_block.py", "nano_prune.py")
 SHARED = ("BadInput", "Diverged", "OneLineParser", "need", "build_parser", "make_optimizer",
           "check_finite", "device_name", "git_commit", "write_file", "write_json", "write_csv")
 
