@@ -1502,9 +1502,8 @@ def device_name(device):
 def log_eval(cfg, ds, run, st, elapsed):
     """Tokens/s since st.mark; evaluate, append a row to log.csv, print it, checkpoint."""
     sync(run.device)
-    if st.step > st.mark[1]:
-        st.tps = (st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
-    tps = st.tps
+    tps = st.tps = ((st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
+                    if st.step > st.mark[1] else st.tps)   # (else: the last interval's)
     val_loss, accs = evaluate(st.raw, ds, cfg, run, st.quick)
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name(run.device)), None)
     fwd = forward_flops_per_token(st.raw, cfg.block_size)
@@ -1518,7 +1517,6 @@ def log_eval(cfg, ds, run, st, elapsed):
     tqdm.write(f"step {st.step}: train {float(st.loss):.4f} val {val_loss:.4f} | " + " ".join(
         f"{t[:4]}{k}={accs[f'acc_{t}_{k}']:.2f}" for t, k in st.quick))
     save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
-    st.kept = f"kept {st.path} (step {st.step})"
 
 
 def finish_run(cfg, ds, run, st):
@@ -1552,13 +1550,13 @@ def finish_run(cfg, ds, run, st):
 
 # ---- checkpoints and files
 def save_checkpoint(st, cfg, device, elapsed):
-    """Model, optimizer, config, step, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
+    """Model, optimizer, config, step, log, RNG states: to ckpt.pt.tmp, then renamed (atomic)."""
     ck = dict(script=SCRIPT, model=st.raw.state_dict(), optimizer=st.opt.state_dict(),
               config=asdict(cfg), step=st.step, log_rows=st.log, elapsed_s=elapsed,
               rng=dict(data=st.gen.get_state(), torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state() if device == "cuda" else None))
-    torch.save(ck, st.path + ".tmp")
-    os.replace(st.path + ".tmp", st.path)
+    write_file(st.path, lambda f: torch.save(ck, f), "wb")
+    st.kept = f"kept {st.path} (step {st.step})"
 
 
 def load_checkpoint(path, cfg):
