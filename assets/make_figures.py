@@ -110,11 +110,12 @@ def sffn_pairs(rows, steps=6000, lr=0.001):
             print(f"| {claim} | {name(a)} | {name(b)} | {per} | {sum(d) / len(d):+.4f} |")
 
 
-def sffn_compare(rows, steps=6000):
-    """The paper's comparison at the gpu preset (issue 10): one row per arm, seeds pooled."""
+def sffn_compare(rows, steps=6000, lr=0.001):
+    """The paper's comparison at the gpu preset (issue 10): one row per arm, seeds pooled, at the
+    preset's LR (the LR sweep is sffn_lr_sweep)."""
     arms = defaultdict(list)  # (selector, g, balance, lr) -> rows
     for r in rows:
-        if int(r["steps"]) == steps:
+        if int(r["steps"]) == steps and float(r["lr"]) == lr:
             arms[(r["selector"], int(r["g"]), r["avgk_balance"], float(r["lr"]))].append(r)
     if not arms:
         return
@@ -171,9 +172,42 @@ def sffn_compare(rows, steps=6000):
     fig.savefig(os.path.join(HERE, "sffn_ppl_vs_g.png"), dpi=110)
 
 
+def sffn_lr_sweep(rows, steps=6000, seed="1337"):
+    """Peak-LR sweep (cosine to LR/10) of the arms the claims rest on, one seed: val loss per LR, the
+    best in bold, then each arm at its best LR against dense at its best LR."""
+    runs = defaultdict(dict)  # (selector, g, balance) -> {lr: val loss}
+    for r in rows:
+        if int(r["steps"]) == steps and r["seed"] == seed:
+            runs[(r["selector"], int(r["g"]), r["avgk_balance"])][float(r["lr"])] = float(r["val_loss"])
+    runs = {k: v for k, v in runs.items() if len(v) > 1}
+    if not runs:
+        return
+    lrs = sorted({lr for v in runs.values() for lr in v})
+    print(f"\nLR sweep, seed {seed}, {steps} steps (val loss; best of each arm in bold):\n")
+    print("| selector | g | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " | best LR |")
+    print("|---|---|" + "---|" * len(lrs) + "---|")
+    best = {k: min(v, key=v.get) for k, v in runs.items()}
+    order = ("dense", "switch", "hash", "topk", "base", "avgk", "vanillam", "pkm")
+    for k in sorted(runs, key=lambda k: (order.index(k[0]), -k[1], k[2])):
+        cells = [("" if lr not in runs[k] else f"**{runs[k][lr]:.4f}**" if lr == best[k]
+                  else f"{runs[k][lr]:.4f}") for lr in lrs]
+        edge = " (edge)" if best[k] in (lrs[0], lrs[-1]) else ""
+        name = k[0] + (" + bias" if k[2] == "bias" else "")
+        print(f"| {name} | {'-' if k[0] == 'dense' else k[1]} | {' | '.join(cells)} | "
+              f"{best[k]:g}{edge} |")
+    dk = next((k for k in runs if k[0] == "dense"), None)
+    if dk:
+        d = runs[dk][best[dk]]
+        print(f"\nAt each arm's best LR against dense at its best ({best[dk]:g}, val loss {d:.4f}): "
+              + ", ".join(f"{k[0]}{'' if k[0] == 'dense' else ' g=%d' % k[1]} "
+                          f"{math.exp(runs[k][best[k]] - d) - 1:+.1%}"
+                          for k in sorted(runs, key=lambda k: runs[k][best[k]]) if k != dk))
+
+
 def sffn_curves(rows, steps=6000):
     """Val loss and Avg-K's dead-block fraction (mean of the sparse layers) against step."""
-    runs = [r for r in rows if int(r["steps"]) == steps and r.get("curve") and r["seed"] == "1337"]
+    runs = [r for r in rows if int(r["steps"]) == steps and r.get("curve") and r["seed"] == "1337"
+            and float(r["lr"]) == 0.001]
     if not runs:
         return
     import matplotlib
@@ -291,4 +325,5 @@ if __name__ == "__main__":
     sffn_probe(read("sffn_gpu_runs.csv"))
     sffn_compare(read("sffn_gpu_runs.csv"))
     sffn_pairs(read("sffn_gpu_runs.csv"))
+    sffn_lr_sweep(read("sffn_gpu_runs.csv"))
     sffn_curves(read("sffn_gpu_runs.csv"))
