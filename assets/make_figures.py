@@ -166,7 +166,7 @@ def sffn_compare(rows, steps=6000, lr=0.001):
     ax.legend(fontsize=8)
     one = sorted(f"{k[0]}{' + bias' if k[2] == 'bias' else ''} g={k[1]}" for k, v in arms.items()
                  if len(v) == 1 and k[0] in ("avgk", "switch", "hash", "topk"))
-    ax.set_title("S-FFN, 8L/512d, d_m 16384, 98M tokens (H200); mean ± half-range of seeds"
+    ax.set_title(f"S-FFN, 8L/512d, d_m 16384, 98M tokens, LR {lr:g} (H200); mean ± half-range of seeds"
                  + (f"\none seed only: {', '.join(one)}" if one else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "sffn_ppl_vs_g.png"), dpi=110)
