@@ -1,5 +1,7 @@
 """Profile compiled training steps of nano_sffn at the gpu preset (bf16, random tokens), one entry
 per selector:g, e.g.  python assets/profiles/prof_sffn_train.py dense,avgk:256,avgk:64
+An entry may name a candidate grouped path of prof_sffn_variants.py: avgk:64@isel runs the model with
+nano_sffn.compute_grouped replaced by that candidate (same signature, checked there against masked).
 Prints the GPU kernel time per step by category (profutil.py) and the wall time per step."""
 import os, sys, time, dataclasses, torch
 sys.path.insert(0, "."); sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -10,8 +12,16 @@ base = S.parse_config(["--preset", "gpu", "--device", "cuda"])
 V = 50304
 x = torch.randint(0, V, (base.batch_size, base.block_size), device=dev)
 y = torch.randint(0, V, (base.batch_size, base.block_size), device=dev)
+GROUPED = S.compute_grouped
 for entry in sys.argv[1].split(","):
-    sel, _, g = entry.partition(":")
+    arm, _, path = entry.partition("@")
+    if path:
+        import prof_sffn_variants
+        S.compute_grouped = prof_sffn_variants.CANDIDATES[path][0]
+    else:
+        S.compute_grouped = GROUPED
+    sel, _, g = arm.partition(":")
+    torch._dynamo.reset()  # each entry compiles afresh (a replaced compute_grouped included)
     cfg = S.validate(dataclasses.replace(base, selector=sel, g=int(g) if g else base.g), dev)
     raw = S.GPT(cfg, V).to(dev)
     model = torch.compile(raw)
