@@ -1,0 +1,364 @@
+"""nano_sffn's sparse FFN (issue 12): candidate fast paths of the grouped computation, each checked
+against the exact reference SparseFFN.compute_masked and timed side by side with the dense FFN.
+
+    TRITON_INTERPRET=1 python assets/profiles/prof_sffn_variants.py --check   # CPU, small shapes
+    python assets/profiles/prof_sffn_variants.py                               # CUDA: table + prof
+
+Every candidate has nano_sffn.compute_grouped's signature (layer, x, ids, w, pre=None) -> y (N, d).
+They differ only in how the (N*b, d) pair rows move: the expand x[tok] and the pair sum
+y[n] = sum_j ys[inv[n, j]] (SumPairs forward, ExpandPairs backward). Triton is imported lazily,
+only for the Triton candidates; without it (or without CUDA and TRITON_INTERPRET=1) they are
+skipped.
+"""
+import argparse
+import csv
+import dataclasses
+import functools
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if importlib.util.find_spec("nano_sffn") is None:     # run as a script from anywhere
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+import nano_sffn as S  # noqa: E402
+
+TOL = 1e-5  # --check: max |candidate - masked| / max |masked| of y, dx, dK, dV in float32
+
+
+# ---- the sorted (token, block) pairs, exactly as compute_grouped builds them
+def pairs(ids, B):
+    """ids (N, b) -> tok (N*b,) token of each sorted pair, inv (N, b) sorted position of pair
+    (n, j), order (N*b,) the sort permutation, offs (B,) int32 cumulative group ends."""
+    N, b = ids.shape
+    blk, order = ids.reshape(-1).sort(stable=True)
+    tok = order // b
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * b, device=ids.device))
+    offs = torch.searchsorted(blk, torch.arange(B, device=ids.device), right=True)
+    return tok, inv.view(N, b), order, offs.to(torch.int32)
+
+
+def grouped_with(expand, collapse):
+    """compute_grouped with its two row movements replaced: xs = expand(x, tok, inv) (N*b, d)
+    and y = collapse(ys, tok, inv) (N, d). Everything else is nano_sffn's code path."""
+    def fn(layer, x, ids, w=None, pre=None):
+        assert pre is None, "VanillaM's pre is not a candidate here"
+        B, g, dt = layer.B, layer.g, S.compute_dtype(x)
+        tok, inv, order, offs = pairs(ids, B)
+        xs = expand(x.to(dt), tok, inv)                                   # (N*b, d)
+        K3t = layer.K.view(B, g, -1).to(dt).transpose(-2, -1)             # (B, d, g)
+        h = layer.act(S.grouped_mm(xs, K3t, offs))                        # (N*b, g)
+        ys = S.grouped_mm(h, layer.V.view(B, g, -1).to(dt), offs)         # (N*b, d)
+        if w is not None:
+            ys = ys * w.reshape(-1)[order].to(ys.dtype).unsqueeze(-1)
+        return collapse(ys, tok, inv)
+    return fn
+
+
+def with_pair_sum(gsum):
+    """The candidate whose pair sum gsum(src, tok, inv) -> (N, d), sum_j src[inv[n, j]], runs in
+    both SumPairs forward and ExpandPairs backward (the gathers x[tok], dy[tok] stay)."""
+    class Expand(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, tok, inv):
+            ctx.save_for_backward(tok, inv)
+            return x[tok]
+
+        @staticmethod
+        def backward(ctx, dxs):
+            return gsum(dxs.contiguous(), *ctx.saved_tensors), None, None
+
+    class Sum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, ys, tok, inv):
+            ctx.save_for_backward(tok, inv)
+            return gsum(ys.contiguous(), tok, inv)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return dy[ctx.saved_tensors[0]], None, None
+
+    return grouped_with(Expand.apply, Sum.apply)
+
+
+# ---- (b) plain-PyTorch pair sums: src (N*b, d) sorted pairs, tok (N*b,), inv (N, b) -> (N, d)
+def sum_isel(src, tok, inv):    # one contiguous gather, then a contiguous sum over b
+    return src.index_select(0, inv.view(-1)).view(*inv.shape, -1).sum(1)
+
+
+def sum_isel_f32(src, tok, inv):  # the same, the sum asked for in float32, cast back
+    pairs3 = src.index_select(0, inv.view(-1)).view(*inv.shape, -1)
+    return pairs3.sum(1, dtype=torch.float32).to(src.dtype)
+
+
+def sum_index_add(src, tok, inv):  # scatter-add into a float32 (N, d) (atomics on CUDA)
+    out = src.new_zeros(inv.shape[0], src.shape[1], dtype=torch.float32)
+    return out.index_add_(0, tok, src.float()).to(src.dtype)
+
+
+# ---- (c) Triton gather-reduce: y[n, :] = sum_j src[inv[n, j], :], float32 accumulation
+_KERNEL = {}
+
+
+def triton_ok(device_type):
+    """Triton importable, and a device it can run on (CUDA, or the CPU interpreter)."""
+    return importlib.util.find_spec("triton") is not None and (
+        device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def gather_sum_kernel():
+    if "k" not in _KERNEL:
+        global triton, tl
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _gather_sum(src, inv, out, N, D, b, BN: tl.constexpr, BD: tl.constexpr):
+            rn = tl.program_id(0) * BN + tl.arange(0, BN)           # tokens of this program
+            rd = tl.program_id(1) * BD + tl.arange(0, BD)           # columns of this program
+            mn, md = rn < N, rd < D
+            m2 = mn[:, None] & md[None, :]
+            acc = tl.zeros((BN, BD), dtype=tl.float32)
+            for j in range(b):                                      # the token's b pairs
+                row = tl.load(inv + rn.to(tl.int64) * b + j, mask=mn, other=0)
+                v = tl.load(src + row.to(tl.int64)[:, None] * D + rd[None, :], mask=m2, other=0)
+                acc += v.to(tl.float32)
+            dst = out + rn.to(tl.int64)[:, None] * D + rd[None, :]
+            tl.store(dst, acc.to(out.dtype.element_ty), mask=m2)
+        _KERNEL["k"] = _gather_sum
+    return _KERNEL["k"]
+
+
+def sum_triton(src, tok, inv, BN=16, BD=256, warps=4):
+    N, b = inv.shape
+    D = src.shape[1]
+    out = src.new_empty(N, D)
+    k = gather_sum_kernel()                                         # imports triton
+    BD = min(BD, triton.next_power_of_2(D))
+    grid = (triton.cdiv(N, BN), triton.cdiv(D, BD))
+    k[grid](src, inv.contiguous(), out, N, D, b, BN=BN, BD=BD, num_warps=warps)
+    return out
+
+
+# ---- the candidates: name -> (fn, needs triton)
+def plain_expand(x, tok, inv):      # autograd's own backward of x[tok]: index_put accumulate
+    return x[tok]
+
+
+def plain_collapse(ys, tok, inv):   # ys[inv].sum(1) with autograd's backward (a scatter)
+    return ys[inv].sum(1)
+
+
+CANDIDATES = {
+    "grouped": (S.compute_grouped, False),                    # (a) the baseline, as it is
+    "autograd": (grouped_with(plain_expand, plain_collapse), False),
+    "isel": (with_pair_sum(sum_isel), False),
+    "isel_f32": (with_pair_sum(sum_isel_f32), False),
+    "index_add": (with_pair_sum(sum_index_add), False),
+    "triton": (with_pair_sum(sum_triton), True),
+    "triton_64x64": (with_pair_sum(functools.partial(sum_triton, BN=64, BD=64)), True),
+}
+
+
+# ---- correctness
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def compare(fn, layer, x, ids, w, gy):
+    """max relative error of y, dx, dK, dV of fn against compute_masked (same autocast state)."""
+    outs = []
+    for f in (layer.compute_masked, functools.partial(fn, layer)):
+        xx = x.detach().clone().requires_grad_(True)
+        ww = None if w is None else w.detach().clone().requires_grad_(True)
+        y = f(xx, ids, ww)
+        wrt = (xx, layer.K, layer.V) + (() if w is None else (ww,))
+        outs.append((y,) + torch.autograd.grad(y, wrt, gy, materialize_grads=True))
+    return max(rel_err(c, r) for r, c in zip(*outs))
+
+
+def small_layer(g, b, d=32, d_m=256, dtype=torch.float32, seed=0):
+    cfg = S.validate(S.Config(selector="avgk", n_embd=d, n_head=2, n_layer=2, d_ff=g * b,
+                              d_m=d_m, g=g, b=b, impl="grouped"))
+    torch.manual_seed(seed)
+    layer = S.SparseFFN(cfg, 1).to(dtype)
+    with torch.no_grad():                  # keys large enough that GeLU is not near-linear
+        layer.K.normal_(0, 0.3)
+        layer.V.normal_(0, 0.3)
+    return layer
+
+
+CHECK_SHAPES = [(g, b) for g in (8, 32) for b in (1, 4, 8)]
+
+
+def check(fn, N=61, shapes=CHECK_SHAPES, weighted=(False, True)):
+    """CPU float32: [(g, b, weighted, max rel err)] of fn against compute_masked."""
+    rows = []
+    for g, b in shapes:
+        layer = small_layer(g, b)
+        x, gy = torch.randn(N, layer.K.shape[1]), torch.randn(N, layer.K.shape[1])
+        ids = torch.rand(N, layer.B).argsort(1)[:, :b]       # random distinct blocks, all used
+        for wtd in weighted:
+            w = torch.rand(N, b) if wtd else None
+            rows.append((g, b, wtd, compare(fn, layer, x, ids, w, gy)))
+    return rows
+
+
+def run_check(names):
+    ok = True
+    for name in names:
+        fn, needs_triton = CANDIDATES[name]
+        if needs_triton and not triton_ok("cpu"):
+            print(f"{name:14s} SKIPPED: triton missing or TRITON_INTERPRET != 1")
+            continue
+        rows = check(fn)
+        worst = max(r[-1] for r in rows)
+        ok &= worst <= TOL
+        print(f"{name:14s} {'ok  ' if worst <= TOL else 'FAIL'} max rel err {worst:.1e} "
+              f"over {len(rows)} cases")
+    print(f"cases: (g, b) in {CHECK_SHAPES}, w None and random; N 61, d 32, d_m 256, float32; "
+          f"errors of y, dx, dK, dV (dw) against compute_masked; tol {TOL:g}")
+    return ok
+
+
+# ---- timing (CUDA)
+def ms(fn, iters=20, warm=5):
+    for i in range(warm + iters):
+        if i == warm:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+        fn()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t) / iters
+
+
+def one_line(e):
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+
+
+def run_timing(names, budget_s, iters, out_dir):
+    from profutil import prof
+    t0, dev, dt = time.perf_counter(), "cuda", torch.bfloat16
+    d, c, dm, N, G = 512, 2048, 16384, 16384, (256, 64)
+    name = torch.cuda.get_device_name()
+    print(f"torch {torch.__version__}, {name}, N={N} d={d} c={c} d_m={dm}, fp32 params, bf16 "
+          f"autocast, fwd+bwd ms (mean of {iters} after 5 warm-up), budget {budget_s} s")
+    torch.manual_seed(0)
+    x = torch.randn(N, d, device=dev, requires_grad=True)
+    gy = torch.randn(N, d, device=dev, dtype=dt)
+    base = S.validate(S.Config(selector="avgk", n_embd=d, d_ff=c, d_m=dm, impl="grouped"), dev)
+    dense = S.DenseFFN(d, c, base.activation, base.n_layer).to(dev)
+    params = [x] + list(dense.parameters())
+
+    def step(f, ps):          # one fwd+bwd under autocast; grads assigned, not accumulated
+        for p in ps:
+            p.grad = None
+        with torch.autocast(dev, dt):
+            y = f()
+        y.backward(gy)
+
+    rows, csv_rows = [], []
+    dense_c = torch.compile(lambda: dense(x)[0])
+    unit = {False: ms(lambda: step(lambda: dense(x)[0], params), iters)}
+    try:
+        unit[True] = ms(lambda: step(dense_c, params), iters)
+    except Exception as e:
+        print(f"dense compiled FAILED {one_line(e)}")
+        unit[True] = unit[False]
+    rows.append(dict(g="dense", b="-", B="-", path="DenseFFN(c)", eager=unit[False],
+                     compiled=unit[True], err=None))
+    for i, g in enumerate(G):
+        cfg = dataclasses.replace(base, g=g, b=c // g)
+        layer = S.SparseFFN(cfg, 1).to(dev)
+        ps = [x, layer.K, layer.V]
+        with torch.no_grad(), torch.autocast(dev, dt):
+            ids = layer.route(x)[0]
+        best = (float("inf"), None, None)
+        for nm in names:
+            fn, needs_triton = CANDIDATES[nm]
+            row = dict(g=g, b=cfg.b, B=layer.B, path=nm, eager=None, compiled=None, err=None)
+            rows.append(row)
+            if needs_triton and not triton_ok(dev):
+                print(f"g={g} {nm}: SKIPPED, triton missing")
+                continue
+            try:
+                with torch.autocast(dev, dt):
+                    row["err"] = compare(fn, layer, x, ids, None, gy)
+                f = functools.partial(fn, layer, x, ids, None)
+                row["eager"] = ms(lambda: step(f, ps), iters)
+                best = min(best, (row["eager"], f"{nm} eager", f))
+            except Exception as e:
+                print(f"g={g} {nm} eager FAILED {one_line(e)}")
+            if time.perf_counter() - t0 > budget_s * (i + 1) / len(G):
+                print(f"g={g} {nm} compiled: SKIPPED, over the time budget")
+                continue
+            try:
+                cf = torch.compile(functools.partial(fn, layer))
+                row["compiled"] = ms(lambda: step(lambda: cf(x, ids, None), ps), iters)
+                best = min(best, (row["compiled"], f"{nm} compiled",
+                                  lambda: cf(x, ids, None)))
+            except Exception as e:
+                print(f"g={g} {nm} compiled FAILED {one_line(e)}")
+            print(f"g={g} {nm:14s} eager {row['eager']} compiled {row['compiled']} "
+                  f"err {row['err']}", flush=True)
+        if best[2] is not None:
+            f = best[2]
+            prof(lambda: step(f, ps), 10, f"fastest at g={g}: {best[1]} fwd+bwd", top=10)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    ratio = lambda v, u: "-" if v is None else f"{v / u:.2f}x"  # noqa: E731
+    lines = [f"layer fwd+bwd on {name}, torch {torch.__version__}, N={N} d={d} c={c} d_m={dm}, "
+             f"fp32 params + bf16 autocast, mean of {iters} (ms); x dense = same mode's dense", "",
+             "| g | b | B | path | eager ms | compiled ms | eager x dense | compiled x dense "
+             "| max rel err vs masked (bf16) |", "|" + "---|" * 9]
+    for r in rows:
+        err = "-" if r["err"] is None else f"{r['err']:.1e}"
+        lines.append(f"| {r['g']} | {r['b']} | {r['B']} | {r['path']} | {fmt(r['eager'])} | "
+                     f"{fmt(r['compiled'])} | {ratio(r['eager'], unit[False])} | "
+                     f"{ratio(r['compiled'], unit[True])} | {err} |")
+        for comp in (False, True):
+            v = r["compiled" if comp else "eager"]
+            if v is not None:
+                csv_rows.append(dict(g=r["g"], b=r["b"], B=r["B"], path=r["path"],
+                                     ms=round(v, 4), compiled=comp, device=name,
+                                     torch=torch.__version__))
+    table = "\n".join(lines)
+    print("\n" + table)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "variants.md"), "w") as fh:
+            fh.write(table + "\n")
+        with open(os.path.join(out_dir, "variants.csv"), "w", newline="") as fh:
+            wr = csv.DictWriter(fh, fieldnames=list(csv_rows[0]) if csv_rows else ["g"])
+            wr.writeheader()
+            wr.writerows(csv_rows)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="CPU correctness check, small shapes")
+    ap.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
+    ap.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
+    ap.add_argument("--budget", type=float, default=200, help="seconds; later compiles skipped")
+    a = ap.parse_args(argv)
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or list(CANDIDATES)
+    bad = [n for n in names if n not in CANDIDATES]
+    if bad:
+        ap.error(f"unknown candidates {bad}; known: {list(CANDIDATES)}")
+    if a.check:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        print(f"triton: {'found' if importlib.util.find_spec('triton') else 'missing'}, "
+              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
+        sys.exit(0 if run_check(names) else 1)
+    if not torch.cuda.is_available():
+        sys.exit("timing needs CUDA; on CPU run --check")
+    sys.path.insert(0, HERE)
+    run_timing(names, a.budget, a.iters, os.environ.get("OUT"))
+
+
+if __name__ == "__main__":
+    main()
