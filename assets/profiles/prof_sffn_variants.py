@@ -225,13 +225,18 @@ def run_check(names):
 
 
 # ---- timing (CUDA)
-def ms(fn, iters=20, warm=5):
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def ms(fn, iters=20, warm=5, dev="cuda"):
     for i in range(warm + iters):
         if i == warm:
-            torch.cuda.synchronize()
+            sync(dev)
             t = time.perf_counter()
         fn()
-    torch.cuda.synchronize()
+    sync(dev)
     return 1000 * (time.perf_counter() - t) / iters
 
 
@@ -239,17 +244,29 @@ def one_line(e):
     return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
 
 
-def run_timing(names, budget_s, iters, out_dir):
-    from profutil import prof
-    t0, dev, dt = time.perf_counter(), "cuda", torch.bfloat16
-    d, c, dm, N, G = 512, 2048, 16384, 16384, (256, 64)
-    name = torch.cuda.get_device_name()
+TRAIN_SHAPE = dict(N=16384, d=512, c=2048, dm=16384, G=(256, 64))   # gpu preset, one layer call
+SMOKE_SHAPE = dict(N=256, d=64, c=256, dm=1024, G=(64, 16))          # --smoke: CPU dry run
+
+
+def run_timing(names, budget_s, iters, out_dir, dev="cuda", shape=TRAIN_SHAPE):
+    t0, dt = time.perf_counter(), torch.bfloat16
+    d, c, dm, N, G = (shape[k] for k in ("d", "c", "dm", "N", "G"))
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    # every candidate built by grouped_with shares one code object: without these, dynamo would
+    # stop recompiling it after 8 variants (silently eager) or turn the shapes dynamic
+    for k in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+              "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, k):
+            setattr(torch._dynamo.config, k, 256)
+    compile = functools.partial(torch.compile, dynamic=False)
+    timed = functools.partial(ms, iters=iters, dev=dev)
     print(f"torch {torch.__version__}, {name}, N={N} d={d} c={c} d_m={dm}, fp32 params, bf16 "
           f"autocast, fwd+bwd ms (mean of {iters} after 5 warm-up), budget {budget_s} s")
     torch.manual_seed(0)
     x = torch.randn(N, d, device=dev, requires_grad=True)
     gy = torch.randn(N, d, device=dev, dtype=dt)
-    base = S.validate(S.Config(selector="avgk", n_embd=d, d_ff=c, d_m=dm, impl="grouped"), dev)
+    base = S.validate(S.Config(selector="avgk", n_embd=d, n_head=8, d_ff=c, d_m=dm,
+                               impl="grouped"), dev)
     dense = S.DenseFFN(d, c, base.activation, base.n_layer).to(dev)
     params = [x] + list(dense.parameters())
 
@@ -261,10 +278,10 @@ def run_timing(names, budget_s, iters, out_dir):
         y.backward(gy)
 
     rows, csv_rows = [], []
-    dense_c = torch.compile(lambda: dense(x)[0])
-    unit = {False: ms(lambda: step(lambda: dense(x)[0], params), iters)}
+    dense_c = compile(lambda: dense(x)[0])
+    unit = {False: timed(lambda: step(lambda: dense(x)[0], params))}
     try:
-        unit[True] = ms(lambda: step(dense_c, params), iters)
+        unit[True] = timed(lambda: step(dense_c, params))
     except Exception as e:
         print(f"dense compiled FAILED {one_line(e)}")
         unit[True] = unit[False]
@@ -282,13 +299,13 @@ def run_timing(names, budget_s, iters, out_dir):
             row = dict(g=g, b=cfg.b, B=layer.B, path=nm, eager=None, compiled=None, err=None)
             rows.append(row)
             if needs_triton and not triton_ok(dev):
-                print(f"g={g} {nm}: SKIPPED, triton missing")
+                print(f"g={g} {nm}: SKIPPED, triton missing (or no CUDA and TRITON_INTERPRET != 1)")
                 continue
             try:
                 with torch.autocast(dev, dt):
                     row["err"] = compare(fn, layer, x, ids, None, gy)
                 f = functools.partial(fn, layer, x, ids, None)
-                row["eager"] = ms(lambda: step(f, ps), iters)
+                row["eager"] = timed(lambda: step(f, ps))
                 best = min(best, (row["eager"], f"{nm} eager", f))
             except Exception as e:
                 print(f"g={g} {nm} eager FAILED {one_line(e)}")
@@ -296,16 +313,17 @@ def run_timing(names, budget_s, iters, out_dir):
                 print(f"g={g} {nm} compiled: SKIPPED, over the time budget")
                 continue
             try:
-                cf = torch.compile(functools.partial(fn, layer))
-                row["compiled"] = ms(lambda: step(lambda: cf(x, ids, None), ps), iters)
+                cf = compile(functools.partial(fn, layer))
+                row["compiled"] = timed(lambda: step(lambda: cf(x, ids, None), ps))
                 best = min(best, (row["compiled"], f"{nm} compiled",
                                   lambda: cf(x, ids, None)))
             except Exception as e:
                 print(f"g={g} {nm} compiled FAILED {one_line(e)}")
-            print(f"g={g} {nm:14s} eager {row['eager']} compiled {row['compiled']} "
-                  f"err {row['err']}", flush=True)
-        if best[2] is not None:
+            print(f"g={g} {nm:14s} eager {row['eager']} compiled {row['compiled']} ms, "
+                  f"rel err {row['err']}", flush=True)
+        if best[2] is not None and dev == "cuda":
             f = best[2]
+            from profutil import prof
             prof(lambda: step(f, ps), 10, f"fastest at g={g}: {best[1]} fwd+bwd", top=10)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     ratio = lambda v, u: "-" if v is None else f"{v / u:.2f}x"  # noqa: E731
@@ -344,6 +362,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
     ap.add_argument("--budget", type=float, default=200, help="seconds; later compiles skipped")
+    ap.add_argument("--smoke", action="store_true", help="timing mode's dry run: CPU, tiny shapes")
     a = ap.parse_args(argv)
     names = [n.strip() for n in a.only.split(",") if n.strip()] or list(CANDIDATES)
     bad = [n for n in names if n not in CANDIDATES]
@@ -354,9 +373,11 @@ def main(argv=None):
         print(f"triton: {'found' if importlib.util.find_spec('triton') else 'missing'}, "
               f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}")
         sys.exit(0 if run_check(names) else 1)
-    if not torch.cuda.is_available():
-        sys.exit("timing needs CUDA; on CPU run --check")
     sys.path.insert(0, HERE)
+    if a.smoke:
+        return run_timing(names, a.budget, a.iters, os.environ.get("OUT"), "cpu", SMOKE_SHAPE)
+    if not torch.cuda.is_available():
+        sys.exit("timing needs CUDA; on CPU run --check (or --smoke)")
     run_timing(names, a.budget, a.iters, os.environ.get("OUT"))
 
 
