@@ -41,3 +41,14 @@ def test_check_catches_wrong_candidates():
     no_dx = lambda layer, x, ids, w=None: V.S.compute_grouped(layer, x.detach(), ids, w)  # noqa
     for fn in (wrong_sum, no_dx):
         assert max(r[-1] for r in V.check(fn, shapes=[(8, 4)])) > V.TOL
+
+
+@pytest.mark.parametrize("name", list(V.KEY_SIDE))
+def test_key_side_matches_all_cells(name):
+    """(d), forward only: h = f(x[tok] K_e^T) per sorted pair, against f(x K^T) at the chosen
+    blocks (a tile of 64 pairs that spans several blocks, d 80 not a multiple of the tile)."""
+    fn, needs_triton = V.KEY_SIDE[name]
+    if needs_triton and not V.triton_ok("cpu"):
+        pytest.skip("triton missing (or TRITON_INTERPRET != 1): Triton candidate not checked")
+    bad = [r for r in V.check_key_side(fn) if not r[-1] <= V.TOL]
+    assert not bad, f"{name}: (g, b, rel err) over {V.TOL}: {bad}"

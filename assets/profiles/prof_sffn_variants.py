@@ -143,6 +143,69 @@ def sum_triton(src, tok, inv, BN=16, BD=256, warps=4):
     return out
 
 
+# ---- (d) FORWARD ONLY, a measurement: Triton gather-GEMM of the key side (ScatterMoE's idea),
+# h[m] = x[tok[m]] K_e^T for sorted pair m of block e, read straight from x: xs is never written
+def gather_mm_kernel():
+    if "mm" not in _KERNEL:
+        gather_sum_kernel()                                         # imports triton, tl
+
+        @triton.jit
+        def _gather_mm(x, tok, blk, K, h, M, D, G, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr):
+            m0 = tl.program_id(0) * BM
+            rm = m0 + tl.arange(0, BM)                              # sorted pairs
+            rn = tl.program_id(1) * BN + tl.arange(0, BN)           # cells of the block
+            mm, mn = rm < M, rn < G
+            t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)    # their tokens
+            e_row = tl.load(blk + rm, mask=mm, other=-1)            # their blocks (sorted)
+            e_lo, e_hi = tl.load(blk + m0), tl.load(blk + tl.minimum(m0 + BM, M) - 1)
+            out = tl.zeros((BM, BN), dtype=tl.float32)
+            for e in range(e_lo, e_hi + 1):                         # blocks met by this tile
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+                for k0 in range(0, D, BK):
+                    rk = k0 + tl.arange(0, BK)
+                    mk = rk < D
+                    a = tl.load(x + t[:, None] * D + rk[None, :], mask=mm[:, None] & mk[None, :],
+                                other=0)                            # (BM, BK) gathered rows
+                    kr = (e * G + rn[None, :]).to(tl.int64)         # key rows of block e
+                    b = tl.load(K + kr * D + rk[:, None], mask=mn[None, :] & mk[:, None],
+                                other=0)                            # (BK, BN) = K_e^T chunk
+                    acc += tl.dot(a, b)
+                out = tl.where((e_row == e)[:, None], acc, out)
+            dst = h + rm.to(tl.int64)[:, None] * G + rn[None, :]
+            tl.store(dst, out.to(h.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+        _KERNEL["mm"] = _gather_mm
+    return _KERNEL["mm"]
+
+
+def key_side_triton(layer, x, ids, BM=64, BN=64, BK=64):
+    """h (N*b, g) = f(x[tok] K_e^T) in sorted-pair order, no autograd; x in the compute dtype.
+    Under TRITON_INTERPRET=1 a bfloat16 tl.dot is garbage (the interpreter multiplies the bit
+    patterns, triton-lang/triton#11584): --smoke's bf16 error of this row is meaningless; the
+    float32 --check and the CUDA run's bf16 check are the ones to read."""
+    k = gather_mm_kernel()
+    blk, order = ids.reshape(-1).sort(stable=True)
+    tok, M, D, g = order // ids.shape[1], ids.numel(), x.shape[1], layer.g
+    BN = min(BN, max(16, triton.next_power_of_2(g)))
+    h = x.new_empty(M, g)
+    K = layer.K.to(x.dtype)
+    k[(triton.cdiv(M, BM), triton.cdiv(g, BN))](x.contiguous(), tok, blk, K, h, M, D, g,
+                                                 BM=BM, BN=BN, BK=BK)
+    return layer.act(h)
+
+
+def key_side_grouped(layer, x, ids):
+    """The same as nano_sffn computes it: xs = x[tok] written, then torch's grouped GEMM."""
+    B, g = layer.B, layer.g
+    tok, inv, order, offs = pairs(ids, B)
+    K3t = layer.K.view(B, g, -1).to(x.dtype).transpose(-2, -1)
+    return layer.act(S.grouped_mm(x[tok], K3t, offs))
+
+
+KEY_SIDE = {"key_fwd:grouped": (key_side_grouped, False),
+            "key_fwd:triton_gather_mm": (key_side_triton, True)}
+
+
 # ---- the candidates: name -> (fn, needs triton)
 def plain_expand(x, tok, inv):      # autograd's own backward of x[tok]: index_put accumulate
     return x[tok]
@@ -207,8 +270,35 @@ def check(fn, N=61, shapes=CHECK_SHAPES, weighted=(False, True)):
     return rows
 
 
+def key_side_ref(layer, x, ids):
+    """f(x K^T) at the chosen blocks (all d_m cells, then gathered), in sorted-pair order."""
+    N, b, B, g = *ids.shape, layer.B, layer.g
+    h = layer.act(x @ layer.K.to(x.dtype).t()).view(N, B, g)
+    h = h.gather(1, ids.unsqueeze(-1).expand(N, b, g)).reshape(N * b, g)
+    return h[ids.reshape(-1).sort(stable=True)[1]]
+
+
+def check_key_side(fn, N=61, shapes=CHECK_SHAPES, d=80):
+    """(d), forward only: [(g, b, rel err of h)] against key_side_ref; d 80 is not a tile."""
+    rows = []
+    for g, b in shapes:
+        layer = small_layer(g, b, d=d)
+        x, ids = torch.randn(N, d), torch.rand(N, layer.B).argsort(1)[:, :b]
+        with torch.no_grad():
+            rows.append((g, b, rel_err(fn(layer, x, ids), key_side_ref(layer, x, ids))))
+    return rows
+
+
 def run_check(names):
     ok = True
+    for name, (fn, needs_triton) in KEY_SIDE.items():
+        if needs_triton and not triton_ok("cpu"):
+            print(f"{name:14s} SKIPPED: triton missing or TRITON_INTERPRET != 1")
+            continue
+        worst = max(r[-1] for r in check_key_side(fn))
+        ok &= worst <= TOL
+        print(f"{name:14s} {'ok  ' if worst <= TOL else 'FAIL'} max rel err {worst:.1e} "
+              f"(forward only: h = f(x[tok] K_e^T) vs all cells, d 80)")
     for name in names:
         fn, needs_triton = CANDIDATES[name]
         if needs_triton and not triton_ok("cpu"):
@@ -321,12 +411,29 @@ def run_timing(names, budget_s, iters, out_dir, dev="cuda", shape=TRAIN_SHAPE):
                 print(f"g={g} {nm} compiled FAILED {one_line(e)}")
             print(f"g={g} {nm:14s} eager {row['eager']} compiled {row['compiled']} ms, "
                   f"rel err {row['err']}", flush=True)
+        xb = x.detach().to(dt)
+        with torch.no_grad():
+            href = key_side_ref(layer, xb, ids)
+        for nm, (fn, needs_triton) in KEY_SIDE.items():       # (d): forward only, eager
+            row = dict(g=g, b=cfg.b, B=layer.B, path=nm + " (fwd only)", eager=None,
+                       compiled=None, err=None, fwd_only=True)
+            rows.append(row)
+            if needs_triton and not triton_ok(dev):
+                continue
+            try:
+                with torch.no_grad():
+                    row["err"] = rel_err(fn(layer, xb, ids), href)
+                    row["eager"] = timed(lambda: fn(layer, xb, ids))
+            except Exception as e:
+                print(f"g={g} {nm} FAILED {one_line(e)}")
+            print(f"g={g} {nm} eager {row['eager']} ms (forward only), rel err {row['err']}")
+        del href
         if best[2] is not None and dev == "cuda":
             f = best[2]
             from profutil import prof
             prof(lambda: step(f, ps), 10, f"fastest at g={g}: {best[1]} fwd+bwd", top=10)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    ratio = lambda v, u: "-" if v is None else f"{v / u:.2f}x"  # noqa: E731
+    ratio = lambda v, u, r: "-" if v is None or "fwd_only" in r else f"{v / u:.2f}x"  # noqa
     lines = [f"layer fwd+bwd on {name}, torch {torch.__version__}, N={N} d={d} c={c} d_m={dm}, "
              f"fp32 params + bf16 autocast, mean of {iters} (ms); x dense = same mode's dense", "",
              "| g | b | B | path | eager ms | compiled ms | eager x dense | compiled x dense "
@@ -334,8 +441,8 @@ def run_timing(names, budget_s, iters, out_dir, dev="cuda", shape=TRAIN_SHAPE):
     for r in rows:
         err = "-" if r["err"] is None else f"{r['err']:.1e}"
         lines.append(f"| {r['g']} | {r['b']} | {r['B']} | {r['path']} | {fmt(r['eager'])} | "
-                     f"{fmt(r['compiled'])} | {ratio(r['eager'], unit[False])} | "
-                     f"{ratio(r['compiled'], unit[True])} | {err} |")
+                     f"{fmt(r['compiled'])} | {ratio(r['eager'], unit[False], r)} | "
+                     f"{ratio(r['compiled'], unit[True], r)} | {err} |")
         for comp in (False, True):
             v = r["compiled" if comp else "eager"]
             if v is not None:
