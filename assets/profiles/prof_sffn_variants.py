@@ -418,7 +418,8 @@ def run_timing(names, budget_s, iters, out_dir, dev="cuda", shape=TRAIN_SHAPE):
             if time.perf_counter() - t0 > budget_s * (i + 1) / len(G):
                 print(f"g={g} {nm} compiled: SKIPPED, over the time budget")
                 continue
-            for how, fc in (("", fn), (" (compiled: kernel outside graph)", KERNEL_OUTSIDE.get(nm))):
+            outside = " (compiled: kernel outside graph)", KERNEL_OUTSIDE.get(nm)
+            for how, fc in (("", fn), outside):
                 if fc is None:
                     break
                 try:
