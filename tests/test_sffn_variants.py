@@ -24,9 +24,9 @@ def test_candidate_matches_masked(name):
     if needs_triton and not V.triton_ok("cpu"):
         pytest.skip("triton missing (or TRITON_INTERPRET != 1): Triton candidate not checked")
     rows = V.check(fn)
-    assert len(rows) == 2 * len(V.CHECK_SHAPES)
+    assert len(rows) == 2 * len(V.CHECK_CASES)
     bad = [r for r in rows if not r[-1] <= V.TOL]
-    assert not bad, f"{name}: (g, b, weighted, rel err) over {V.TOL}: {bad}"
+    assert not bad, f"{name}: (g, b, d, weighted, rel err) over {V.TOL}: {bad}"
 
 
 def drop_last_token(src, tok, inv):
@@ -40,7 +40,7 @@ def test_check_catches_wrong_candidates():
     wrong_sum = V.with_pair_sum(drop_last_token)
     no_dx = lambda layer, x, ids, w=None: V.S.compute_grouped(layer, x.detach(), ids, w)  # noqa
     for fn in (wrong_sum, no_dx):
-        assert max(r[-1] for r in V.check(fn, shapes=[(8, 4)])) > V.TOL
+        assert max(r[-1] for r in V.check(fn, cases=[(8, 4, 32)])) > V.TOL
 
 
 @pytest.mark.parametrize("name", list(V.KEY_SIDE))

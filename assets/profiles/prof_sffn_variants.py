@@ -271,18 +271,19 @@ def small_layer(g, b, d=32, d_m=256, dtype=torch.float32, seed=0):
 
 
 CHECK_SHAPES = [(g, b) for g in (8, 32) for b in (1, 4, 8)]
+CHECK_CASES = [(g, b, 32) for g, b in CHECK_SHAPES] + [(8, 4, 40)]  # (g, b, d); 40: not a tile
 
 
-def check(fn, N=61, shapes=CHECK_SHAPES, weighted=(False, True)):
-    """CPU float32: [(g, b, weighted, max rel err)] of fn against compute_masked."""
+def check(fn, N=61, cases=CHECK_CASES, weighted=(False, True)):
+    """CPU float32: [(g, b, d, weighted, max rel err)] of fn against compute_masked."""
     rows = []
-    for g, b in shapes:
-        layer = small_layer(g, b)
-        x, gy = torch.randn(N, layer.K.shape[1]), torch.randn(N, layer.K.shape[1])
-        ids = torch.rand(N, layer.B).argsort(1)[:, :b]       # random distinct blocks, all used
+    for g, b, d in cases:
+        layer = small_layer(g, b, d=d)
+        x, gy = torch.randn(N, d), torch.randn(N, d)
+        ids = torch.rand(N, layer.B).argsort(1)[:, :b]   # random distinct blocks (some unused)
         for wtd in weighted:
             w = torch.rand(N, b) if wtd else None
-            rows.append((g, b, wtd, compare(fn, layer, x, ids, w, gy)))
+            rows.append((g, b, d, wtd, compare(fn, layer, x, ids, w, gy)))
     return rows
 
 
@@ -325,8 +326,8 @@ def run_check(names):
         ok &= worst <= TOL
         print(f"{name:14s} {'ok  ' if worst <= TOL else 'FAIL'} max rel err {worst:.1e} "
               f"over {len(rows)} cases")
-    print(f"cases: (g, b) in {CHECK_SHAPES}, w None and random; N 61, d 32, d_m 256, float32; "
-          f"errors of y, dx, dK, dV (dw) against compute_masked; tol {TOL:g}")
+    print(f"cases: (g, b) in {CHECK_SHAPES} at d 32, (8, 4) at d 40; w None and random; N 61, "
+          f"d_m 256, float32; errors of y, dx, dK, dV (dw) against compute_masked; tol {TOL:g}")
     return ok
 
 
