@@ -2,7 +2,14 @@
 against the exact reference SparseFFN.compute_masked and timed side by side with the dense FFN.
 
     TRITON_INTERPRET=1 python assets/profiles/prof_sffn_variants.py --check   # CPU, small shapes
+    python assets/profiles/prof_sffn_variants.py --smoke --budget 0 --iters 1  # CPU dry run
     python assets/profiles/prof_sffn_variants.py                               # CUDA: table + prof
+
+The CUDA run (one H200, ~3-3.5 min): at N 16384, d 512, c 2048, d_m 16384 and g 256, 64, each
+candidate's bf16 error against compute_masked, its fwd+bwd ms eager and compiled (compiles that
+would start after --budget s are skipped, in CANDIDATES' order), the dense FFN as the unit, the
+forward-only key-side rows (d), then prof() of the fastest candidate per g; the table goes to
+stdout and, with OUT set, to $OUT/variants.md and $OUT/variants.csv.
 
 Every candidate has nano_sffn.compute_grouped's signature (layer, x, ids, w, pre=None) -> y (N, d).
 They differ only in how the (N*b, d) pair rows move: the expand x[tok] and the pair sum
