@@ -318,6 +318,21 @@ def fwd_triton_fused(layer, x, ids, w=None, value_kw=None):
     return y.to(dt)
 
 
+# What a full fused fwd+bwd would save (an estimate; no backward is built here). One (N*b, d) bf16
+# pair tensor is N*b*d*2 bytes = 537 MB at g 64 (b 32), 134 MB at g 256 (b 8), N 16384, d 512;
+# h (N*b, g) = N*c is 67 MB at both, y float32 33.5 MB. compute_grouped moves 10 of them per
+# layer call: forward xs written + read by the K GEMM, ys written + read by the pair sum (4; xs
+# also stays saved until the backward); backward dys = dy[tok] written + read by the dh and the
+# dV GEMMs, dxs written + read by the pair sum of dx, the saved xs read by the dK GEMM (6). A
+# fused backward would read dy and x rows straight by tok (dh_m = dy[tok[m]] V_e^T as (d);
+# dV_e = h_e^T dy[tok] and dK_e = dpre_e^T x[tok] as gather grouped GEMMs, no dys, no saved
+# xs) and scatter dx += dpre_m K_e by atomic adds as (e): 10 x 537 MB = 5.4 GB of HBM traffic
+# less at g 64 (1.3 GB at g 256), ~1.3 ms (0.3 ms) at ~4 TB/s, and 537 MB (134 MB) less
+# activation memory per layer. From the CUDA run's rows: the forward removes 4 of the 10, so
+# fused fwd+bwd saving ~ 2.5 x (fwd:grouped - fwd:triton_fused) if the backward's kernels keep
+# the forward's GEMM efficiency, with a second atomic scatter (dx) to pay; if fwd:triton_fused
+# is not faster than fwd:grouped, the atomics or the gather-GEMMs cost more than the bytes
+# saved and the fused backward is not worth building.
 FWD = {"fwd:grouped": (fwd_grouped, False),
        "fwd:triton_fused": (fwd_triton_fused, True),
        "fwd:triton_fused_128x64": (functools.partial(fwd_triton_fused,
