@@ -5,11 +5,13 @@ against the exact reference SparseFFN.compute_masked and timed side by side with
     python assets/profiles/prof_sffn_variants.py --smoke --budget 0 --iters 1  # CPU dry run
     python assets/profiles/prof_sffn_variants.py                               # CUDA: table + prof
 
-The CUDA run (one H200, ~3-3.5 min): at N 16384, d 512, c 2048, d_m 16384 and g 256, 64, each
+The CUDA run (one H200, ~3.5 min): at N 16384, d 512, c 2048, d_m 16384 and g 256, 64, each
 candidate's bf16 error against compute_masked, its fwd+bwd ms eager and compiled (compiles that
 would start after --budget s are skipped, in CANDIDATES' order), the dense FFN as the unit, the
-forward-only key-side rows (d), then prof() of the fastest candidate per g; the table goes to
-stdout and, with OUT set, to $OUT/variants.md and $OUT/variants.csv.
+forward-only rows, eager, no autograd: the key side (d), the value side (e), and the whole forward
+fwd:grouped (compute_grouped's) vs fwd:triton_fused ((d) -> f -> (e): no (N*b, d) pair tensor
+written), each with its bf16 error against compute_masked; then prof() of the fastest candidate
+per g; the table goes to stdout and, with OUT set, to $OUT/variants.md and $OUT/variants.csv.
 
 Every candidate has nano_sffn.compute_grouped's signature (layer, x, ids, w, pre=None) -> y (N, d).
 They differ only in how the (N*b, d) pair rows move: the expand x[tok] and the pair sum
@@ -189,13 +191,14 @@ def gather_mm_kernel():
     return _KERNEL["mm"]
 
 
-def key_side_triton(layer, x, ids, BM=64, BN=64, BK=64):
+def key_side_triton(layer, x, ids, BM=64, BN=64, BK=64, srt=None):
     """h (N*b, g) = f(x[tok] K_e^T) in sorted-pair order, no autograd; x in the compute dtype.
+    srt: (blk, order) = ids.reshape(-1).sort(stable=True) if the caller sorted already.
     Under TRITON_INTERPRET=1 a bfloat16 tl.dot is garbage (the interpreter multiplies the bit
     patterns, triton-lang/triton#11584): --smoke's bf16 error of this row is meaningless; the
     float32 --check and the CUDA run's bf16 check are the ones to read."""
     k = gather_mm_kernel()
-    blk, order = ids.reshape(-1).sort(stable=True)
+    blk, order = ids.reshape(-1).sort(stable=True) if srt is None else srt
     tok, M, D, g = order // ids.shape[1], ids.numel(), x.shape[1], layer.g
     BN = min(BN, max(16, triton.next_power_of_2(g)))
     h = x.new_empty(M, g)
@@ -215,6 +218,125 @@ def key_side_grouped(layer, x, ids):
 
 KEY_SIDE = {"key_fwd:grouped": (key_side_grouped, False),
             "key_fwd:triton_gather_mm": (key_side_triton, True)}
+
+
+# ---- (e) FORWARD ONLY, a measurement: Triton scatter-GEMM of the value side. y (N, d) float32
+# += h[m] V_e for every sorted pair m of block e, added straight into row tok[m] (tl.atomic_add):
+# ys (N*b, d) is never written, nor read back by a pair sum. At N 16384, d 512 y is 33.5 MB, in
+# the H200's 50 MB L2. With (d) before it, the whole forward writes no (N*b, d) tensor.
+def scatter_mm_kernel():
+    if "smm" not in _KERNEL:
+        gather_sum_kernel()                                         # imports triton, tl
+
+        # One program per (BM sorted pairs, BD columns of d). A tile may meet several blocks
+        # (sorted, so a contiguous range e_lo..e_hi, the empty ones in between cost a masked
+        # load each): it loops over them as _gather_mm does, each block's rows read under a
+        # mask, all into one accumulator, then ONE atomic add per tile. Splitting tiles at
+        # block boundaries instead would need a data-dependent tile schedule (an extra kernel
+        # and a grid sized on the host: a sync, or an over-sized grid); at the timed shapes a
+        # block holds ~N*b/B = 2048 pairs, so a 64-pair tile meets 1 block, rarely 2.
+        # Two pairs of one token in one tile (blocks e and e+1) are two atomic adds: correct.
+        @triton.jit
+        def _scatter_mm(h, tok, blk, V, y, M, D, G, BM: tl.constexpr, BD: tl.constexpr,
+                        BK: tl.constexpr):
+            m0 = tl.program_id(0) * BM
+            rm = m0 + tl.arange(0, BM)                              # sorted pairs
+            rd = tl.program_id(1) * BD + tl.arange(0, BD)           # columns of d
+            mm, md = rm < M, rd < D
+            t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)    # their tokens
+            e_row = tl.load(blk + rm, mask=mm, other=-1)            # their blocks (sorted)
+            e_lo, e_hi = tl.load(blk + m0), tl.load(blk + tl.minimum(m0 + BM, M) - 1)
+            acc = tl.zeros((BM, BD), dtype=tl.float32)
+            for e in range(e_lo, e_hi + 1):                         # blocks met by this tile
+                me = mm & (e_row == e)                              # this block's rows only
+                for k0 in range(0, G, BK):
+                    rk = k0 + tl.arange(0, BK)                      # cells of the block
+                    mk = rk < G
+                    a = tl.load(h + rm.to(tl.int64)[:, None] * G + rk[None, :],
+                                mask=me[:, None] & mk[None, :], other=0)     # (BM, BK)
+                    vr = (e * G + rk).to(tl.int64)                  # value rows of block e
+                    v = tl.load(V + vr[:, None] * D + rd[None, :],
+                                mask=mk[:, None] & md[None, :], other=0)     # (BK, BD)
+                    acc += tl.dot(a, v)
+            tl.atomic_add(y + t[:, None] * D + rd[None, :], acc,
+                          mask=mm[:, None] & md[None, :], sem="relaxed")
+        _KERNEL["smm"] = _scatter_mm
+    return _KERNEL["smm"]
+
+
+def value_side_triton(layer, h, ids, w=None, BM=64, BD=128, BK=64, warps=4, srt=None):
+    """y (N, d) float32 = sum over sorted pairs m of w[m] h[m] V_e, scattered by atomic add to
+    row tok[m]; h (N*b, g) in sorted-pair order (and in the compute dtype: V is cast to it, as
+    compute_grouped does); no autograd. srt: (blk, order) if the caller sorted already.
+    As for (d): under TRITON_INTERPRET=1 only float32 is right (bf16 tl.dot, triton#11584).
+    The float32 atomic adds make y's summation order (so its last bits) vary run to run."""
+    k = scatter_mm_kernel()
+    blk, order = ids.reshape(-1).sort(stable=True) if srt is None else srt
+    tok, M, g = order // ids.shape[1], ids.numel(), layer.g
+    D = layer.V.shape[1]
+    if w is not None:                                # h is small (N*b*g = N*c): scale it
+        h = h * w.reshape(-1)[order].to(h.dtype).unsqueeze(-1)
+    BK = min(BK, max(16, triton.next_power_of_2(g)))
+    BD = min(BD, max(16, triton.next_power_of_2(D)))
+    y = torch.zeros(ids.shape[0], D, device=h.device, dtype=torch.float32)
+    k[(triton.cdiv(M, BM), triton.cdiv(D, BD))](h.contiguous(), tok, blk, layer.V.to(h.dtype), y,
+                                                M, D, g, BM=BM, BD=BD, BK=BK, num_warps=warps)
+    return y
+
+
+def value_side_grouped(layer, h, ids, w=None):
+    """The same as nano_sffn computes it: ys = grouped_mm(h, V_e) written, then the pair sum."""
+    B, g = layer.B, layer.g
+    tok, inv, order, offs = pairs(ids, B)
+    ys = S.grouped_mm(h, layer.V.view(B, g, -1).to(h.dtype), offs)
+    if w is not None:
+        ys = ys * w.reshape(-1)[order].to(ys.dtype).unsqueeze(-1)
+    return ys[inv].sum(1, dtype=torch.float32)
+
+
+VALUE_SIDE = {"value_fwd:grouped": (value_side_grouped, False),
+              "value_fwd:triton_scatter_mm": (value_side_triton, True),
+              # small tiles: --check's d 80 then spans 3 column tiles, N*b several row tiles
+              "value_fwd:triton_scatter_mm_32x32": (functools.partial(value_side_triton, BM=32,
+                                                                      BD=32, BK=16), True)}
+
+
+# ---- the whole forward, no autograd: (layer, x, ids, w=None) -> y (N, d) in compute_dtype(x)
+def fwd_grouped(layer, x, ids, w=None):
+    """nano_sffn.compute_grouped's forward (called under no_grad): xs, ys written."""
+    return S.compute_grouped(layer, x, ids, w)
+
+
+def fwd_triton_fused(layer, x, ids, w=None, value_kw=None):
+    """(d) -> f -> (e): h read straight from x, y added straight into its rows; no (N*b, d)
+    tensor is written, only h (N*b, g) and y (N, d) float32. K, V cast to the compute dtype
+    inside (as compute_grouped does), y cast to it at the end."""
+    dt = S.compute_dtype(x)
+    srt = ids.reshape(-1).sort(stable=True)                        # one sort for both sides
+    h = key_side_triton(layer, x.to(dt), ids, srt=srt)            # f(x[tok] K_e^T), (N*b, g)
+    y = value_side_triton(layer, h, ids, w, srt=srt, **(value_kw or {}))
+    return y.to(dt)
+
+
+# What a full fused fwd+bwd would save (an estimate; no backward is built here). One (N*b, d) bf16
+# pair tensor is N*b*d*2 bytes = 537 MB at g 64 (b 32), 134 MB at g 256 (b 8), N 16384, d 512;
+# h (N*b, g) = N*c is 67 MB at both, y float32 33.5 MB. compute_grouped moves 10 of them per
+# layer call: forward xs written + read by the K GEMM, ys written + read by the pair sum (4; xs
+# also stays saved until the backward); backward dys = dy[tok] written + read by the dh and the
+# dV GEMMs, dxs written + read by the pair sum of dx, the saved xs read by the dK GEMM (6). A
+# fused backward would read dy and x rows straight by tok (dh_m = dy[tok[m]] V_e^T as (d);
+# dV_e = h_e^T dy[tok] and dK_e = dpre_e^T x[tok] as gather grouped GEMMs, no dys, no saved
+# xs) and scatter dx += dpre_m K_e by atomic adds as (e): 10 x 537 MB = 5.4 GB of HBM traffic
+# less at g 64 (1.3 GB at g 256), ~1.3 ms (0.3 ms) at ~4 TB/s, and 537 MB (134 MB) less
+# activation memory per layer. From the CUDA run's rows: the forward removes 4 of the 10, so
+# fused fwd+bwd saving ~ 2.5 x (fwd:grouped - fwd:triton_fused) if the backward's kernels keep
+# the forward's GEMM efficiency, with a second atomic scatter (dx) to pay; if fwd:triton_fused
+# is not faster than fwd:grouped, the atomics or the gather-GEMMs cost more than the bytes
+# saved and the fused backward is not worth building.
+FWD = {"fwd:grouped": (fwd_grouped, False),
+       "fwd:triton_fused": (fwd_triton_fused, True),
+       "fwd:triton_fused_128x64": (functools.partial(fwd_triton_fused,
+                                                     value_kw=dict(BM=128, BD=64)), True)}
 
 
 # ---- the candidates: name -> (fn, needs triton)
@@ -313,8 +435,51 @@ def check_key_side(fn, N=61, shapes=CHECK_SHAPES, d=80):
     return rows
 
 
+def check_value_side(fn, N=61, shapes=CHECK_SHAPES, d=80, weighted=(False, True)):
+    """(e), forward only: [(g, b, weighted, rel err of y)], y = fn(layer, h, ids, w) from the
+    exact h (key_side_ref) against compute_masked; d 80 is not a tile (N 61 neither)."""
+    rows = []
+    for g, b in shapes:
+        layer = small_layer(g, b, d=d)
+        x, ids = torch.randn(N, d), torch.rand(N, layer.B).argsort(1)[:, :b]
+        for wtd in weighted:
+            w = torch.rand(N, b) if wtd else None
+            with torch.no_grad():
+                y = fn(layer, key_side_ref(layer, x, ids), ids, w)
+                rows.append((g, b, wtd, rel_err(y, layer.compute_masked(x, ids, w))))
+    return rows
+
+
+def check_forward(fn, N=61, shapes=CHECK_SHAPES, d=80, weighted=(False, True)):
+    """The whole forward, no autograd: [(g, b, weighted, rel err of y)] against compute_masked."""
+    rows = []
+    for g, b in shapes:
+        layer = small_layer(g, b, d=d)
+        x, ids = torch.randn(N, d), torch.rand(N, layer.B).argsort(1)[:, :b]
+        for wtd in weighted:
+            w = torch.rand(N, b) if wtd else None
+            with torch.no_grad():
+                rows.append((g, b, wtd, rel_err(fn(layer, x, ids, w),
+                                                layer.compute_masked(x, ids, w))))
+    return rows
+
+
+FWD_CHECKS = ((VALUE_SIDE, check_value_side, "y = sum w h V_e from the exact h"),
+              (FWD, check_forward, "y, forward only"))
+
+
 def run_check(names):
     ok = True
+    for table, chk, what in FWD_CHECKS:
+        for name, (fn, needs_triton) in table.items():
+            if needs_triton and not triton_ok("cpu"):
+                print(f"{name:14s} SKIPPED: triton missing or TRITON_INTERPRET != 1")
+                continue
+            rows = chk(fn)
+            worst = max(r[-1] for r in rows)
+            ok &= worst <= TOL
+            print(f"{name:14s} {'ok  ' if worst <= TOL else 'FAIL'} max rel err {worst:.1e} "
+                  f"over {len(rows)} cases ({what} vs compute_masked, d 80)")
     for name, (fn, needs_triton) in KEY_SIDE.items():
         if needs_triton and not triton_ok("cpu"):
             print(f"{name:14s} SKIPPED: triton missing or TRITON_INTERPRET != 1")
@@ -457,7 +622,26 @@ def run_timing(names, budget_s, iters, out_dir, dev="cuda", shape=TRAIN_SHAPE):
             except Exception as e:
                 print(f"g={g} {nm} FAILED {one_line(e)}")
             print(f"g={g} {nm} eager {row['eager']} ms (forward only), rel err {row['err']}")
-        del href
+        with torch.no_grad(), torch.autocast(dev, dt):      # (e) and the whole forward
+            yref = layer.compute_masked(x.detach(), ids, None)
+            hb = key_side_grouped(layer, xb, ids)               # the value side's input
+        fwd_rows = [(nm, fn, nt, (layer, hb, ids)) for nm, (fn, nt) in VALUE_SIDE.items()
+                    if "32x32" not in nm]
+        fwd_rows += [(nm, fn, nt, (layer, x.detach(), ids)) for nm, (fn, nt) in FWD.items()]
+        for nm, fn, needs_triton, args in fwd_rows:              # forward only, eager
+            row = dict(g=g, b=cfg.b, B=layer.B, path=nm + " (fwd only)", eager=None,
+                       compiled=None, err=None, fwd_only=True)
+            rows.append(row)
+            if needs_triton and not triton_ok(dev):
+                continue
+            try:
+                with torch.no_grad(), torch.autocast(dev, dt):
+                    row["err"] = rel_err(fn(*args), yref)
+                    row["eager"] = timed(lambda: fn(*args))
+            except Exception as e:
+                print(f"g={g} {nm} FAILED {one_line(e)}")
+            print(f"g={g} {nm} eager {row['eager']} ms (forward only), rel err {row['err']}")
+        del href, yref, hb
         if best[2] is not None and dev == "cuda":
             f = best[2]
             from profutil import prof
@@ -467,7 +651,8 @@ def run_timing(names, budget_s, iters, out_dir, dev="cuda", shape=TRAIN_SHAPE):
     lines = [f"layer fwd+bwd on {name}, torch {torch.__version__}, N={N} d={d} c={c} d_m={dm}, "
              f"fp32 params + bf16 autocast, Avg-K ids fixed (selection not timed; the pair sort "
              f"is), mean of {iters} (ms); x dense = the same mode's dense; rel err: max of y, dx, "
-             f"dK, dV vs compute_masked (fwd-only rows: h vs all cells)", "",
+             f"dK, dV vs compute_masked (fwd-only rows: key_fwd h vs all cells; value_fwd, "
+             f"fwd: y vs compute_masked's y, value_fwd from the bf16 h of key_fwd:grouped)", "",
              "| g | b | B | path | eager ms | compiled ms | eager x dense | compiled x dense "
              "| max rel err (bf16) |", "|" + "---|" * 9]
     for r in rows:
