@@ -81,3 +81,14 @@ def test_value_check_catches_wrong_value_side():
 
     assert max(r[-1] for r in V.check_value_side(lose_last, shapes=[(8, 4)])) > V.TOL
     assert max(r[-1] for r in V.check_value_side(no_w, shapes=[(8, 4)], weighted=(True,))) > V.TOL
+
+
+def test_fused_all_small_tiles():
+    """(f) with every tile 16: several pair tiles per block (so tiles that span blocks), several
+    cell tiles per block (g 32) and column tiles (d 40) in all five kernels; y, dx, dK, dV, dw
+    (w random; w None with the default tiles above). One case: the file stays < 20 s."""
+    if not V.triton_ok("cpu"):
+        pytest.skip("triton missing (or TRITON_INTERPRET != 1): Triton candidate not checked")
+    fn = V.functools.partial(V.triton_fused_all, tiles=16)
+    bad = [r for r in V.check(fn, cases=[(32, 4, 40)], weighted=(True,)) if not r[-1] <= V.TOL]
+    assert not bad, f"triton_fused_all tiles 16: (g, b, d, weighted, rel err) over {V.TOL}: {bad}"

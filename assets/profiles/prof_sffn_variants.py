@@ -339,6 +339,123 @@ FWD = {"fwd:grouped": (fwd_grouped, False),
                                                      value_kw=dict(BM=128, BD=64)), True)}
 
 
+# ---- (f) the full fused fwd+bwd candidate: no (N*b, d) pair tensor written, forward or backward.
+# Forward (d) -> f -> (e) as fwd_triton_fused; backward dh = dy[tok] V_e^T by (d) with V (reads dy
+# by index), dx += dpre_m K_e by (e) with K (float32 atomics), dV_e = (w h)_e^T dy[tok_e] and
+# dK_e = dpre_e^T x[tok_e] by the weight-gradient kernel below. Saved: x, pre (N*b, g), the pairs.
+def weight_grad_kernel():
+    if "wg" not in _KERNEL:
+        gather_sum_kernel()                                         # imports triton, tl
+
+        # One program per (block e, BG cells, BD columns of d): out rows e*G + rg = sum over the
+        # block's sorted pairs m in [offs[e-1], offs[e]) (read here: no host sync) of
+        # a[m, rg]^T src[tok[m], rd], BM pairs a step, float32. Each output element is written
+        # by exactly one program (an empty block writes zeros): no atomics, no zero fill.
+        @triton.jit
+        def _weight_grad(a, tok, offs, src, out, D, G, BM: tl.constexpr, BG: tl.constexpr,
+                         BD: tl.constexpr):
+            e = tl.program_id(0)
+            rg = tl.program_id(1) * BG + tl.arange(0, BG)           # cells of block e
+            rd = tl.program_id(2) * BD + tl.arange(0, BD)           # columns of d
+            mg, md = rg < G, rd < D
+            lo = tl.where(e > 0, tl.load(offs + tl.maximum(e - 1, 0)), 0)
+            hi = tl.load(offs + e)                                  # the block's pairs [lo, hi)
+            acc = tl.zeros((BG, BD), dtype=tl.float32)
+            for m0 in range(lo, hi, BM):
+                rm = m0 + tl.arange(0, BM)
+                mm = rm < hi
+                t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)
+                at = tl.load(a + rm.to(tl.int64)[None, :] * G + rg[:, None],
+                             mask=mg[:, None] & mm[None, :], other=0)       # (BG, BM) a^T
+                s = tl.load(src + t[:, None] * D + rd[None, :],
+                            mask=mm[:, None] & md[None, :], other=0)        # (BM, BD) src[tok]
+                acc += tl.dot(at, s)
+            dst = out + (e * G + rg).to(tl.int64)[:, None] * D + rd[None, :]
+            tl.store(dst, acc.to(out.dtype.element_ty), mask=mg[:, None] & md[None, :])
+        _KERNEL["wg"] = _weight_grad
+    return _KERNEL["wg"]
+
+
+def gather_mm(src, tok, blk, W, G, BM=64, BN=64, BK=64):
+    """(M, G) in src's dtype: row m = src[tok[m]] W_e^T, W (B*G, D) cast to src's dtype."""
+    k, M, D = gather_mm_kernel(), tok.numel(), src.shape[1]        # imports triton
+    BN = min(BN, max(16, triton.next_power_of_2(G)))
+    out = src.new_empty(M, G)
+    k[(triton.cdiv(M, BM), triton.cdiv(G, BN))](
+        src.contiguous(), tok, blk, W.to(src.dtype).contiguous(), out, M, D, G,
+        BM=BM, BN=BN, BK=BK)
+    return out
+
+
+def scatter_mm(a, tok, blk, W, N, BM=64, BD=128, BK=64):
+    """(N, D) float32: row n = sum over pairs m with tok[m] = n of a[m] W_e (atomic adds)."""
+    k, M, G, D = scatter_mm_kernel(), tok.numel(), a.shape[1], W.shape[1]
+    BK = min(BK, max(16, triton.next_power_of_2(G)))
+    BD = min(BD, max(16, triton.next_power_of_2(D)))
+    out = torch.zeros(N, D, device=a.device, dtype=torch.float32)
+    k[(triton.cdiv(M, BM), triton.cdiv(D, BD))](
+        a.contiguous(), tok, blk, W.to(a.dtype).contiguous(), out, M, D, G, BM=BM, BD=BD, BK=BK)
+    return out
+
+
+def weight_grad(a, src, tok, offs, G, dtype, BM=64, BG=64, BD=128):
+    """(B*G, D) in dtype: block e's rows = a_e^T src[tok_e], a (M, G) in sorted-pair order."""
+    k, B, D = weight_grad_kernel(), offs.numel(), src.shape[1]
+    BG = min(BG, max(16, triton.next_power_of_2(G)))
+    BD = min(BD, max(16, triton.next_power_of_2(D)))
+    out = torch.empty(B * G, D, device=src.device, dtype=dtype)
+    k[(B, triton.cdiv(G, BG), triton.cdiv(D, BD))](
+        a.contiguous(), tok, offs, src.contiguous(), out, D, G, BM=BM, BG=BG, BD=BD)
+    return out
+
+
+class FusedAll(torch.autograd.Function):
+    """y = sum over the token's pairs of w f(x K_e^T) V_e; x in the compute dtype, K, V the
+    parameters (cast to it inside, grads returned in theirs), w (N, b) or None; tok, blk, order
+    (N*b,) the sorted pairs, offs (B,) int32 their cumulative block ends; T: every tile size T
+    (the tests: several tiles per block and along d), None: the wrappers' defaults."""
+    @staticmethod
+    def forward(ctx, x, K, V, w, tok, blk, order, offs, G, act, T=None):
+        ctx.kw = lambda *ks: {k: T for k in ks} if T else {}        # tile sizes, if T
+        pre = gather_mm(x, tok, blk, K, G, **ctx.kw("BM", "BN", "BK"))  # x[tok] K_e^T, (N*b, g)
+        h = act(pre)
+        if w is not None:                                           # weights in pair order
+            h = h * w.reshape(-1)[order].to(h.dtype).unsqueeze(-1)
+        ctx.G, ctx.act = G, act
+        ctx.save_for_backward(x, K, V, w, pre, tok, blk, order, offs)
+        return scatter_mm(h, tok, blk, V, x.shape[0], **ctx.kw("BM", "BD", "BK")).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, K, V, w, pre, tok, blk, order, offs = ctx.saved_tensors
+        G, dt, kw = ctx.G, x.dtype, ctx.kw
+        dy = dy.to(dt).contiguous()
+        with torch.enable_grad():                                   # h = f(pre) again, for f'
+            p = pre.detach().requires_grad_()
+            h = ctx.act(p)
+        dhw = gather_mm(dy, tok, blk, V, G, **kw("BM", "BN", "BK"))  # dy[tok] V_e^T = d(w h)
+        hw, dh, dw = h.detach(), dhw, None
+        if w is not None:
+            ws = w.reshape(-1)[order].to(dt).unsqueeze(-1)
+            dws = (dhw.float() * hw.float()).sum(1)                 # dw of each sorted pair
+            dw = dws.new_empty(dws.shape).index_copy_(0, order, dws).view_as(w).to(w.dtype)
+            hw, dh = hw * ws, dhw * ws
+        dpre = torch.autograd.grad(h, p, dh)[0]                     # dh * f'(pre)
+        dx = scatter_mm(dpre, tok, blk, K, x.shape[0], **kw("BM", "BD", "BK")).to(dt)  # dpre_m K_e
+        dV = weight_grad(hw, dy, tok, offs, G, V.dtype, **kw("BM", "BG", "BD"))  # (w h)_e^T dy[tok]
+        dK = weight_grad(dpre, x, tok, offs, G, K.dtype, **kw("BM", "BG", "BD"))  # dpre_e^T x[tok]
+        return dx, dK, dV, dw, None, None, None, None, None, None, None
+
+
+def triton_fused_all(layer, x, ids, w=None, pre=None, apply=FusedAll.apply, tiles=None):
+    """The candidate: the pair sort here, everything else in FusedAll (no (N*b, d) tensor)."""
+    assert pre is None, "VanillaM's pre is not a candidate here"
+    blk, order = ids.reshape(-1).sort(stable=True)
+    offs = torch.searchsorted(blk, torch.arange(layer.B, device=ids.device), right=True)
+    return apply(x.to(S.compute_dtype(x)), layer.K, layer.V, w, order // ids.shape[1], blk,
+                 order, offs.to(torch.int32), layer.g, layer.act, tiles)
+
+
 # ---- the candidates: name -> (fn, needs triton)
 def plain_expand(x, tok, inv):      # autograd's own backward of x[tok]: index_put accumulate
     return x[tok]
@@ -357,10 +474,13 @@ TRITON_SUMS = {"triton": sum_triton,                        # (c) 16 tokens x 25
                "triton_8x512": functools.partial(sum_triton, BN=8, BD=512)}
 # where torch.compile cannot trace the kernel: the same candidate, the kernel left out of the graph
 KERNEL_OUTSIDE = {k: with_pair_sum(torch.compiler.disable(f)) for k, f in TRITON_SUMS.items()}
+KERNEL_OUTSIDE["triton_fused_all"] = functools.partial(   # the sort compiled, FusedAll eager
+    triton_fused_all, apply=torch.compiler.disable(FusedAll.apply))
 
 CANDIDATES = {  # in priority order: compiles past --budget are skipped
     "grouped": (S.compute_grouped, False),                    # (a) the baseline, as it is
     "triton": (with_pair_sum(TRITON_SUMS["triton"]), True),
+    "triton_fused_all": (triton_fused_all, True),             # (f): fused fwd+bwd, no pair rows
     "isel": (with_pair_sum(sum_isel), False),                 # (b) ...
     "isel_all": (with_pair_sum(sum_isel, isel_rows), False),
     "index_add": (with_pair_sum(sum_index_add), False),
