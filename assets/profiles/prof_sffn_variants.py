@@ -15,7 +15,8 @@ per g; the table goes to stdout and, with OUT set, to $OUT/variants.md and $OUT/
 
 Every candidate has nano_sffn.compute_grouped's signature (layer, x, ids, w, pre=None) -> y (N, d).
 They differ only in how the (N*b, d) pair rows move: the expand x[tok] and the pair sum
-y[n] = sum_j ys[inv[n, j]] (SumPairs forward, ExpandPairs backward). Triton is imported lazily,
+y[n] = sum_j ys[inv[n, j]] (SumPairs forward, ExpandPairs backward); triton_fused_all, (f), moves
+none: its forward and backward write no (N*b, d) tensor at all. Triton is imported lazily,
 only for the Triton candidates; without it (or without CUDA and TRITON_INTERPRET=1) they are
 skipped.
 """
@@ -318,7 +319,7 @@ def fwd_triton_fused(layer, x, ids, w=None, value_kw=None):
     return y.to(dt)
 
 
-# What a full fused fwd+bwd would save (an estimate; no backward is built here). One (N*b, d) bf16
+# What a full fused fwd+bwd would save (an estimate; (f) below builds it). One (N*b, d) bf16
 # pair tensor is N*b*d*2 bytes = 537 MB at g 64 (b 32), 134 MB at g 256 (b 8), N 16384, d 512;
 # h (N*b, g) = N*c is 67 MB at both, y float32 33.5 MB. compute_grouped moves 10 of them per
 # layer call: forward xs written + read by the K GEMM, ys written + read by the pair sum (4; xs
