@@ -201,9 +201,8 @@ class ICLTasks:
 
     def candidates(self, task: str) -> torch.Tensor:
         """Token ids the answer is chosen from (accuracy = argmax over these, like lm-eval)."""
-        if task == "cluster":
-            return torch.arange(self.L0, self.L0 + self.n_labels)
-        return torch.arange(self.C0, self.C0 + self.N)
+        first, n = (self.L0, self.n_labels) if task == "cluster" else (self.C0, self.N)
+        return torch.arange(first, first + n)
 
     @staticmethod
     def _seen_before(a: torch.Tensor) -> torch.Tensor:
@@ -234,8 +233,7 @@ class ICLTasks:
                 m = torch.randint(1, min(self.MAX_KEYS, N) + 1, (B, 1), generator=g)  # keys
                 idx = (torch.rand(B, npairs, generator=g) * m).long()
                 keys = perm.gather(1, idx)
-            vals = value_of.gather(1, keys)
-            return keys + C0, vals + C0, self._seen_before(keys)
+            return keys + C0, value_of.gather(1, keys) + C0, self._seen_before(keys)
         # cluster: a per-episode cluster -> label map
         label_of = torch.rand(B, self.n_labels, generator=g).argsort(1)[:, :self.n_clusters]
         x = torch.randint(N, (B, npairs), generator=g)
@@ -248,26 +246,27 @@ class ICLTasks:
             w = torch.where(w.sum(1, keepdim=True) > 0, w, same)
             x[:, k] = torch.multinomial(w, 1, generator=g)[:, 0]
         cl = self.cluster_of[x]
-        y = label_of.gather(1, cl)
-        return x + C0, y + self.L0, self._seen_before(cl)
+        return x + C0, label_of.gather(1, cl) + self.L0, self._seen_before(cl)
 
     def prompts(self, task: str, k: int, n: int, g: torch.Generator):
         """n test prompts with k demonstrations: X (n, 3+2k) ending in x_q, Y (n,) the answer."""
         x, y, _ = self.pairs(task, n, k + 1, g, query=True)
-        seq = torch.stack([x, y], 2).flatten(1)  # (n, 2k+2): x1 y1 ... xq yq
-        head = torch.tensor([self.BOS, self.template[task]]).expand(n, 2)
-        X = torch.cat([head, seq[:, :-1]], 1)
-        return X, seq[:, -1].clone()
+        seq = self.episode(self.template[task], x, y)  # (n, 2k+4): BOS TASK x1 y1 ... xq yq
+        return seq[:, :-1], seq[:, -1].clone()
+
+    def episode(self, template: int, x: torch.Tensor, y: torch.Tensor | None = None):
+        """[BOS][template] x1 y1 x2 y2 ... (B, 2 + 2n) from pairs (B, n); or [BOS][template] x."""
+        body = x if y is None else torch.stack([x, y], 2).flatten(1)
+        return torch.cat([torch.tensor([self.BOS, template]).expand(len(x), 2), body], 1)
 
     def train_rows(self, task: str, B: int, T: int, g: torch.Generator):
         """B training sequences filling the context: inputs (B, T), targets (B, T), -100 off the
         answers (Eq. 9: the loss is L(y|x), on the answerable y's only)."""
         npairs = (T + 1 - 2) // 2
         x, y, ok = self.pairs(task, B, npairs, g, query=False)
-        seq = torch.stack([x, y], 2).flatten(1)
-        seq = torch.cat([torch.tensor([self.BOS, self.template[task]]).expand(B, 2), seq], 1)
+        seq = self.episode(self.template[task], x, y)
         tgt = torch.full_like(seq, -100)
-        tgt[:, 3::2] = torch.where(ok, y, torch.full_like(y, -100))
+        tgt[:, 3::2] = torch.where(ok, y, -100)
         pad = (0, T + 1 - seq.shape[1])  # to T + 1 tokens (the pad is >= 0)
         return F.pad(seq, pad, value=self.PAD)[:, :T], F.pad(tgt, pad, value=-100)[:, 1:]
 
@@ -277,8 +276,7 @@ class ICLTasks:
         Ls = torch.randint(lo, hi + 1, (B, 1), generator=g)
         perm = torch.rand(B, self.N, generator=g).argsort(1)
         p = torch.arange(T - 1)[None, :]  # positions after [BOS][REP]
-        body = perm.gather(1, p % Ls) + self.C0
-        seq = torch.cat([torch.tensor([self.BOS, self.REP]).expand(B, 2), body], 1)  # (B, T+1)
+        seq = self.episode(self.REP, perm.gather(1, p % Ls) + self.C0)  # (B, T+1)
         tgt = seq[:, 1:].clone()
         tgt[torch.arange(T)[None, :].expand(B, T) < 1 + Ls] = -100  # repeats start at 2+Ls
         return seq[:, :T], tgt
@@ -286,8 +284,7 @@ class ICLTasks:
     def repeated_sequences(self, n: int, L: int, g: torch.Generator, reps: int = 4):
         """[BOS][REP] + s x reps, s of L unique content tokens (paper Alg. 1 input)."""
         perm = torch.rand(n, self.N, generator=g).argsort(1)[:, :L] + self.C0
-        head = torch.tensor([self.BOS, self.REP]).expand(n, 2)
-        return torch.cat([head, perm.repeat(1, reps)], 1)
+        return self.episode(self.REP, perm.repeat(1, reps))
 
 
 class Batcher:
@@ -394,8 +391,7 @@ class GPT(nn.Module):
         super().__init__()
         L, C = cfg.n_layer, cfg.n_embd
         self.n_head, self.head_size = cfg.n_head, C // cfg.n_head
-        heads = heads if heads is not None else [cfg.n_head] * L
-        ffns = ffns if ffns is not None else [True] * L
+        heads, ffns = heads or [cfg.n_head] * L, ffns or [True] * L
         self.vocab_size = ((vocab_size + 63) // 64) * 64  # padded to a multiple of 64
         self.wte = nn.Embedding(self.vocab_size, C)
         self.wpe = nn.Embedding(cfg.block_size, C)
@@ -411,9 +407,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * L))
 
     def forward(self, idx, targets=None):
-        B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))  # (B, T, C)
         for blk in self.blocks:
             x = blk(x)
         x = self.ln_f(x)
@@ -427,21 +421,18 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_analysis(self, explicit: bool, keep: bool = False):
-        for blk in self.blocks:
-            if blk.attn is not None:
-                blk.attn.explicit, blk.attn.keep = explicit, keep
-                if not keep:
-                    blk.attn.att = blk.attn.y = None
+        for blk in self.blocks:  # (only the full model is analysed: every block has heads)
+            blk.attn.explicit, blk.attn.keep = explicit, keep
+            if not keep:
+                blk.attn.att = blk.attn.y = None
 
     def set_masks(self, head_mask=None, ffn_mask=None):
         """head_mask: (L, H) of gates (None = all 1); ffn_mask: (L,) (None = all 1)."""
-        for l, blk in enumerate(self.blocks):
-            dev = blk.ffn_mask.device
-            if blk.attn is not None:
-                hm = np.ones(blk.attn.n_head) if head_mask is None else head_mask[l]
-                blk.attn.head_mask = torch.as_tensor(hm, dtype=torch.float32).to(dev, copy=True)
-            fm = 1.0 if ffn_mask is None else float(ffn_mask[l])
-            blk.ffn_mask = torch.tensor(fm, device=dev)
+        L, dev = len(self.blocks), self.wte.weight.device
+        hm = torch.ones(L, self.n_head) if head_mask is None else torch.tensor(head_mask)
+        fm = torch.ones(L) if ffn_mask is None else torch.tensor(ffn_mask)
+        for blk, h, f in zip(self.blocks, hm.float().to(dev), fm.float().to(dev)):
+            blk.attn.head_mask, blk.ffn_mask = h, f
 
 
 @torch.no_grad()
@@ -467,9 +458,7 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
     gradient. Per token t, <A_h[t], dL/dA_h[t]> is token t's share of dL/dxi_h; |.| is taken per
     token (official code) or after summing over the tokens (paper Eq. 8)."""
     model.set_analysis(explicit=True, keep=True)
-    L, H = len(model.blocks), model.n_head
-    imp = torch.zeros(L, H, dtype=torch.float64)
-    n = len(X)
+    imp, n = torch.zeros(len(model.blocks), model.n_head, dtype=torch.float64), len(X)
     # per batch: model(xb) -> logits (b, 1, V) at the query; after backward, every block's
     # attn.y (b, H, T, d_h) holds xi_h A_h (gates at 1: A_h) and attn.y.grad holds dL/dA_h;
     # imp[l] (H,) collects the sum over prompts (the normalisers come after the loop)
@@ -663,8 +652,7 @@ def parse_shots(s: str) -> list[int]:
         shots = [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
         shots = []
-    if not shots or min(shots) < 0:
-        raise BadInput(f"--shots must be a comma list of non-negative integers, got {s!r}")
+    need(shots and min(shots) >= 0, f"--shots must be a comma list of integers >= 0, got {s!r}")
     return shots
 
 
@@ -847,15 +835,14 @@ def fig7_combined_pruning(st: Study):
 
 def fig8_agreement(st: Study):
     """Fig. 8 (Sec. 6.1): cross-task Spearman and top-30% overlap; cross-shot Spearman (Table 1)."""
-    mats, cross, names = {}, {}, list(TASKS) + ["aggregate"]
-    for k in st.shots:
-        v = [st.imp[k][t] for t in TASKS] + [st.agg[k]]
-        mats[str(k)] = {"spearman": [[spearman(a, b) for b in v] for a in v],
-                        "top_overlap": [[topk_overlap(a, b, 0.3) for b in v] for a in v]}
-    for t in names:
-        get = (lambda k: st.agg[k]) if t == "aggregate" else (lambda k, t=t: st.imp[k][t])
-        cross[t] = {f"{a}-{b}": spearman(get(a), get(b))
-                    for i, a in enumerate(st.shots) for b in st.shots[i + 1:]}
+    names = list(TASKS) + ["aggregate"]
+    v = {k: [st.imp[k][t] for t in TASKS] + [st.agg[k]] for k in st.shots}  # in names' order
+    mats = {str(k): {"spearman": [[spearman(a, b) for b in v[k]] for a in v[k]],
+                     "top_overlap": [[topk_overlap(a, b, 0.3) for b in v[k]] for a in v[k]]}
+            for k in st.shots}
+    cross = {t: {f"{a}-{b}": spearman(v[a][i], v[b][i])
+                 for j, a in enumerate(st.shots) for b in st.shots[j + 1:]}
+             for i, t in enumerate(names)}
     st.res["agreement"] = {"names": names, "per_shot": mats, "cross_shot_spearman": cross,
                            "topk_frac": 0.3}
 
@@ -868,10 +855,9 @@ def fig10_induction_heads(st: Study):
     Lp = min(cfg.prefix_len, (cfg.block_size - 2) // 4, tasks.N)
     gi = torch.Generator().manual_seed(cfg.seed + 4242)
     rep = tasks.repeated_sequences(cfg.n_prefix_seq, Lp, gi)  # (n, T = 2 + 4Lp)
-    att = [a.cpu() for a, _ in explicit_forward(st.model, rep, st.device)]
-    att = torch.stack(att, 1)  # (n, L, H, T, T)
+    att = torch.stack([a.cpu() for a, _ in explicit_forward(st.model, rep, st.device)], 1)
     prefix = torch.stack([prefix_matching_score(att[:, l], rep, 2 + Lp) for l in range(L)])
-    prefix, T = prefix.numpy(), rep.shape[1]
+    prefix, T = prefix.numpy(), rep.shape[1]  # att: (n, L, H, T, T), prefix (L, H)
     uni = torch.ones(T, T).tril()
     uni = (uni / uni.sum(-1, keepdim=True))[None, None].expand(len(rep), 1, T, T)
     floor = float(prefix_matching_score(uni, rep, 2 + Lp)[0])  # uniform attention's score
@@ -1187,12 +1173,11 @@ def bench_physical_pruning(st: Study, settings) -> list:
     L, H, T = cfg.n_layer, cfg.n_head, cfg.block_size
     g = torch.Generator().manual_seed(cfg.seed + 5)
     x = torch.randint(model.vocab_size, (cfg.speed_batch, T), generator=g).to(st.device)
-    sync = torch.cuda.synchronize if "cuda" in st.device else (lambda: None)
 
     def seconds(m):
         t0 = time.perf_counter()
         m(x)
-        sync()
+        sync(x.device.type)
         return time.perf_counter() - t0
     rounds, out = 15 if "cuda" in st.device else 7, []
     for p, nf in settings:
