@@ -661,15 +661,13 @@ def fresh_prompts(tasks: ICLTasks, t: str, k: int, n: int, g, seen: set, draws: 
     where the prompt space is too small (under n/4 of the first draw unseen, e.g. 0-shot), the
     first draw as it is. -> X, Y, and that draw's overlap with `seen` (None: disjoint)."""
     Xs, Ys = [], []
-    for i in range(draws):
+    while len(Xs) < draws and sum(map(len, Xs)) < n:
         X, Y = tasks.prompts(t, k, n, g)
         keep = torch.tensor([r.tobytes() not in seen for r in X.numpy()])
-        if i == 0 and keep.sum() < n // 4:
+        if not Xs and keep.sum() < n // 4:
             return X, Y, 1.0 - float(keep.float().mean())
         Xs.append(X[keep])
         Ys.append(Y[keep])
-        if sum(map(len, Xs)) >= n:
-            break
     return torch.cat(Xs)[:n], torch.cat(Ys)[:n], None
 
 
@@ -697,7 +695,8 @@ def prompt_sets(tasks: ICLTasks, cfg: Config, shots: list[int]):
 
 class Study:
     """What every section needs: the model, its tasks, the prompt sets, one random generator.
-    Its results (res) may hold numpy arrays: write_json stores them as lists."""
+    Its results (res) are keyed by shot k and may hold numpy arrays: results.json has them as
+    "k" and lists (write_json)."""
 
     def __init__(self, model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx):
         self.model, self.tasks, self.cfg, self.device, self.ctx = model, tasks, cfg, device, ctx
@@ -762,11 +761,9 @@ def fig3_head_importance(st: Study):
     other = "example" if st.cfg.abs_per == "token" else "token"
     agree = {f"{t}/{k}": spearman(st.imp[k][t], st.score(t, k, abs_per=other, layer_norm=False))
              for t in TASKS for k in st.shots}
-    st.res.update(head_importance={str(k): st.imp[k] for k in st.shots},
-                  head_importance_aggregate={str(k): st.agg[k] for k in st.shots},
-                  spearman_token_vs_example_abs=agree,
-                  importance_mass_per_layer={str(k): a.sum(1) / max(a.sum(), 1e-30)
-                                             for k, a in st.agg.items()})
+    st.res.update(head_importance=st.imp, head_importance_aggregate=st.agg,
+                  spearman_token_vs_example_abs=agree, importance_mass_per_layer={
+                      k: a.sum(1) / max(a.sum(), 1e-30) for k, a in st.agg.items()})
     print(f"head importance done; Spearman of per-token vs per-example |.|: median "
           f"{np.nanmedian(list(agree.values())):.2f}")
 
@@ -776,7 +773,7 @@ def fig4_ffn_importance(st: Study):
     st.ffn = {k: {t: ffn_oracle(lambda fm, t=t, k=k: st.acc(t, k, fm=fm, split="dev"), st.L)
                   for t in TASKS} for k in st.shots}
     st.ffn_agg = {k: np.mean([st.ffn[k][t] for t in TASKS], 0) for k in st.shots}
-    st.res["ffn_oracle"] = {str(k): st.ffn[k] for k in st.shots}
+    st.res["ffn_oracle"] = st.ffn
 
 
 def fig5_head_pruning(st: Study):
@@ -828,7 +825,7 @@ def fig7_combined_pruning(st: Study):
         oh, of = order_heads(st.agg[k]), np.argsort(st.ffn_agg[k], kind="stable")
         g = np.array([[[st.pruned(t, k, oh, p, prune_mask(of, nf, L)) for nf in range(L + 1)]
                        for p in gp] for t in TASKS])  # (tasks, heads %, FFNs pruned)
-        grids[str(k)] = {"per_task": g, "mean": g.mean(0)}
+        grids[k] = {"per_task": g, "mean": g.mean(0)}
     st.res["combined_grid"] = {"head_percent": gp, "ffn_pruned": list(range(L + 1)),
                                "grids": grids}
 
@@ -837,8 +834,8 @@ def fig8_agreement(st: Study):
     """Fig. 8 (Sec. 6.1): cross-task Spearman and top-30% overlap; cross-shot Spearman (Table 1)."""
     names = list(TASKS) + ["aggregate"]
     v = {k: [st.imp[k][t] for t in TASKS] + [st.agg[k]] for k in st.shots}  # in names' order
-    mats = {str(k): {"spearman": [[spearman(a, b) for b in v[k]] for a in v[k]],
-                     "top_overlap": [[topk_overlap(a, b, 0.3) for b in v[k]] for a in v[k]]}
+    mats = {k: {"spearman": [[spearman(a, b) for b in v[k]] for a in v[k]],
+                "top_overlap": [[topk_overlap(a, b, 0.3) for b in v[k]] for a in v[k]]}
             for k in st.shots}
     cross = {t: {f"{a}-{b}": spearman(v[a][i], v[b][i])
                  for j, a in enumerate(st.shots) for b in st.shots[j + 1:]}
@@ -858,9 +855,8 @@ def fig10_induction_heads(st: Study):
     att = torch.stack([a.cpu() for a, _ in explicit_forward(st.model, rep, st.device)], 1)
     prefix = torch.stack([prefix_matching_score(att[:, l], rep, 2 + Lp) for l in range(L)])
     prefix, T = prefix.numpy(), rep.shape[1]  # att: (n, L, H, T, T), prefix (L, H)
-    uni = torch.ones(T, T).tril()
-    uni = (uni / uni.sum(-1, keepdim=True))[None, None].expand(len(rep), 1, T, T)
-    floor = float(prefix_matching_score(uni, rep, 2 + Lp)[0])  # uniform attention's score
+    uni = (torch.ones(T, T).tril() / torch.arange(1, T + 1)[:, None])[None, None]  # row j: 1/(j+1)
+    floor = float(prefix_matching_score(uni.expand(len(rep), 1, T, T), rep, 2 + Lp)[0])
     prev = att[:, :, :, torch.arange(2, T), torch.arange(1, T - 1)].mean((0, 3)).numpy()  # j->j-1
     Lc = min(25, tasks.N, cfg.block_size - 2)  # one non-repeated segment for the copying scores
     uniq = tasks.repeated_sequences(cfg.n_prefix_seq, Lc, gi, reps=1)
@@ -885,9 +881,9 @@ def fig11_retained_capacity(st: Study):
     cap = {}
     for k in st.shots:
         o = order_heads(st.agg[k])
-        cap[str(k)] = {"prefix": retained_capacity(st.prefix, o),
-                       "prefix_minus_floor": retained_capacity(st.prefix - floor, o),
-                       "copying": retained_capacity(st.copy, o)}
+        cap[k] = {"prefix": retained_capacity(st.prefix, o),
+                  "prefix_minus_floor": retained_capacity(st.prefix - floor, o),
+                  "copying": retained_capacity(st.copy, o)}
     st.res["capacity"] = {"n_pruned": list(range(st.L * st.H + 1)), "curves": cap}
 
 
@@ -939,7 +935,7 @@ def plot_fig3_fig10_maps(res, out_dir):
     """log10 aggregate IS_h per shot next to prefix matching and copying (Figs. 3 and 10)."""
     ind, shown = res["induction"], res["induction"]["copy_impl_shown"]
     maps = [(f"log10 aggregate IS_h, {k}-shot", "viridis",
-             np.log10(np.array(res["head_importance_aggregate"][str(k)]) + 1e-12))
+             np.log10(np.array(res["head_importance_aggregate"][k]) + 1e-12))
             for k in res["shots"]]
     maps += [("prefix matching", "magma", ind["prefix_matching"]),
              (f"copying ({shown})", "magma", ind["copying"][shown])]
@@ -983,7 +979,7 @@ def plot_fig4_fig6_ffn(res, out_dir):
         kind, k = item
         if kind == "oracle":
             for j, t in enumerate(TASKS):
-                ax.bar(np.arange(L) + j * w, res["ffn_oracle"][str(k)][t], w, label=t)
+                ax.bar(np.arange(L) + j * w, res["ffn_oracle"][k][t], w, label=t)
             ax.set(title=f"FFN oracle score, {k}-shot (dev prompts)", xlabel="layer",
                    ylabel="acc - acc without FFN")
         else:
@@ -1004,7 +1000,7 @@ def plot_fig7_grid(res, out_dir):
     cg = res["combined_grid"]
 
     def draw(ax, k):
-        _heatmap(ax, cg["grids"][str(k)]["mean"], cg["ffn_pruned"], cg["head_percent"],
+        _heatmap(ax, cg["grids"][k]["mean"], cg["ffn_pruned"], cg["head_percent"],
                  f"mean accuracy, {k}-shot", fs=6, origin="lower")
         ax.set(xlabel="FFNs pruned", ylabel="% heads pruned")
     return _figure(out_dir, "grid.png", [res["shots"]], draw, 3.6, 3.2)
@@ -1033,7 +1029,7 @@ def plot_fig8_spearman(res, out_dir):
             _heatmap(ax, m, [p + " shot" for p in pairs], names, "Spearman across shots", -1, 1,
                      "coolwarm")
         else:
-            _heatmap(ax, ag["per_shot"][str(k)]["spearman"], names, names,
+            _heatmap(ax, ag["per_shot"][k]["spearman"], names, names,
                      f"Spearman across tasks, {k}-shot", -1, 1, "coolwarm", fs=6)
     return _figure(out_dir, "spearman.png", [res["shots"] + ["shots"]], draw, 3.6, 3.4)
 
@@ -1044,7 +1040,7 @@ def plot_fig10_fig11_induction(res, out_dir):
     pm, cp = np.ravel(ind["prefix_matching"]), np.ravel(ind["copying"][ind["copy_impl_shown"]])
 
     def scatter(ax):
-        col = np.log10(np.ravel(res["head_importance_aggregate"][str(kk)]) + 1e-12)
+        col = np.log10(np.ravel(res["head_importance_aggregate"][kk]) + 1e-12)
         ax.figure.colorbar(ax.scatter(pm, cp, c=col, cmap="viridis", s=25), ax=ax,
                            label=f"log10 aggregate IS_h ({kk}-shot)")
         marked = [tuple(v) for v in ind["induction_heads_top10pct_both"]]
@@ -1059,7 +1055,7 @@ def plot_fig10_fig11_induction(res, out_dir):
     def capacity(ax):
         x = 100 * np.array(cap["n_pruned"]) / (res["layers"] * H)
         for k in res["shots"]:
-            c = cap["curves"][str(k)]
+            c = cap["curves"][k]
             line, = ax.plot(x, c["prefix"], label=f"prefix, {k}-shot order")
             ax.plot(x, c["prefix_minus_floor"], ":", color=line.get_color())
             ax.plot(x, c["copying"], "--", color=line.get_color(), alpha=0.7)
@@ -1104,11 +1100,11 @@ def run_compare(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> d
         name = ",".join(f"{k}={v}" for k, v in var.items()) or "default"
         out[name] = {}
         for k in st.shots:
-            rho = spearman(st.agg[k], out["default"][str(k)]["aggregate"]) if var else 1.0
+            rho = spearman(st.agg[k], out["default"][k]["aggregate"]) if var else 1.0
             accs = [float(np.mean([st.pruned(t, k, order_heads(st.agg[k]), p) for t in TASKS]))
                     for p in (50, 70, 90)]
-            out[name][str(k)] = {"spearman_vs_default": rho, "aggregate": st.agg[k],
-                                 "mean_acc_50_70_90pct": accs}
+            out[name][k] = {"spearman_vs_default": rho, "aggregate": st.agg[k],
+                            "mean_acc_50_70_90pct": accs}
             print(f"compare {name:>24s} {k}-shot: Spearman vs default {rho:5.2f}; mean accuracy"
                   f" at 50/70/90% heads pruned " + " / ".join(f"{a:.3f}" for a in accs))
     return out
@@ -1120,10 +1116,8 @@ def physically_prune(model: GPT, cfg: Config, head_mask, ffn_mask) -> GPT:
     the weights: a smaller GPT computing what `model` computes with these gates (a layer with no
     heads left loses its attention sublayer; a pruned FFN loses LN_2, W1 and W2).
     head_mask: (L, H) of 0/1, ffn_mask: (L,) of 0/1."""
-    hm = torch.as_tensor(head_mask).bool().cpu()
-    fm = torch.as_tensor(ffn_mask).bool().cpu()
-    heads = [int(hm[l].sum()) for l in range(cfg.n_layer)]
-    small = GPT(cfg, model.wte.num_embeddings, heads=heads, ffns=[bool(f) for f in fm])
+    hm, fm = torch.as_tensor(head_mask).bool().cpu(), torch.as_tensor(ffn_mask).bool().cpu()
+    small = GPT(cfg, model.wte.num_embeddings, heads=hm.sum(1).tolist(), ffns=fm.tolist())
     small.to(next(model.parameters()).device, next(model.parameters()).dtype)
     H, hs = cfg.n_head, model.head_size
     with torch.no_grad():
@@ -1188,12 +1182,11 @@ def bench_physical_pruning(st: Study, settings) -> list:
         model.set_masks(None, None)
         with st.ctx:  # 3 warm-up rounds left out
             t = np.array([[seconds(model), seconds(small)] for _ in range(3 + rounds)])[3:]
-        speed = float(np.median(t[:, 0] / t[:, 1]))
+        speed, (t_full, t_pruned) = float(np.median(t[:, 0] / t[:, 1])), np.median(t, 0)
         ideal = forward_flops_per_token(model, T) / forward_flops_per_token(small, T)
         out.append({"heads_pruned_pct": p, "ffns_pruned": nf, "params_full": model.num_params(),
                     "params_pruned": small.num_params(), "max_abs_logit_diff": diff,
-                    "time_full_s": float(np.median(t[:, 0])),
-                    "time_pruned_s": float(np.median(t[:, 1])), "speedup_measured": speed,
+                    "time_full_s": t_full, "time_pruned_s": t_pruned, "speedup_measured": speed,
                     "speedup_ideal_flops": ideal})
         print(f"physical pruning {p}% heads + {nf} FFNs: params {model.num_params():,} -> "
               f"{small.num_params():,}, max|dlogit| {diff:.1e}, speed-up measured {speed:.2f}x "
