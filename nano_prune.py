@@ -334,8 +334,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)  # W_Q, W_K, W_V
         self.c_proj = nn.Linear(n_head * head_size, n_embd, bias=False)  # W_O, no bias
         self.register_buffer("head_mask", torch.ones(n_head))  # the gates xi_h (1 = keep)
-        self.explicit = False  # True: write the softmax out (the probabilities in hand)
-        self.keep = False  # True: stash att and the gated head outputs (and their gradient)
+        self.explicit = False  # True: write the softmax out, keep att and xi_h A_h (and its grad)
         self.att = self.y = None
 
     def forward(self, x):
@@ -345,13 +344,12 @@ class CausalSelfAttention(nn.Module):
                    for t in self.c_attn(x).split(H * hs, dim=2))
         if self.explicit:  # analysis path: the same function, with the probabilities in hand
             y, att = gated_attention(q, k, v, self.head_mask)
-        else:  # training path: the fused kernel, then the same gates
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            y, att = y * self.head_mask.view(1, H, 1, 1).to(y.dtype), None  # xi_h * A_h
-        if self.keep:  # set together with explicit: att is in hand
             self.att, self.y = att.detach(), y
             if y.requires_grad:
                 y.retain_grad()  # dL/dA_h, for IS_h = |A_h^T dL/dA_h|
+        else:  # training path: the fused kernel, then the same gates
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = y * self.head_mask.view(1, H, 1, 1).to(y.dtype)  # xi_h * A_h
         y = y.transpose(1, 2).reshape(B, T, H * hs)  # (B, T, H*hs)
         return self.c_proj(y)  # (B, T, C)
 
@@ -420,11 +418,9 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def set_analysis(self, explicit: bool, keep: bool = False):
+    def set_analysis(self, explicit: bool):
         for blk in self.blocks:  # (only the full model is analysed: every block has heads)
-            blk.attn.explicit, blk.attn.keep = explicit, keep
-            if not keep:
-                blk.attn.att = blk.attn.y = None
+            blk.attn.explicit, blk.attn.att, blk.attn.y = explicit, None, None
 
     def set_masks(self, head_mask=None, ffn_mask=None):
         """head_mask: (L, H) of gates (None = all 1); ffn_mask: (L,) (None = all 1)."""
@@ -457,7 +453,7 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
     The loss is on the answer token only, summed over the batch so that each prompt keeps its own
     gradient. Per token t, <A_h[t], dL/dA_h[t]> is token t's share of dL/dxi_h; |.| is taken per
     token (official code) or after summing over the tokens (paper Eq. 8)."""
-    model.set_analysis(explicit=True, keep=True)
+    model.set_analysis(explicit=True)
     imp, n = torch.zeros(len(model.blocks), model.n_head, dtype=torch.float64), len(X)
     # per batch: model(xb) -> logits (b, 1, V) at the query; after backward, every block's
     # attn.y (b, H, T, d_h) holds xi_h A_h (gates at 1: A_h) and attn.y.grad holds dL/dA_h;
@@ -480,7 +476,7 @@ def head_importance(model: GPT, X: torch.Tensor, Y: torch.Tensor, device, batch:
             imp[l] += s.double().cpu()
     # END EXERCISE prune_head_importance
     model.zero_grad(set_to_none=True)
-    model.set_analysis(explicit=False, keep=False)
+    model.set_analysis(explicit=False)
     if imp_norm == "official":  # every layer but the last: / all n*T tokens (the answer token
         imp[:-1] /= n * X.shape[1]  # counted too, as the official code does); last: / answers
         imp[-1] /= n
@@ -585,10 +581,10 @@ def copy_ratio(l: torch.Tensor, target: torch.Tensor, visible=None) -> torch.Ten
 def explicit_forward(model: GPT, ids: torch.Tensor, device) -> list[tuple]:
     """One forward pass with the probabilities in hand: per block, att (n, H, T, T) and the head
     outputs xi_h A_h (n, H, T, d_h), both float32."""
-    model.set_analysis(explicit=True, keep=True)
+    model.set_analysis(explicit=True)
     model(ids.to(device))
     out = [(blk.attn.att.float(), blk.attn.y.float()) for blk in model.blocks]
-    model.set_analysis(explicit=False, keep=False)
+    model.set_analysis(explicit=False)
     return out
 
 
@@ -1073,8 +1069,8 @@ def plot_all(res: dict, out_dir: str):
     print("figures: " + ", ".join(os.path.basename(p) for p in paths))
 
 
-SCORE_VARIANTS = {"abs_per": ("token", "example"), "imp_norm": ("example", "official"),
-                  "agg_norm": ("mean", "sum1"), "layer_norm_imp": (True, False)}
+SCORE_VARIANTS = {f.name: f.metadata["choices"] or (True, False) for f in dataclasses.fields(Config)
+                  if f.name in ("abs_per", "imp_norm", "layer_norm_imp", "agg_norm")}  # --compare
 
 
 def parse_compare(spec: str) -> list[dict]:
@@ -1393,7 +1389,9 @@ def train(cfg: Config, ds, device, ck=None):
     raw = GPT(cfg, ds.tasks.vocab_size).to(run.dev)
     gquick = torch.Generator().manual_seed(cfg.seed + 7)     # the quick ICL evaluation's prompts
     st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
-                         elapsed=0.0, path=ckpt_path(cfg), kept="no checkpoint yet",
+                         elapsed=0.0, path=ckpt_path(cfg),
+                         kept="no checkpoint yet", scaler=torch.amp.GradScaler(
+                             enabled=run.dtype == torch.half and device == "cuda"),
                          quick={(t, k): ds.tasks.prompts(t, k, 128, gquick)
                                 for t in TASKS for k in parse_shots(cfg.shots)},
                          gen=torch.Generator().manual_seed(cfg.seed + 1000 * run.rank))  # data
@@ -1405,7 +1403,6 @@ def train(cfg: Config, ds, device, ck=None):
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None)
-    scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16 and device == "cuda")
     first, t0 = st.step, time.time()
     st.mark, st.tps = (t0, first), float("nan")  # start of the timed interval: (time, step)
     bad = torch.zeros(2, dtype=torch.bool, device=run.dev)   # [loss, grad norm] non-finite
@@ -1420,7 +1417,7 @@ def train(cfg: Config, ds, device, ck=None):
                 st.mark = (time.time(), st.step)
             if stop:
                 break
-            train_step(model, ds, cfg, run, st, scaler, bad)
+            train_step(model, ds, cfg, run, st, bad)
             if device != "cuda" or st.step % 10 == 0:  # CPU: every step; CUDA: with the loss sync
                 check_finite(bad, st)
                 pbar.set_postfix(loss=f"{float(st.loss):.3f}")
@@ -1435,9 +1432,8 @@ def train(cfg: Config, ds, device, ck=None):
     return finish_run(cfg, ds, run, st)
 
 
-def train_step(model, ds, cfg, run, st, scaler, bad):
-    """One optimizer step (grad_accum micro-steps); its loss in st, a non-finite loss / grad norm
-    flagged in bad."""
+def train_step(model, ds, cfg, run, st, bad):
+    """One optimizer step (grad_accum micro-steps); flags a non-finite loss / grad norm in bad."""
     for group in st.opt.param_groups:
         group["lr"] = get_lr(st.step, cfg)
     st.loss = 0.0
@@ -1450,14 +1446,14 @@ def train_step(model, ds, cfg, run, st, scaler, bad):
             loss = model(x, y)[1] / cfg.grad_accum
         st.loss += loss.detach()
         bad[0] |= ~torch.isfinite(loss.detach())
-        scaler.scale(loss).backward()
+        st.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
-        scaler.unscale_(st.opt)
+        st.scaler.unscale_(st.opt)
         norm = torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip)
-        if not scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
+        if not st.scaler.is_enabled():    # float16's scaler skips steps with inf grads by design
             bad[1] |= ~torch.isfinite(norm)
-    scaler.step(st.opt)
-    scaler.update()
+    st.scaler.step(st.opt)
+    st.scaler.update()
     st.opt.zero_grad(set_to_none=True)
     st.step += 1
 
@@ -1498,8 +1494,7 @@ def log_eval(cfg, ds, run, st, elapsed):
 
 
 def finish_run(cfg, ds, run, st):
-    """results.json; after a full run the paper's analysis and its figures, or --bench or
-    --compare instead."""
+    """results.json; after a full run the paper's analysis and figures (or --bench, --compare)."""
     if not run.master:
         return None
     if not all(torch.isfinite(v).all() for v in st.raw.state_dict().values()):
