@@ -901,7 +901,8 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
 
 
 def _figure(out_dir: str, name: str, rows: list[list], draw, w: float, h: float) -> str:
-    """A figure of panels, one per item of `rows` (a list of rows); draw(ax, item) fills one."""
+    """A figure of panels, one per item of `rows` (a list of rows); draw(ax, item) fills one.
+    Saved as out_dir/name; -> name."""
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")
     plt.rcParams.update({"axes.titlesize": 9, "legend.fontsize": 7})
@@ -909,10 +910,9 @@ def _figure(out_dir: str, name: str, rows: list[list], draw, w: float, h: float)
                              squeeze=False, constrained_layout=True)
     for ax, item in zip(axes.flat, [item for row in rows for item in row]):
         draw(ax, item)
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(os.path.join(out_dir, name), dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return name
 
 
 def _heatmap(ax, m, xt, yt, title, vmin=0, vmax=1, cmap="RdYlGn", fs=7, **kw):
@@ -1063,10 +1063,9 @@ def plot_fig10_fig11_induction(res, out_dir):
 
 
 def plot_all(res: dict, out_dir: str):
-    paths = [f(res, out_dir) for f in (plot_fig3_fig10_maps, plot_fig5_head_pruning,
-                                       plot_fig4_fig6_ffn, plot_fig7_grid, plot_sec6_transfer,
-                                       plot_fig8_spearman, plot_fig10_fig11_induction)]
-    print("figures: " + ", ".join(os.path.basename(p) for p in paths))
+    print("figures: " + ", ".join(f(res, out_dir) for f in (
+        plot_fig3_fig10_maps, plot_fig5_head_pruning, plot_fig4_fig6_ffn, plot_fig7_grid,
+        plot_sec6_transfer, plot_fig8_spearman, plot_fig10_fig11_induction)))
 
 
 SCORE_VARIANTS = {f.name: f.metadata["choices"] or (True, False) for f in dataclasses.fields(Config)
