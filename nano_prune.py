@@ -288,10 +288,14 @@ class ICLTasks:
 
 
 class Batcher:
-    """Training mixture: equal shares of the four tasks, rep_frac repeated sequences, text."""
+    """Training mixture: equal shares of the four tasks, rep_frac repeated sequences, text; and
+    the quick ICL evaluation's prompts (128 per task and shot, the same at every eval)."""
 
     def __init__(self, tasks: ICLTasks, cfg: Config, text_ds=None):
         self.tasks, self.cfg, self.text_ds = tasks, cfg, text_ds
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        self.quick = {(t, k): tasks.prompts(t, k, 128, g)
+                      for t in TASKS for k in parse_shots(cfg.shots)}
 
     def get(self, B: int, g: torch.Generator, split: str = "train", it: int | None = None):
         cfg, T = self.cfg, self.cfg.block_size
@@ -1335,7 +1339,7 @@ def make_optimizer(model, cfg, device_type):
 
 
 @torch.no_grad()
-def evaluate(raw, ds, cfg, run, quick):
+def evaluate(raw, ds, cfg, run):
     """Mean CE on fixed val batches (the same at every eval) + accuracy on the quick prompts."""
     raw.eval()
     egen = torch.Generator().manual_seed(cfg.seed + 99)
@@ -1345,7 +1349,7 @@ def evaluate(raw, ds, cfg, run, quick):
         with run.autocast:
             losses.append(raw(x.to(run.dev), y.to(run.dev))[1].item())
     accs = {f"acc_{t}_{k}": accuracy(raw, X, Y, ds.tasks.candidates(t), run.dev, 256, run.autocast)
-            for (t, k), (X, Y) in quick.items()}
+            for (t, k), (X, Y) in ds.quick.items()}
     raw.train()
     return float(np.mean(losses)), accs
 
@@ -1381,24 +1385,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def init_state(cfg, ds, run, ck=None):
+    """The model and what a checkpoint restores: optimizer, scaler, step, log, data order."""
+    torch.manual_seed(cfg.seed)
+    raw = GPT(cfg, ds.tasks.vocab_size).to(run.dev)
+    st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, run.device), step=0, log=[],
+                         elapsed=0.0, path=ckpt_path(cfg),
+                         kept="no checkpoint yet", scaler=torch.amp.GradScaler(
+                             enabled=run.dtype == torch.half and run.device == "cuda"),
+                         gen=torch.Generator().manual_seed(cfg.seed + 1000 * run.rank))  # data
+    if ck is not None:
+        restore(ck, st, run.device)
+    return st
+
+
 def train(cfg: Config, ds, device, ck=None):
     """Train one model (nanoGPT's loop; with --skip_train, only load it); then finish_run."""
     run = setup_run(cfg, device)
-    torch.manual_seed(cfg.seed)
-    raw = GPT(cfg, ds.tasks.vocab_size).to(run.dev)
-    gquick = torch.Generator().manual_seed(cfg.seed + 7)     # the quick ICL evaluation's prompts
-    st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
-                         elapsed=0.0, path=ckpt_path(cfg),
-                         kept="no checkpoint yet", scaler=torch.amp.GradScaler(
-                             enabled=run.dtype == torch.half and device == "cuda"),
-                         quick={(t, k): ds.tasks.prompts(t, k, 128, gquick)
-                                for t in TASKS for k in parse_shots(cfg.shots)},
-                         gen=torch.Generator().manual_seed(cfg.seed + 1000 * run.rank))  # data
-    if ck is not None:
-        restore(ck, st, device)
+    st = init_state(cfg, ds, run, ck)
     if run.master:
-        write_run_info(cfg, ds, run, raw)
-    model = torch.compile(raw) if run.compile else raw
+        write_run_info(cfg, ds, run, st.raw)
+    model = torch.compile(st.raw) if run.compile else st.raw
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[run.dev.index] if device == "cuda" else None)
@@ -1477,7 +1484,7 @@ def log_eval(cfg, ds, run, st, elapsed):
     sync(run.device)
     tps = st.tps = ((st.step - st.mark[1]) * run.tokens / (time.time() - st.mark[0])
                     if st.step > st.mark[1] else st.tps)   # (else: the last interval's)
-    val_loss, accs = evaluate(st.raw, ds, cfg, run, st.quick)
+    val_loss, accs = evaluate(st.raw, ds, cfg, run)
     peak = next((v for k, v in PEAK_BF16.items() if k in device_name(run.device)), None)
     fwd = forward_flops_per_token(st.raw, cfg.block_size)
     st.log.append(dict(step=st.step, tokens=st.step * run.tokens,
@@ -1488,7 +1495,7 @@ def log_eval(cfg, ds, run, st, elapsed):
         return
     write_csv(os.path.join(cfg.out_dir, "log.csv"), st.log)
     tqdm.write(f"step {st.step}: train {float(st.loss):.4f} val {val_loss:.4f} | " + " ".join(
-        f"{t[:4]}{k}={accs[f'acc_{t}_{k}']:.2f}" for t, k in st.quick))
+        f"{t[:4]}{k}={accs[f'acc_{t}_{k}']:.2f}" for t, k in ds.quick))
     save_checkpoint(st, cfg, run.device, st.elapsed + elapsed)
 
 
