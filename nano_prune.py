@@ -1258,12 +1258,11 @@ def parse_config(argv=None) -> Config:
 
 
 def resolve_device(cfg):
-    name, mps = cfg.device, torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    need((name != "cuda" or torch.cuda.is_available()) and (name != "mps" or mps),
-         f"--device {name} is not available here; use --device cpu or auto")
-    return name
+    ok = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if cfg.device == "auto":
+        return next(d for d, have in ok.items() if have)
+    need(ok[cfg.device], f"--device {cfg.device} is not available here; use --device cpu or auto")
+    return cfg.device
 
 
 RULES = (  # (flags, what each must be, the test)
