@@ -694,9 +694,8 @@ def prompt_sets(tasks: ICLTasks, cfg: Config, shots: list[int]):
 
 
 class Study:
-    """What every section needs: the model, its tasks, the prompt sets, one random generator.
-    Its results (res) are keyed by shot k and may hold numpy arrays: results.json has them as
-    "k" and lists (write_json)."""
+    """What every section needs: the model, its tasks, the prompt sets, one random generator;
+    and the results, res, keyed by shot k (results.json: "k") with numpy arrays (lists there)."""
 
     def __init__(self, model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx):
         self.model, self.tasks, self.cfg, self.device, self.ctx = model, tasks, cfg, device, ctx
@@ -905,8 +904,7 @@ def analyse(model: GPT, tasks: ICLTasks, cfg: Config, device: str, ctx) -> dict:
 
 
 def _figure(out_dir: str, name: str, rows: list[list], draw, w: float, h: float) -> str:
-    """A figure of panels, one per item of `rows` (a list of rows); draw(ax, item) fills one.
-    Saved as out_dir/name; -> name."""
+    """Panels, one per item of `rows` (a list of rows), draw(ax, item) fills one; -> name."""
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")
     plt.rcParams.update({"axes.titlesize": 9, "legend.fontsize": 7})
