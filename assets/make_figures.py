@@ -79,6 +79,27 @@ C_GPU = 2048  # active cells c (= d_ff) of nano_sffn's gpu preset, the only sett
 PAPER_PPL = dict(dense=16.96, switch=16.45, avgk=14.80)  # ICLR version; its g was not retrieved
 
 
+def balance(r):
+    """An arm's routing variant: 'bias' (Avg-K + loss-free balancing), 'balanced eval' (BASE
+    evaluated with its training routing, a diagnostic), or 'none' (the paper's method)."""
+    if r["avgk_balance"] == "bias":
+        return "bias"
+    return "balanced eval" if r["variant"].startswith("baleval") else "none"
+
+
+def tuned_dense_lr(rows, steps=6000, seed="1337"):
+    """Dense's best peak LR in the seed-1337 sweep (the baseline every arm is held against)."""
+    d = {float(r["lr"]): float(r["val_loss"]) for r in rows
+         if r["selector"] == "dense" and int(r["steps"]) == steps and r["seed"] == seed}
+    return min(d, key=d.get) if d else None
+
+
+def label(a):
+    """(selector, g, balance) -> 'avgk g=64 + bias'."""
+    return f"{a[0]}{'' if a[0] in ('dense', 'pkm') else ' g=%d' % a[1]}" + (
+        "" if a[2] == "none" else " + bias" if a[2] == "bias" else " (balanced eval)")
+
+
 def solo_tps(rows):
     """Median tokens/s of the runs that had their GPU to themselves (None if there is none)."""
     solo = [float(r["tokens_per_s"]) for r in rows if "shared" not in r["device"]]
@@ -86,28 +107,38 @@ def solo_tps(rows):
 
 
 def sffn_pairs(rows, steps=6000, lr=0.001):
-    """Same-seed differences of val loss for the orderings the paper's claims rest on."""
-    runs = {(r["selector"], int(r["g"]), r["avgk_balance"], r["seed"]): float(r["val_loss"])
-            for r in rows if int(r["steps"]) == steps and float(r["lr"]) == lr}
-    pairs = [("C1", ("avgk", 64, "none"), ("avgk", 256, "none")),
-             ("C1", ("avgk", 256, "none"), ("avgk", 2048, "none")),
-             ("C2", ("avgk", 64, "none"), ("switch", 2048, "none")),
-             ("C2", ("avgk", 64, "none"), ("hash", 2048, "none")),
-             ("C3", ("avgk", 256, "none"), ("topk", 256, "none")),
-             ("bias", ("avgk", 64, "bias"), ("avgk", 64, "none")),
-             ("bias", ("avgk", 256, "bias"), ("avgk", 256, "none")),
-             ("dense", ("avgk", 2048, "none"), ("dense", 2048, "none"))]
-    print(f"\nSame-seed differences of val loss (A − B; negative: A is better), {steps} steps:\n")
-    print("| claim | A | B | per seed | mean |")
-    print("|---|---|---|---|---|")
-    name = lambda a: f"{a[0]}{'' if a[0] == 'dense' else ' g=%d' % a[1]}" + (
-        " + bias" if a[2] == "bias" else "")
-    for claim, a, b in pairs:
-        seeds = sorted({k[3] for k in runs if k[:3] == a} & {k[3] for k in runs if k[:3] == b})
-        if seeds:
-            d = [runs[a + (s,)] - runs[b + (s,)] for s in seeds]
-            per = ", ".join(f"{s}: {x:+.4f}" for s, x in zip(seeds, d))
-            print(f"| {claim} | {name(a)} | {name(b)} | {per} | {sum(d) / len(d):+.4f} |")
+    """Same-seed differences of val loss for the orderings the paper's claims rest on; every arm at
+    the preset's LR (each sparse arm's best in the sweep), dense also at its own best LR."""
+    runs = {(r["selector"], int(r["g"]), balance(r), float(r["lr"]), r["seed"]): float(r["val_loss"])
+            for r in rows if int(r["steps"]) == steps}
+    dl = tuned_dense_lr(rows, steps) or lr
+    at = lambda *a: a + ((lr,) if len(a) == 3 else ())  # noqa: E731
+    pairs = [("C1", at("avgk", 64, "none"), at("avgk", 256, "none")),
+             ("C1", at("avgk", 256, "none"), at("avgk", 2048, "none")),
+             ("C2", at("avgk", 64, "none"), at("switch", 2048, "none")),
+             ("C2", at("avgk", 64, "none"), at("hash", 2048, "none")),
+             ("C3", at("avgk", 256, "none"), at("topk", 256, "none")),
+             ("balancing", at("avgk", 64, "bias"), at("avgk", 64, "none")),
+             ("balancing", at("avgk", 256, "bias"), at("avgk", 256, "none")),
+             ("VanillaM", at("vanillam", 64, "none"), at("avgk", 64, "none"))]
+    pairs += [("vs dense", at(s, g, "none"), ("dense", 2048, "none", dl))
+              for s, g in (("topk", 256), ("switch", 2048), ("hash", 2048), ("avgk", 64),
+                           ("vanillam", 64), ("avgk", 256), ("avgk", 512), ("pkm", 1),
+                           ("avgk", 2048), ("base", 256))]
+    diffs = [(c, a, b, {s: runs[a + (s,)] - runs[b + (s,)] for s in {k[4] for k in runs}
+                        if a + (s,) in runs and b + (s,) in runs}) for c, a, b in pairs]
+    seeds_all = sorted({s for *_, d in diffs for s in d}, key=lambda s: (s != "1337", s))
+    print(f"\nSame-seed differences of val loss (A − B; negative: A is better), {steps} steps; "
+          f"sparse arms at LR {lr:g}, dense at its best LR {dl:g}; * = the seeds disagree:\n")
+    print("| claim | A | B | " + " | ".join(f"seed {s}" for s in seeds_all) + " | mean |")
+    print("|---|---|---|" + "---|" * (len(seeds_all) + 1))
+    for claim, a, b, d in diffs:
+        if d:
+            flag = " *" if min(d.values()) < 0 < max(d.values()) else ""
+            cells = " | ".join(f"{d[s]:+.4f}" if s in d else "" for s in seeds_all)
+            print(f"| {claim} | {label(a[:3])} | {label(b[:3])}"
+                  f"{'' if b[3] == lr else f' (LR {b[3]:g})'} | {cells} | "
+                  f"{sum(d.values()) / len(d):+.4f}{flag} |")
 
 
 def sffn_compare(rows, steps=6000, lr=0.001):
@@ -116,17 +147,21 @@ def sffn_compare(rows, steps=6000, lr=0.001):
     arms = defaultdict(list)  # (selector, g, balance, lr) -> rows
     for r in rows:
         if int(r["steps"]) == steps and float(r["lr"]) == lr:
-            arms[(r["selector"], int(r["g"]), r["avgk_balance"], float(r["lr"]))].append(r)
+            arms[(r["selector"], int(r["g"]), balance(r), float(r["lr"]))].append(r)
     if not arms:
         return
     dense = [float(r["val_loss"]) for k, v in arms.items() if k[0] == "dense" for r in v]
     d_loss = mean_half_range(dense)[0] if dense else None
     d_seed = {r["seed"]: float(r["val_loss"]) for k, v in arms.items() if k[0] == "dense" for r in v}
     d_tps = solo_tps([r for k, v in arms.items() if k[0] == "dense" for r in v])
+    dl = tuned_dense_lr(rows, steps)  # dense at its own best LR, the same seeds
+    d_tuned = {r["seed"]: float(r["val_loss"]) for r in rows if r["selector"] == "dense"
+               and int(r["steps"]) == steps and dl is not None and float(r["lr"]) == dl}
     print(f"\nS-FFN at the gpu preset, {steps} steps (val loss mean ± half-range over seeds):\n")
     print("| selector | g | b | balance | LR | seeds | val loss | val ppl | ppl vs dense | "
-          "params | fwd FLOPs/token | tokens/s (vs dense) | dead blocks | max/mean load (seed 1337) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"ppl vs dense at LR {dl:g} | params | fwd FLOPs/token | tokens/s (vs dense) | "
+          "dead blocks | max/mean load (seed 1337) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     order = ("dense", "switch", "hash", "topk", "base", "avgk", "vanillam", "pkm")
     for k in sorted(arms, key=lambda k: (order.index(k[0]), -k[1], k[2], k[3])):
         v = arms[k]
@@ -135,10 +170,15 @@ def sffn_compare(rows, steps=6000, lr=0.001):
         speed = "" if tps is None else f"{tps:,.0f}" + (f" ({tps / d_tps:.2f}x)" if d_tps else "")
         ds = [d_seed[r["seed"]] for r in v if r["seed"] in d_seed]  # dense at the same seeds
         rel = "" if not ds or k[0] == "dense" else f"{math.exp(m - sum(ds) / len(ds)) - 1:+.1%}"
+        dt = [(float(r["val_loss"]), d_tuned[r["seed"]]) for r in v if r["seed"] in d_tuned]
+        rel_t = "" if not dt or k[0] == "dense" else \
+            f"{math.exp(sum(a - b for a, b in dt) / len(dt)) - 1:+.1%}" + (
+                "" if len(dt) == len(v) else f" ({len(dt)} seeds)")
         dead = median([float(r["dead_frac"]) for r in v]) if v[0]["dead_frac"] else None
         b = 1 if k[0] == "dense" else C_GPU // k[1]
         print(f"| {k[0]} | {k[1]} | {b} | {k[2]} | {k[3]:g} | {','.join(r['seed'] for r in v)} | "
-              f"{m:.4f} ± {h:.4f} | {math.exp(m):.3f} | {rel} | {int(v[0]['params']) / 1e6:.1f}M | "
+              f"{m:.4f} ± {h:.4f} | {math.exp(m):.3f} | {rel} | {rel_t} | "
+              f"{int(v[0]['params']) / 1e6:.1f}M | "
               f"{int(v[0]['fwd_flops_per_token']) / 1e6:.1f}M | {speed} | "
               f"{'' if dead is None else f'{dead:.0%}'} | {next((r for r in v if r['seed'] == '1337'), v[0])['maxload_by_layer']} |")
     print("\nThe paper (ICLR version), ppl vs dense: " + ", ".join(
@@ -178,7 +218,7 @@ def sffn_lr_sweep(rows, steps=6000, seed="1337"):
     runs = defaultdict(dict)  # (selector, g, balance) -> {lr: val loss}
     for r in rows:
         if int(r["steps"]) == steps and r["seed"] == seed:
-            runs[(r["selector"], int(r["g"]), r["avgk_balance"])][float(r["lr"])] = float(r["val_loss"])
+            runs[(r["selector"], int(r["g"]), balance(r))][float(r["lr"])] = float(r["val_loss"])
     runs = {k: v for k, v in runs.items() if len(v) > 1}
     if not runs:
         return
@@ -216,17 +256,17 @@ def sffn_curves(rows, steps=6000):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # 20 colours, strong ones first
     for i, r in enumerate(sorted(runs, key=lambda r: (r["selector"], -int(r["g"]),
-                                                      r["avgk_balance"]))):
+                                                      balance(r)))):
         curve = [c for c in read(r["curve"]) if int(c["step"]) > 0]
-        label = f"{r['selector']} g={r['g']}" + (" + bias" if r["avgk_balance"] == "bias" else "")
-        ls = "--" if r["avgk_balance"] == "bias" else "-"
+        name = label((r["selector"], int(r["g"]), balance(r)))
+        ls = "--" if balance(r) != "none" else "-"
         steps_ = [int(c["step"]) for c in curve]
-        axes[0].plot(steps_, [float(c["val_loss"]) for c in curve], ls=ls, label=label,
+        axes[0].plot(steps_, [float(c["val_loss"]) for c in curve], ls=ls, label=name,
                      color=colors[i % 20])
         dead = [k for k in curve[0] if k.endswith("_dead")]
         if r["selector"] == "avgk" and dead:
             axes[1].plot(steps_, [sum(float(c[k]) for k in dead) / len(dead) for c in curve],
-                         ls=ls, marker=".", label=label, color=colors[i % 20])
+                         ls=ls, marker=".", label=name, color=colors[i % 20])
     axes[0].set_ylim(1.2, 1.6)  # (BASE's greedy evaluation sits above 1.6)
     axes[0].set_ylabel("val loss")
     axes[1].set_ylabel("dead blocks (share, mean of the sparse layers)")
