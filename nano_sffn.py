@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -778,33 +779,26 @@ def compute_grouped(layer, x, ids, w, pre=None):
     # END EXERCISE sffn_grouped
 
 
-# The fused Triton path (--impl triton, ScatterMoE's idea): compute_grouped's (2) with no (N*b, d)
-# pair tensor written, forward or backward. Token rows are read by index (gather GEMM) and added
-# back by float32 atomic adds (scatter GEMM: y's last bits vary run to run on CUDA); saved for
-# the backward: x, pre (N*b, g), the pairs. One H200, layer fwd+bwd, N 16384, d 512, c 2048,
-# d_m 16384, bf16 autocast, compiled, ms: g 64: 1.95 vs grouped 3.53 (1.8x); g 256: 1.49 vs 1.33.
+# The fused Triton path (--impl triton; ScatterMoE's idea): compute_grouped's numbers, but no
+# (N*b, d) pair tensor in the forward or the backward: token rows are read by index (a gather
+# GEMM) and added back by float32 atomic adds (a scatter GEMM; y's last bits vary run to run on
+# CUDA). One H200, layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms
+# vs grouped 3.53 (1.8x); g 256 1.49 vs 1.33 (slower). Triton is imported on first use only.
 TILES = dict(BM=64, BN=64, BK=64)   # per program: sorted pairs, output columns, reduction step
-_KERNELS = {}                       # the kernels, built once; "found": does triton import
+_KERNELS = {}
 
 
 def triton_ok(device_type, dtype):
-    """Can --impl triton run: triton installed (not a dependency: looked for here), and CUDA,
-    or its CPU interpreter TRITON_INTERPRET=1 in float32 (bf16 tl.dot is wrong there, #11584)."""
-    cpu = device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    if not (device_type == "cuda" or cpu and dtype == torch.float32):
-        return False
-    if "found" not in _KERNELS:
-        try:
-            import triton  # noqa: F401
-            _KERNELS["found"] = True
-        except ImportError:
-            _KERNELS["found"] = False
-    return _KERNELS["found"]
+    """Triton installed, and CUDA or its CPU interpreter (TRITON_INTERPRET=1) in float32 (the
+    interpreter's bf16 tl.dot is wrong, triton-lang/triton#11584)."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.float32
+    return (device_type == "cuda" or device_type == "cpu" and interp) and (
+        importlib.util.find_spec("triton") is not None)
 
 
 def triton_kernels():
-    """_pair_mm (a gather or a scatter GEMM over the sorted pairs) and _weight_grad."""
-    if "pair_mm" in _KERNELS:
+    """The two kernels, built once: _pair_mm (a gather or a scatter GEMM) and _weight_grad."""
+    if _KERNELS:
         return _KERNELS
     import triton
     import triton.language as tl
@@ -845,7 +839,7 @@ def triton_kernels():
                      BN: tl.constexpr, BK: tl.constexpr):
         # out[e*G + i] = sum over block e's pairs m in [offs[e-1], offs[e]) (read here: no host
         # sync) of a[m, i] src[tok[m]]; a (M, G), src (N, D), out (B*G, D), every row written
-        # once (an empty block: zeros). dK_e = dpre_e^T x[tok], dV_e = (w h)_e^T dy[tok].
+        # once (an empty block: zeros). dK_e = dpre_e^T x[tok], dV_e = h_e^T dy[tok].
         e = tl.program_id(0)
         rg, rd = tl.program_id(1) * BN + tl.arange(0, BN), tl.program_id(2) * BK + tl.arange(0, BK)
         mg, md = rg < G, rd < D
@@ -867,22 +861,20 @@ def triton_kernels():
     return _KERNELS
 
 
-def _tile(key, n):
-    """TILES[key], at least 16 (tl.dot's minimum), at most n's next power of 2."""
+def _tile(key, n):  # TILES[key], at least 16 (tl.dot's minimum), at most n's next power of 2
     return min(TILES[key], max(16, 1 << (n - 1).bit_length()))
 
 
 def pair_mm(a, tok, blk, W, g, n_tok=None):
     """Gather (n_tok None): (N*b, g) in a's dtype, row m = a[tok[m]] W_e^T, W = K or V (B*g, d).
     Scatter: (n_tok, d) float32, row n = sum over token n's pairs m of a[m] W_e, a (N*b, g)."""
-    M, KD = tok.numel(), a.shape[1]
-    ND = g if n_tok is None else W.shape[1]
+    M, KD, ND = tok.numel(), a.shape[1], g if n_tok is None else W.shape[1]
     out = a.new_empty(M, g) if n_tok is None else a.new_zeros(n_tok, ND, dtype=torch.float32)
     BM, BN, BK = TILES["BM"], _tile("BN", ND), _tile("BK", KD)
     sk, sn = (1, KD) if n_tok is None else (ND, 1)       # W_e read as (KD, ND): W_e^T or W_e
     triton_kernels()["pair_mm"][(-(-M // BM), -(-ND // BN))](
-        a.contiguous(), tok, blk, W.to(a.dtype).contiguous(), out, M, KD, ND, sk, sn,
-        n_tok is not None, "ieee" if a.dtype == torch.float32 else None, BM, BN, BK)
+        a.contiguous(), tok, blk, W.to(a.dtype), out, M, KD, ND, sk, sn, n_tok is not None,
+        "ieee" if a.dtype == torch.float32 else None, BM, BN, BK)   # (float32: no tf32)
     return out
 
 
@@ -897,52 +889,44 @@ def weight_grad(a, src, tok, offs, g, dtype):
     return out
 
 
-class FusedPairs(torch.autograd.Function):
-    """y (N, d) = sum over token n's pairs m of w_m f(x[n] K_e^T) V_e, in x's dtype (compute_dtype);
-    K, V the parameters (cast inside, their grads in their dtype), w (N, b) or None; the pairs
-    sorted by block: tok, blk, order (N*b,), offs (B,) int32 cumulative block ends."""
+class PairMM(torch.autograd.Function):
+    """pair_mm with its gradients; gather and scatter are each other's adjoint in a:
+    gather  out = a[tok] W_e^T    (N*b, g):  da = scatter(dout, W), dW_e = dout_e^T a[tok_e]
+    scatter out[tok] += a W_e     (N, d):    da = gather(dout, W),  dW_e = a_e^T dout[tok_e]
+    a in the compute dtype, W a parameter (cast inside, its gradient in its own dtype)."""
 
     @staticmethod
-    def forward(ctx, x, K, V, w, tok, blk, order, offs, g, act):
-        pre = pair_mm(x, tok, blk, K, g)                             # (N*b, g) x[tok] K_e^T
-        h = act(pre)
-        if w is not None:                                            # w_m h_m, w in pair order
-            h = h * w.reshape(-1)[order].to(h.dtype).unsqueeze(-1)
-        ctx.g, ctx.act = g, act
-        ctx.save_for_backward(x, K, V, w, pre, tok, blk, order, offs)
-        return pair_mm(h, tok, blk, V, g, x.shape[0]).to(x.dtype)    # y[tok] += w h V_e
+    def forward(ctx, a, W, tok, blk, offs, g, n_tok):
+        ctx.save_for_backward(a, W, tok, blk, offs)
+        ctx.g, ctx.n_tok = g, n_tok
+        return pair_mm(a, tok, blk, W, g, n_tok)
 
     @staticmethod
-    def backward(ctx, dy):
-        x, K, V, w, pre, tok, blk, order, offs = ctx.saved_tensors
-        g, dy = ctx.g, dy.to(x.dtype)
-        with torch.enable_grad():                                    # f' by autograd
-            p = pre.detach().requires_grad_()
-            h = ctx.act(p)
-        dwh = pair_mm(dy, tok, blk, V, g)                            # d(w h) = dy[tok] V_e^T
-        wh, dh, dw = h.detach(), dwh, None
-        if w is not None:
-            ws = w.reshape(-1)[order].to(dwh.dtype).unsqueeze(-1)
-            dws = (dwh.float() * wh.float()).sum(1)                  # dw of each sorted pair
-            dw = torch.empty_like(dws).index_copy_(0, order, dws).view_as(w).to(w.dtype)
-            wh, dh = wh * ws, dwh * ws
-        dpre = torch.autograd.grad(h, p, dh)[0]                      # dh * f'(pre)
-        dx = pair_mm(dpre, tok, blk, K, g, x.shape[0]).to(x.dtype)   # dx[tok] += dpre K_e
-        dK = weight_grad(dpre, x, tok, offs, g, K.dtype)             # dpre_e^T x[tok]
-        dV = weight_grad(wh, dy, tok, offs, g, V.dtype)              # (w h)_e^T dy[tok]
-        return dx, dK, dV, dw, None, None, None, None, None, None
+    def backward(ctx, dout):
+        a, W, tok, blk, offs = ctx.saved_tensors
+        dout, g = dout.to(a.dtype), ctx.g
+        if ctx.n_tok is None:
+            da = pair_mm(dout, tok, blk, W, g, a.shape[0]).to(a.dtype)
+            dW = weight_grad(dout, a, tok, offs, g, W.dtype)
+        else:
+            da, dW = pair_mm(dout, tok, blk, W, g), weight_grad(a, dout, tok, offs, g, W.dtype)
+        return da, dW, None, None, None, None, None
 
 
 def compute_triton(layer, x, ids, w, pre=None):
-    """compute_grouped by the fused kernels (FusedPairs, left out of torch.compile's graph); the
-    numbers of compute_masked. VanillaM (pre given) and PKM take compute_grouped's path."""
+    """compute_grouped with the pair rows never written (PairMM, left out of torch.compile's
+    graph); VanillaM (pre given) and PKM take compute_grouped. Tested against compute_masked."""
     if pre is not None or isinstance(layer, ProductKeyMemory):
         return compute_grouped(layer, x, ids, w, pre)
+    dt, g, mm = compute_dtype(x), layer.g, torch.compiler.disable(PairMM.apply)
     blk, order = ids.reshape(-1).sort(stable=True)                   # pairs grouped by block
+    tok = order // ids.shape[1]                                      # token of each pair
     offs = torch.searchsorted(blk, torch.arange(layer.B, device=x.device), right=True)
-    return torch.compiler.disable(FusedPairs.apply)(
-        x.to(compute_dtype(x)), layer.K, layer.V, w, order // ids.shape[1], blk, order,
-        offs.to(torch.int32), layer.g, layer.act)
+    offs = offs.to(torch.int32)                                      # cumulative block ends
+    h = layer.act(mm(x.to(dt), layer.K, tok, blk, offs, g, None))    # (N*b, g) f(x[tok] K_e^T)
+    if w is not None:
+        h = h * w.reshape(-1)[order].to(h.dtype).unsqueeze(-1)       # w of each pair
+    return mm(h, layer.V, tok, blk, offs, g, x.shape[0]).to(dt)      # (N, d) y[tok] += w h V_e
 
 
 def run_bench(cfg, device):
