@@ -61,8 +61,8 @@ Run it
 
 Reading map: Config -> the FFN as a memory (DenseFFN, (1)) -> the S-FFN (SparseFFN, (2)) and its
 selectors: VanillaM (PKM: its own module), Switch, top-k, BASE, Hash, Avg-K -> the model (GPT) ->
-the experiment (FLOPs, routing health, --compare) -> making it fast (grouped GEMM, --bench) ->
-command line, training loop, checkpoints.
+the experiment (FLOPs, routing health, --compare) -> making it fast (grouped GEMM, fused Triton
+kernels, --bench) -> command line, training loop, checkpoints.
 """
 
 from __future__ import annotations
@@ -244,10 +244,10 @@ class SparseFFN(nn.Module):
         if self.track:
             self.stats.append(ids.detach().reshape(-1))
         path = impl_path(self, x.device.type, compute_dtype(x), x.shape[1])
-        if path != "masked":                                        # making it fast
-            return (compute_triton if path == "triton" else compute_grouped)(
-                self, x, ids, w, pre), aux
-        return self.compute_masked(x, ids, w, pre), aux
+        if path == "masked":
+            return self.compute_masked(x, ids, w, pre), aux
+        fast = compute_triton if path == "triton" else compute_grouped   # making it fast
+        return fast(self, x, ids, w, pre), aux
 
     def compute_masked(self, x, ids, w, pre=None):
         """(2) as one product: all d_m cells, unselected blocks zeroed. The exact reference.
@@ -697,10 +697,11 @@ def compute_dtype(x):
 
 
 def impl_path(layer, device_type, dtype, d):
-    """The path SparseFFN.forward takes: "masked", "grouped" or "triton". --impl as asked (PKM:
-    its EmbeddingBag read, VanillaM: grouped for triton, its pre is reused); auto = only where
-    measured faster (--bench, one H200): triton on CUDA with triton installed for g < 256
-    (g 64: 1.8x grouped; g 256: slower), grouped on CUDA for g >= 64 (torch's grouped GEMM)."""
+    """The path SparseFFN.forward takes: "masked", "grouped" or "triton"; --impl as asked (PKM:
+    its EmbeddingBag read; VanillaM: grouped, which reuses its pre). auto: only where measured
+    faster (one H200, layer fwd+bwd, compiled, ms): triton on CUDA where triton is installed for
+    g < 256 (g 64: 1.95 vs grouped 3.53; g 256: 1.49 vs 1.33), else grouped on CUDA for g >= 64
+    where torch's grouped GEMM takes the shapes; masked elsewhere (on CPU always)."""
     if isinstance(layer, ProductKeyMemory) or layer.impl in ("grouped", "masked"):
         return "masked" if layer.impl == "masked" else "grouped"
     if layer.impl == "triton":

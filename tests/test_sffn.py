@@ -499,7 +499,14 @@ def test_bench_writes_tables(tmp_path):
                    "--out_dir", str(out)])
     assert [r["g"] for r in rows] == ["dense", 16, 8]
     assert all(r["masked_ms"] > 0 and r["grouped_ms"] > 0 for r in rows[1:])
+    assert all(r["triton_ms"] is None for r in rows)                    # CUDA only
     assert sorted(os.listdir(out)) == ["bench.csv", "bench.md"]
+    long = list(csv.DictReader(open(out / "bench.csv")))                 # one row per (g, path)
+    assert list(long[0]) == ["g", "b", "B", "path", "ms", "device", "torch", "commit"]
+    assert [(r["g"], r["b"], r["path"]) for r in long] == [
+        ("32", "1", "dense"), ("16", "2", "masked"), ("16", "2", "grouped"), ("8", "4", "masked"),
+        ("8", "4", "grouped")]
+    assert all(float(r["ms"]) > 0 and r["device"] == "cpu" for r in long)
 
 
 def test_resume_takes_unset_settings_from_the_checkpoint(tiny_text, tmp_path):
