@@ -970,8 +970,8 @@ def write_bench(cfg, device, dt, rows):
                    + markdown(rows))
     Path(cfg.out_dir, "bench.md").write_text(md + "\n")
     info = dict(device=device_name(device), torch=torch.__version__, commit=git_commit())
-    write_csv(os.path.join(cfg.out_dir, "bench.csv"), [   # the dense FFN: one block of c cells
-        dict(g=cfg.d_ff, b=1, B=1, path="dense", ms=rows[0]["masked_ms"], **info)] + [
+    write_csv(os.path.join(cfg.out_dir, "bench.csv"), [   # (as assets/sffn_bench.csv's rows)
+        dict(g=None, b=None, B=None, path="dense", ms=rows[0]["masked_ms"], **info)] + [
         dict(g=r["g"], b=r["b"], B=r["B"], path=p, ms=r[f"{p}_ms"], **info)
         for r in rows[1:] for p in ("masked", "grouped", "triton") if r[f"{p}_ms"] is not None])
     print(md)
