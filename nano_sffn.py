@@ -786,7 +786,7 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # CUDA). One H200, layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms
 # vs grouped 3.53 (1.8x); g 256 1.49 vs 1.33 (slower). Triton is imported on first use only.
 TILES = dict(BM=64, BN=64, BK=64)   # per program: sorted pairs, output columns, reduction step
-_KERNELS = {}
+_KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
 
 
 def triton_ok(device_type, dtype):
@@ -798,68 +798,70 @@ def triton_ok(device_type, dtype):
 
 
 def triton_kernels():
-    """The two kernels, built once: _pair_mm (a gather or a scatter GEMM) and _weight_grad."""
-    if _KERNELS:
-        return _KERNELS
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _pair_mm(a, tok, blk, W, out, M, KD, ND, sk, sn, SCATTER: tl.constexpr,
-                 PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # sorted pair m, of block e = blk[m] and token tok[m]; W_e (KD, ND) = W[e*KD*ND:], strides
-        #   gather:  out[m] = a[tok[m]] W_e        a (N, KD), out (M, ND)    pre = x[tok] K_e^T
-        #   scatter: out[tok[m]] += a[m] W_e       a (M, KD), out (N, ND)    y[tok] += h V_e
-        # A tile of BM pairs meets blocks blk[m0] .. blk[m0 + BM - 1] (sorted): a pass for each.
-        m0 = tl.program_id(0) * BM
-        rm, rn = m0 + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
-        mm, mn = rm < M, rn < ND
-        t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)
-        src = rm.to(tl.int64) if SCATTER else t                     # the rows of a read
-        e_row = tl.load(blk + rm, mask=mm, other=-1)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for e in range(tl.load(blk + m0), tl.load(blk + tl.minimum(m0 + BM, M) - 1) + 1):
-            me = mm & (e_row == e)                                  # block e's pairs
-            for k0 in range(0, KD, BK):
-                rk = k0 + tl.arange(0, BK)
-                mk = rk < KD
-                x = tl.load(a + src[:, None] * KD + rk[None, :], mask=me[:, None] & mk[None, :],
-                            other=0)                                # (BM, BK)
-                w = tl.load(W + e * KD * ND + rk[:, None] * sk + rn[None, :] * sn,
-                            mask=mk[:, None] & mn[None, :], other=0)   # (BK, BN) of W_e
-                acc += tl.dot(x, w, input_precision=PREC)
-        if SCATTER:
-            tl.atomic_add(out + t[:, None] * ND + rn[None, :], acc,
-                          mask=mm[:, None] & mn[None, :], sem="relaxed")
-        else:
-            tl.store(out + rm.to(tl.int64)[:, None] * ND + rn[None, :],
-                     acc.to(out.dtype.element_ty), mask=mm[:, None] & mn[None, :])
-
-    @triton.jit
-    def _weight_grad(a, tok, offs, src, out, D, G, PREC: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr):
-        # out[e*G + i] = sum over block e's pairs m in [offs[e-1], offs[e]) (read here: no host
-        # sync) of a[m, i] src[tok[m]]; a (M, G), src (N, D), out (B*G, D), every row written
-        # once (an empty block: zeros). dK_e = dpre_e^T x[tok], dV_e = h_e^T dy[tok].
-        e = tl.program_id(0)
-        rg, rd = tl.program_id(1) * BN + tl.arange(0, BN), tl.program_id(2) * BK + tl.arange(0, BK)
-        mg, md = rg < G, rd < D
-        lo = tl.where(e > 0, tl.load(offs + tl.maximum(e - 1, 0)), 0)
-        hi = tl.load(offs + e)
-        acc = tl.zeros((BN, BK), dtype=tl.float32)
-        for m0 in range(lo, hi, BM):
-            rm = m0 + tl.arange(0, BM)
-            mm = rm < hi
-            t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)
-            at = tl.load(a + rm.to(tl.int64)[None, :] * G + rg[:, None],
-                         mask=mg[:, None] & mm[None, :], other=0)          # (BN, BM) a^T
-            s = tl.load(src + t[:, None] * D + rd[None, :], mask=mm[:, None] & md[None, :],
-                        other=0)                                           # (BM, BK) src[tok]
-            acc += tl.dot(at, s, input_precision=PREC)
-        tl.store(out + (e * G + rg).to(tl.int64)[:, None] * D + rd[None, :],
-                 acc.to(out.dtype.element_ty), mask=mg[:, None] & md[None, :])
-    _KERNELS.update(pair_mm=_pair_mm, weight_grad=_weight_grad)
+    """The two kernels below, compiled by triton.jit on first use (not at import: triton is not
+    a dependency of this file) and kept; `tl` is triton.language from then on."""
+    global tl
+    if not _KERNELS:
+        import triton
+        import triton.language as tl
+        _KERNELS.update(pair_mm=triton.jit(_pair_mm), weight_grad=triton.jit(_weight_grad))
     return _KERNELS
+
+
+# ---- the Triton kernels (plain functions here; triton_kernels() compiles them)
+def _pair_mm(a, tok, blk, W, out, M, KD, ND, sk, sn, SCATTER: tl.constexpr,
+             PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # sorted pair m, of block e = blk[m] and token tok[m]; W_e (KD, ND) = W[e*KD*ND:], strides
+    #   gather:  out[m] = a[tok[m]] W_e        a (N, KD), out (M, ND)    pre = x[tok] K_e^T
+    #   scatter: out[tok[m]] += a[m] W_e       a (M, KD), out (N, ND)    y[tok] += h V_e
+    # A tile of BM pairs meets blocks blk[m0] .. blk[m0 + BM - 1] (sorted): a pass for each.
+    m0 = tl.program_id(0) * BM
+    rm, rn = m0 + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
+    mm, mn = rm < M, rn < ND
+    t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)
+    src = rm.to(tl.int64) if SCATTER else t                 # the rows of a read
+    e_row = tl.load(blk + rm, mask=mm, other=-1)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for e in range(tl.load(blk + m0), tl.load(blk + tl.minimum(m0 + BM, M) - 1) + 1):
+        me = mm & (e_row == e)                              # block e's pairs
+        for k0 in range(0, KD, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < KD
+            x = tl.load(a + src[:, None] * KD + rk[None, :], mask=me[:, None] & mk[None, :],
+                        other=0)                            # (BM, BK)
+            w = tl.load(W + e * KD * ND + rk[:, None] * sk + rn[None, :] * sn,
+                        mask=mk[:, None] & mn[None, :], other=0)   # (BK, BN) of W_e
+            acc += tl.dot(x, w, input_precision=PREC)
+    if SCATTER:
+        tl.atomic_add(out + t[:, None] * ND + rn[None, :], acc,
+                      mask=mm[:, None] & mn[None, :], sem="relaxed")
+    else:
+        tl.store(out + rm.to(tl.int64)[:, None] * ND + rn[None, :],
+                 acc.to(out.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+def _weight_grad(a, tok, offs, src, out, D, G, PREC: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    # out[e*G + i] = sum over block e's pairs m in [offs[e-1], offs[e]) (read here: no host
+    # sync) of a[m, i] src[tok[m]]; a (M, G), src (N, D), out (B*G, D), every row written
+    # once (an empty block: zeros). dK_e = dpre_e^T x[tok], dV_e = h_e^T dy[tok].
+    e = tl.program_id(0)
+    rg, rd = tl.program_id(1) * BN + tl.arange(0, BN), tl.program_id(2) * BK + tl.arange(0, BK)
+    mg, md = rg < G, rd < D
+    lo = tl.where(e > 0, tl.load(offs + tl.maximum(e - 1, 0)), 0)
+    hi = tl.load(offs + e)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(lo, hi, BM):
+        rm = m0 + tl.arange(0, BM)
+        mm = rm < hi
+        t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)
+        at = tl.load(a + rm.to(tl.int64)[None, :] * G + rg[:, None],
+                     mask=mg[:, None] & mm[None, :], other=0)      # (BN, BM) a^T
+        s = tl.load(src + t[:, None] * D + rd[None, :], mask=mm[:, None] & md[None, :],
+                    other=0)                                       # (BM, BK) src[tok]
+        acc += tl.dot(at, s, input_precision=PREC)
+    tl.store(out + (e * G + rg).to(tl.int64)[:, None] * D + rd[None, :],
+             acc.to(out.dtype.element_ty), mask=mg[:, None] & md[None, :])
 
 
 def _tile(key, n):  # TILES[key], at least 16 (tl.dot's minimum), at most n's next power of 2
