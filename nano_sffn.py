@@ -785,7 +785,7 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # GEMM) and added back by float32 atomic adds (a scatter GEMM; y's last bits vary run to run on
 # CUDA). One H200, layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms
 # vs grouped 3.53 (1.8x); g 256 1.49 vs 1.33 (slower). Triton is imported on first use only.
-TILES = dict(BM=64, BN=64, BK=64)   # per program: sorted pairs, output columns, reduction step
+TILES = dict(BM=64, BN=64, BK=64, BD=128)  # per program: pairs, g columns, reduced, d columns
 _KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
 
 
@@ -873,7 +873,7 @@ def pair_mm(a, tok, blk, W, g, n_tok=None):
     Scatter: (n_tok, d) float32, row n = sum over token n's pairs m of a[m] W_e, a (N*b, g)."""
     M, KD, ND = tok.numel(), a.shape[1], g if n_tok is None else W.shape[1]
     out = a.new_empty(M, g) if n_tok is None else a.new_zeros(n_tok, ND, dtype=torch.float32)
-    BM, BN, BK = TILES["BM"], _tile("BN", ND), _tile("BK", KD)
+    BM, BN, BK = TILES["BM"], _tile("BN" if n_tok is None else "BD", ND), _tile("BK", KD)
     sk, sn = (1, KD) if n_tok is None else (ND, 1)       # W_e read as (KD, ND): W_e^T or W_e
     triton_kernels()["pair_mm"][(-(-M // BM), -(-ND // BN))](
         a.contiguous(), tok, blk, W.to(a.dtype), out, M, KD, ND, sk, sn, n_tok is not None,
@@ -885,7 +885,7 @@ def weight_grad(a, src, tok, offs, g, dtype):
     """(B*g, d) in dtype: block e's rows = a_e^T src[tok_e], a (N*b, g) in sorted-pair order."""
     B, D = offs.numel(), src.shape[1]
     out = torch.empty(B * g, D, device=src.device, dtype=dtype)
-    BN, BK = _tile("BN", g), _tile("BK", D)
+    BN, BK = _tile("BN", g), _tile("BD", D)
     triton_kernels()["weight_grad"][(B, -(-g // BN), -(-D // BK))](
         a.contiguous(), tok, offs, src.contiguous(), out, D, g,
         "ieee" if a.dtype == torch.float32 else None, TILES["BM"], BN, BK)

@@ -14,17 +14,17 @@ pytest.importorskip("triton")
 import nano_sffn as S  # noqa: E402
 
 TOL = 1e-5  # max |triton - masked| / max |masked| of y and of every gradient
-CASES = [  # selector, g, b, d_m, d, N, tile (TILES' BM = BN = BK)
+CASES = [  # selector, g, b, d_m, d, N, tile (every one of TILES; None: the defaults)
     ("avgk", 8, 2, 32, 40, 40, 16),      # ~20 pairs a block: several tiles per block; d 40, tile 16
     ("topk", 32, 2, 128, 24, 17, 16),    # weighted (w's gradient reaches W_g); g spans 2 tiles
-    ("switch", 32, 1, 128, 40, 9, 64),   # b = 1 (N = N*b), the default tiles, most blocks empty
+    ("switch", 32, 1, 128, 40, 9, None),  # b = 1 (N = N*b), TILES' defaults, most blocks empty
     ("avgk", 4, 4, 32, 20, 12, 16),      # g below tl.dot's 16 (a masked tile)
 ]
 
 
-def errors(selector, g, b, d_m, d, N, seed=0, compute=None):
-    """Relative errors of y, dx and every parameter's gradient: compute (default compute_triton)
-    against compute_masked, same blocks, same weights, same upstream gradient."""
+def errors(selector, g, b, d_m, d, N, seed=0):
+    """Relative errors of y, dx and every parameter's gradient: compute_triton against
+    compute_masked, same blocks, same weights, same upstream gradient."""
     torch.manual_seed(seed)
     cfg = S.validate(S.Config(selector=selector, n_embd=d, n_head=1, n_layer=2, d_ff=g * b,
                               d_m=d_m, g=g, b=b, impl="masked"))
@@ -33,7 +33,7 @@ def errors(selector, g, b, d_m, d, N, seed=0, compute=None):
     ids = layer.route(x)[0].detach()
     gy = torch.randn(N, d)
     out = []
-    for fn in (layer.compute_masked, lambda *a: (compute or S.compute_triton)(layer, *a)):
+    for fn in (layer.compute_masked, lambda *a: S.compute_triton(layer, *a)):
         x.grad = None
         layer.zero_grad(set_to_none=True)
         y = fn(x, ids, layer.route(x, None, ids)[1])                 # w: None or with its grad
@@ -46,7 +46,8 @@ def errors(selector, g, b, d_m, d, N, seed=0, compute=None):
                                              for c in CASES])
 def test_triton_matches_masked(case, monkeypatch):
     *shape, tile = case
-    monkeypatch.setattr(S, "TILES", dict(BM=tile, BN=tile, BK=tile))
+    if tile:
+        monkeypatch.setattr(S, "TILES", dict(BM=tile, BN=tile, BK=tile, BD=tile))
     errs = errors(*shape)
     assert len(errs) == 2 + (3 if case[0] in ("topk", "switch") else 2)
     assert max(errs) <= TOL, f"{case}: relative errors of y, dx, dK, dV(, dW_g) {errs}"
