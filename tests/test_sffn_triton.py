@@ -1,7 +1,7 @@
 """--impl triton, nano_sffn's fused Triton kernels, against the exact reference compute_masked
-on CPU under the Triton interpreter in float32: y and the gradients of x, K, V (and of the gate,
-through w) within TOL relative. Skipped where triton is missing (CI). Small shapes: the
-interpreter is slow."""
+on CPU under the Triton interpreter (on CUDA where there is one) in float32: y and the gradients
+of x, K, V (and of the gate, through w) within TOL relative. Skipped where triton is missing
+(CI). Small shapes: the interpreter is slow."""
 import os
 
 import pytest
@@ -12,6 +12,11 @@ if not torch.cuda.is_available():   # before anything imports triton: run kernel
 pytest.importorskip("triton")
 
 import nano_sffn as S  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # CUDA: the compiled kernels, float32
+if not S.triton_ok(DEV, torch.float32):
+    pytest.skip("no CUDA, and TRITON_INTERPRET is not 1: the kernels cannot run here",
+                allow_module_level=True)
 
 TOL = 1e-5  # max |triton - masked| / max |masked| of y and of every gradient
 CASES = [  # selector, g, b, d_m, d, N, tile (every one of TILES; None: the defaults)
@@ -28,10 +33,10 @@ def errors(selector, g, b, d_m, d, N, seed=0):
     torch.manual_seed(seed)
     cfg = S.validate(S.Config(selector=selector, n_embd=d, n_head=1, n_layer=2, d_ff=g * b,
                               d_m=d_m, g=g, b=b, impl="masked"))
-    layer = S.SparseFFN(cfg, 11).float()
-    x = torch.randn(N, d, requires_grad=True)
+    layer = S.SparseFFN(cfg, 11).float().to(DEV)
+    x = torch.randn(N, d, device=DEV, requires_grad=True)
     ids = layer.route(x)[0].detach()
-    gy = torch.randn(N, d)
+    gy = torch.randn(N, d, device=DEV)
     out = []
     for fn in (layer.compute_masked, lambda *a: S.compute_triton(layer, *a)):
         x.grad = None
@@ -69,11 +74,11 @@ def test_model_with_impl_triton_matches_masked():
     for impl in ("masked", "triton"):
         torch.manual_seed(0)
         cfg = S.validate(S.Config(selector="avgk", n_layer=2, n_head=2, n_embd=24, block_size=8,
-                                  d_ff=32, d_m=64, g=8, impl=impl), "cpu")
-        model = S.GPT(cfg, 64)
+                                  d_ff=32, d_m=64, g=8, impl=impl), DEV)
+        model = S.GPT(cfg, 64).to(DEV)
         layers = model.sparse_layers()
-        assert [S.impl_path(m, "cpu", torch.float32, 24) for _, m in layers] == [impl]
-        idx = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1))
+        assert [S.impl_path(m, DEV, torch.float32, 24) for _, m in layers] == [impl]
+        idx = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1)).to(DEV)
         _, ce, aux = model(idx, idx)
         (ce + aux).backward()
         grads.append([ce.detach()] + [p.grad for p in model.parameters()])
