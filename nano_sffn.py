@@ -38,7 +38,8 @@ block by the mean of its keys (no new parameters, no gradient) and keeps the top
                 avgk     : top-b of x . mean(K_beta)                   (this paper) (3)-(5)
 
 --impl masked computes all d_m cells and zeroes the unselected blocks (the reference); grouped runs
-one grouped GEMM per FFN matrix ("making it fast"); auto = grouped on CUDA for g >= 64.
+one grouped GEMM per FFN matrix, triton fused Triton kernels ("making it fast"); auto = triton on
+CUDA for g < 256 where triton is installed, grouped on CUDA for g >= 64, else masked.
 
 Departures (measured at the gpu preset; see README): VanillaM scores all d_m cells and PKM keeps
 H*k cells, so they are not compute-matched (+53% and -12% active FLOPs/token); the top-k aux loss
@@ -60,8 +61,8 @@ Run it
 
 Reading map: Config -> the FFN as a memory (DenseFFN, (1)) -> the S-FFN (SparseFFN, (2)) and its
 selectors: VanillaM (PKM: its own module), Switch, top-k, BASE, Hash, Avg-K -> the model (GPT) ->
-the experiment (FLOPs, routing health, --compare) -> making it fast (grouped GEMM, --bench) ->
-command line, training loop, checkpoints.
+the experiment (FLOPs, routing health, --compare) -> making it fast (grouped GEMM, fused Triton
+kernels, --bench) -> command line, training loop, checkpoints.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -109,7 +111,8 @@ class Config:
     b: int = _f(0, "blocks selected per token; 0 -> d_ff // g (keeps c = d_ff)")
     sffn_every: int = _f(2, "sparse FFN in layers i % sffn_every == sffn_every-1 (2 = every other)")
     activation: str = _f("gelu", "f, the FFN nonlinearity", ("gelu", "relu"))
-    impl: str = _f("auto", "masked (reference) or grouped (fast)", ("auto", "masked", "grouped"))
+    impl: str = _f("auto", "masked (reference), grouped or triton (fast); auto: by device and g",
+                   ("auto", "masked", "grouped", "triton"))
     avgk_weight: str = _f("none", "Avg-K weight w: none (paper) or softmax", ("none", "softmax"))
     # probed for the dead blocks at the gpu preset (README): neither changed them, defaults stay
     key_init_std: float = _f(0.02, "std of the N(0, s^2) init of the keys K")
@@ -240,9 +243,11 @@ class SparseFFN(nn.Module):
         ids, w, aux, pre = self.route(x, idx, ids)
         if self.track:
             self.stats.append(ids.detach().reshape(-1))
-        if use_grouped(self, x.device.type, compute_dtype(x), x.shape[1]):  # making it fast
-            return compute_grouped(self, x, ids, w, pre), aux
-        return self.compute_masked(x, ids, w, pre), aux
+        path = impl_path(self, x.device.type, compute_dtype(x), x.shape[1])
+        if path == "masked":
+            return self.compute_masked(x, ids, w, pre), aux
+        fast = compute_triton if path == "triton" else compute_grouped   # making it fast
+        return fast(self, x, ids, w, pre), aux
 
     def compute_masked(self, x, ids, w, pre=None):
         """(2) as one product: all d_m cells, unselected blocks zeroed. The exact reference.
@@ -691,13 +696,22 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def use_grouped(layer, device_type, dtype, d):
-    """--impl: grouped or masked as asked; auto = grouped only where it was measured faster
-    (CUDA, torch's grouped GEMM, g >= 64; see --bench). PKM: its EmbeddingBag read."""
+def impl_path(layer, device_type, dtype, d):
+    """The path SparseFFN.forward takes: "masked", "grouped" or "triton"; --impl as asked (PKM:
+    its EmbeddingBag read; VanillaM: grouped, which reuses its pre). auto: only where measured
+    faster (one H200, layer fwd+bwd, compiled, ms): triton on CUDA where triton is installed for
+    g < 256 (g 64: 1.95 vs grouped 3.53; g 256: 1.49 vs 1.33), else grouped on CUDA for g >= 64
+    where torch's grouped GEMM takes the shapes; masked elsewhere (on CPU always)."""
     if isinstance(layer, ProductKeyMemory) or layer.impl in ("grouped", "masked"):
-        return layer.impl != "masked"
-    return (device_type == "cuda" and layer.g >= 64
-            and native_grouped_ok("cuda", dtype, d, layer.g, layer.B))
+        return "masked" if layer.impl == "masked" else "grouped"
+    if layer.impl == "triton":
+        return "grouped" if layer.selector == "vanillam" else "triton"
+    if device_type != "cuda":
+        return "masked"
+    if layer.g < 256 and layer.selector != "vanillam" and triton_ok("cuda", dtype):
+        return "triton"
+    return "grouped" if layer.g >= 64 and native_grouped_ok("cuda", dtype, d, layer.g,
+                                                            layer.B) else "masked"
 
 
 class ExpandPairs(torch.autograd.Function):
@@ -766,8 +780,160 @@ def compute_grouped(layer, x, ids, w, pre=None):
     # END EXERCISE sffn_grouped
 
 
+# The fused Triton path (--impl triton; ScatterMoE's idea): compute_grouped's numbers, but no
+# (N*b, d) pair tensor in the forward or the backward: token rows are read by index (a gather
+# GEMM) and added back by float32 atomic adds (a scatter GEMM; y's last bits vary run to run on
+# CUDA). One H200, layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms
+# vs grouped 3.53 (1.8x); g 256 1.49 vs 1.33 (slower). Triton is imported on first use only.
+TILES = dict(BM=64, BN=64, BK=64, BD=128)  # per program: pairs, g columns, reduced, d columns
+_KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
+
+
+def triton_ok(device_type, dtype):
+    """Triton installed, and CUDA or its CPU interpreter (TRITON_INTERPRET=1) in float32 (the
+    interpreter's bf16 tl.dot is wrong, triton-lang/triton#11584)."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.float32
+    return (device_type == "cuda" or device_type == "cpu" and interp) and (
+        importlib.util.find_spec("triton") is not None)
+
+
+def triton_kernels():
+    """The two kernels below, compiled by triton.jit on first use (not at import: triton is not
+    a dependency of this file) and kept; `tl` is triton.language from then on."""
+    global tl
+    if not _KERNELS:
+        import triton
+        import triton.language as tl
+        _KERNELS.update(pair_mm=triton.jit(_pair_mm), weight_grad=triton.jit(_weight_grad))
+    return _KERNELS
+
+
+# ---- the Triton kernels (plain functions here; triton_kernels() compiles them)
+def _pair_mm(a, tok, blk, W, out, M, KD, ND, sk, sn, SCATTER: tl.constexpr,
+             PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # sorted pair m, of block e = blk[m] and token tok[m]; W_e (KD, ND) = W[e*KD*ND:], strides
+    #   gather:  out[m] = a[tok[m]] W_e        a (N, KD), out (M, ND)    pre = x[tok] K_e^T
+    #   scatter: out[tok[m]] += a[m] W_e       a (M, KD), out (N, ND)    y[tok] += h V_e
+    # A tile of BM pairs meets blocks blk[m0] .. blk[m0 + BM - 1] (sorted): a pass for each.
+    m0 = tl.program_id(0) * BM
+    rm, rn = m0 + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
+    mm, mn = rm < M, rn < ND
+    t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)
+    src = rm.to(tl.int64) if SCATTER else t                 # the rows of a read
+    e_row = tl.load(blk + rm, mask=mm, other=-1)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for e in range(tl.load(blk + m0), tl.load(blk + tl.minimum(m0 + BM, M) - 1) + 1):
+        me = mm & (e_row == e)                              # block e's pairs
+        for k0 in range(0, KD, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < KD
+            x = tl.load(a + src[:, None] * KD + rk[None, :], mask=me[:, None] & mk[None, :],
+                        other=0)                            # (BM, BK)
+            w = tl.load(W + e * KD * ND + rk[:, None] * sk + rn[None, :] * sn,
+                        mask=mk[:, None] & mn[None, :], other=0)   # (BK, BN) of W_e
+            acc += tl.dot(x, w, input_precision=PREC)
+    if SCATTER:
+        tl.atomic_add(out + t[:, None] * ND + rn[None, :], acc,
+                      mask=mm[:, None] & mn[None, :], sem="relaxed")
+    else:
+        tl.store(out + rm.to(tl.int64)[:, None] * ND + rn[None, :],
+                 acc.to(out.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+def _weight_grad(a, tok, offs, src, out, D, G, PREC: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
+    # out[e*G + i] = sum over block e's pairs m in [offs[e-1], offs[e]) (read here: no host
+    # sync) of a[m, i] src[tok[m]]; a (M, G), src (N, D), out (B*G, D), every row written
+    # once (an empty block: zeros). dK_e = dpre_e^T x[tok], dV_e = h_e^T dy[tok].
+    e = tl.program_id(0)
+    rg, rd = tl.program_id(1) * BN + tl.arange(0, BN), tl.program_id(2) * BK + tl.arange(0, BK)
+    mg, md = rg < G, rd < D
+    lo = tl.where(e > 0, tl.load(offs + tl.maximum(e - 1, 0)), 0)
+    hi = tl.load(offs + e)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(lo, hi, BM):
+        rm = m0 + tl.arange(0, BM)
+        mm = rm < hi
+        t = tl.load(tok + rm, mask=mm, other=0).to(tl.int64)
+        at = tl.load(a + rm.to(tl.int64)[None, :] * G + rg[:, None],
+                     mask=mg[:, None] & mm[None, :], other=0)      # (BN, BM) a^T
+        s = tl.load(src + t[:, None] * D + rd[None, :], mask=mm[:, None] & md[None, :],
+                    other=0)                                       # (BM, BK) src[tok]
+        acc += tl.dot(at, s, input_precision=PREC)
+    tl.store(out + (e * G + rg).to(tl.int64)[:, None] * D + rd[None, :],
+             acc.to(out.dtype.element_ty), mask=mg[:, None] & md[None, :])
+
+
+def _tile(key, n):  # TILES[key], at least 16 (tl.dot's minimum), at most n's next power of 2
+    return min(TILES[key], max(16, 1 << (n - 1).bit_length()))
+
+
+def pair_mm(a, tok, blk, W, g, n_tok=None):
+    """Gather (n_tok None): (N*b, g) in a's dtype, row m = a[tok[m]] W_e^T, W = K or V (B*g, d).
+    Scatter: (n_tok, d) float32, row n = sum over token n's pairs m of a[m] W_e, a (N*b, g)."""
+    M, KD, ND = tok.numel(), a.shape[1], g if n_tok is None else W.shape[1]
+    out = a.new_empty(M, g) if n_tok is None else a.new_zeros(n_tok, ND, dtype=torch.float32)
+    BM, BN, BK = TILES["BM"], _tile("BN" if n_tok is None else "BD", ND), _tile("BK", KD)
+    sk, sn = (1, KD) if n_tok is None else (ND, 1)       # W_e read as (KD, ND): W_e^T or W_e
+    triton_kernels()["pair_mm"][(-(-M // BM), -(-ND // BN))](
+        a.contiguous(), tok, blk, W.to(a.dtype), out, M, KD, ND, sk, sn, n_tok is not None,
+        "ieee" if a.dtype == torch.float32 else None, BM, BN, BK)   # (float32: no tf32)
+    return out
+
+
+def weight_grad(a, src, tok, offs, g, dtype):
+    """(B*g, d) in dtype: block e's rows = a_e^T src[tok_e], a (N*b, g) in sorted-pair order."""
+    B, D = offs.numel(), src.shape[1]
+    out = torch.empty(B * g, D, device=src.device, dtype=dtype)
+    BN, BK = _tile("BN", g), _tile("BD", D)
+    triton_kernels()["weight_grad"][(B, -(-g // BN), -(-D // BK))](
+        a.contiguous(), tok, offs, src.contiguous(), out, D, g,
+        "ieee" if a.dtype == torch.float32 else None, TILES["BM"], BN, BK)
+    return out
+
+
+class PairMM(torch.autograd.Function):
+    """pair_mm with its gradients; gather and scatter are each other's adjoint in a:
+    gather  out = a[tok] W_e^T    (N*b, g):  da = scatter(dout, W), dW_e = dout_e^T a[tok_e]
+    scatter out[tok] += a W_e     (N, d):    da = gather(dout, W),  dW_e = a_e^T dout[tok_e]
+    a in the compute dtype, W a parameter (cast inside, its gradient in its own dtype)."""
+
+    @staticmethod
+    def forward(ctx, a, W, tok, blk, offs, g, n_tok):
+        ctx.save_for_backward(a, W, tok, blk, offs)
+        ctx.g, ctx.n_tok = g, n_tok
+        return pair_mm(a, tok, blk, W, g, n_tok)
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, W, tok, blk, offs = ctx.saved_tensors
+        dout, g = dout.to(a.dtype), ctx.g
+        if ctx.n_tok is None:
+            da = pair_mm(dout, tok, blk, W, g, a.shape[0]).to(a.dtype)
+            dW = weight_grad(dout, a, tok, offs, g, W.dtype)
+        else:
+            da, dW = pair_mm(dout, tok, blk, W, g), weight_grad(a, dout, tok, offs, g, W.dtype)
+        return da, dW, None, None, None, None, None
+
+
+def compute_triton(layer, x, ids, w, pre=None):
+    """compute_grouped with the pair rows never written (PairMM, left out of torch.compile's
+    graph); VanillaM (pre given) and PKM take compute_grouped. Tested against compute_masked."""
+    if pre is not None or isinstance(layer, ProductKeyMemory):
+        return compute_grouped(layer, x, ids, w, pre)
+    dt, g, mm = compute_dtype(x), layer.g, torch.compiler.disable(PairMM.apply)
+    blk, order = ids.reshape(-1).sort(stable=True)                   # pairs grouped by block
+    tok = order // ids.shape[1]                                      # token of each pair
+    offs = torch.searchsorted(blk, torch.arange(layer.B, device=x.device), right=True)
+    offs = offs.to(torch.int32)                                      # cumulative block ends
+    h = layer.act(mm(x.to(dt), layer.K, tok, blk, offs, g, None))    # (N*b, g) f(x[tok] K_e^T)
+    if w is not None:
+        h = h * w.reshape(-1)[order].to(h.dtype).unsqueeze(-1)       # w of each pair
+    return mm(h, layer.V, tok, blk, offs, g, x.shape[0]).to(dt)      # (N, d) y[tok] += w h V_e
+
+
 def run_bench(cfg, device):
-    """--bench g1,g2,..: one layer's fwd+bwd time, dense FFN of width c vs Avg-K on both paths."""
+    """--bench g1,g2,..: one layer's fwd+bwd time, dense FFN of width c vs Avg-K on each path."""
     d, T, dt = cfg.n_embd, cfg.bench_tokens, torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(cfg.seed)
     x = torch.randn(T, d, device=device, dtype=dt, requires_grad=True)
@@ -784,19 +950,33 @@ def run_bench(cfg, device):
 
     dense = DenseFFN(d, cfg.d_ff, cfg.activation, cfg.n_layer).to(device, dt)
     rows = [dict(g="dense", b="-", B="-", select_ms=None,
-                 masked_ms=ms(lambda: dense(x)[0].backward(gy)), grouped_ms=None)]
+                 masked_ms=ms(lambda: dense(x)[0].backward(gy)), grouped_ms=None, triton_ms=None)]
     for g in [int(s) for s in cfg.bench.split(",") if s.strip()]:
         layer = SparseFFN(dataclasses.replace(cfg, selector="avgk", g=g, b=cfg.d_ff // g), 1)
         layer = layer.to(device, dt)             # g was checked by validate(): it divides c, d_m
         row = dict(g=g, b=layer.b, B=layer.B, select_ms=ms(lambda: layer.route(x.detach())[0]))
-        for impl in ("masked", "grouped"):   # grouped: where torch's grouped GEMM takes it
+        for impl in ("masked", "grouped", "triton"):   # each where it runs (triton: on CUDA)
             layer.impl = impl
-            ok = impl == "masked" or device == "cpu" or native_grouped_ok(device, dt, d, g, layer.B)
-            row[f"{impl}_ms"] = ms(lambda: layer(x)[0].backward(gy)) if ok else None
+            ok = dict(masked=True, triton=device == "cuda" and triton_ok(device, dt),
+                      grouped=device == "cpu" or native_grouped_ok(device, dt, d, g, layer.B))
+            row[f"{impl}_ms"] = ms(lambda: layer(x)[0].backward(gy)) if ok[impl] else None
         rows.append(row)
-    print(write_table(cfg.out_dir, "bench", rows, f"layer fwd+bwd, {device_name(device)}, {dt}, "
-                      f"T={T} d={d} d_m={cfg.d_m} c={cfg.d_ff}, Avg-K selection, "
-                      f"torch {torch.__version__}, mean of {cfg.bench_iters} iterations (ms)"))
+    return write_bench(cfg, device, dt, rows)
+
+
+def write_bench(cfg, device, dt, rows):
+    """bench.md (the table, also printed) and bench.csv, long: one row per (g, path)."""
+    md = "\n".join([f"layer fwd+bwd, {device_name(device)}, {dt}, T={cfg.bench_tokens} "
+                    f"d={cfg.n_embd} d_m={cfg.d_m} c={cfg.d_ff}, Avg-K selection, torch "
+                    f"{torch.__version__}, mean of {cfg.bench_iters} iterations (ms)", ""]
+                   + markdown(rows))
+    Path(cfg.out_dir, "bench.md").write_text(md + "\n")
+    info = dict(device=device_name(device), torch=torch.__version__, commit=git_commit())
+    write_csv(os.path.join(cfg.out_dir, "bench.csv"), [   # (as assets/sffn_bench.csv's rows)
+        dict(g=None, b=None, B=None, path="dense", ms=rows[0]["masked_ms"], **info)] + [
+        dict(g=r["g"], b=r["b"], B=r["B"], path=p, ms=r[f"{p}_ms"], **info)
+        for r in rows[1:] for p in ("masked", "grouped", "triton") if r[f"{p}_ms"] is not None])
+    print(md)
     return rows
 
 
@@ -875,6 +1055,10 @@ def validate(cfg: Config, device: str = "cpu") -> Config:
          "--avgk_balance bias balances Avg-K: use it with --selector avgk")
     need(cfg.dtype != "float16" or device in ("cuda", "mps"),
          "float16 needs CUDA or MPS; use float32 or bfloat16")
+    need(cfg.impl != "triton" or triton_ok(device, getattr(torch, cfg.dtype.replace(
+        "auto", "float32"))),            # (auto: float32 on CPU; any dtype passes on CUDA)
+         "--impl triton needs triton, and CUDA or (CPU) TRITON_INTERPRET=1 with float32; "
+         "use --impl grouped")
     cfg.d_ff = cfg.d_ff or 4 * cfg.n_embd
     cfg.d_m = cfg.d_m or 8 * cfg.d_ff
     for s in cfg.bench.split(",") if cfg.bench else []:
@@ -1103,7 +1287,7 @@ def log_eval(cfg, ds, run, st, total, elapsed):
 def finish_run(cfg, ds, run, st, total, rows):
     """results.json, the plots and a sample."""
     f = st.log[-1]
-    impl = {i: "grouped" if use_grouped(layer, run.device, run.dtype, cfg.n_embd) else "masked"
+    impl = {i: impl_path(layer, run.device, run.dtype, cfg.n_embd)
             for i, layer in st.raw.sparse_layers()}
     results = dict(script=SCRIPT + ".py", config=dataclasses.asdict(cfg), final=dict(
         train_loss=f["train_loss"], val_loss=f["val_loss"], val_ppl=math.exp(f["val_loss"]),

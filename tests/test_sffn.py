@@ -336,6 +336,7 @@ BAD = [  # script-specific bad inputs (tests/test_cli.py has the common ones)
     ["--base_iters", "-1"],
     ["--sample_tokens", "-1"],
     ["--impl", "fast"],
+    ["--impl", "triton", "--dtype", "bfloat16"],                         # interpreter: float32
     ["--activation", "tanh"],
     ["--avgk_weight", "sigmoid"],
     ["--vanillam_agg", "median"],
@@ -361,6 +362,34 @@ def test_bad_input_exits_2(argv, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("nano_sffn.py: error:"), err
     assert "Traceback" not in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_impl_triton_on_cpu_needs_the_interpreter(tmp_path, capsys, monkeypatch):
+    """Without TRITON_INTERPRET=1 (or without triton) --impl triton on CPU is one line, exit 2."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _run_main(["--impl", "triton", "--device", "cpu", "--out_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--impl triton needs triton" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("selector,g,device,want", [
+    ("avgk", 64, "cpu", "masked"), ("avgk", 256, "cpu", "masked"),      # CPU: as before
+    ("avgk", 64, "cuda", "triton"), ("avgk", 128, "cuda", "triton"),    # (grouped without triton)
+    ("avgk", 256, "cuda", "grouped"), ("avgk", 32, "cuda", "triton"),   # (masked without triton)
+    ("vanillam", 64, "cuda", "grouped"), ("pkm", 1, "cuda", "grouped")])
+def test_impl_auto_picks(selector, g, device, want, monkeypatch):
+    """--impl auto: triton on CUDA for g < 256 where triton imports, else grouped for g >= 64."""
+    real = S.triton_ok
+    for found in (True, False):   # triton importable or not (CI: not, either way)
+        monkeypatch.setattr(S, "triton_ok", lambda *a, f=found: f and real(*a))
+        cfg = S.Config(selector=selector, n_embd=512, n_head=8, d_ff=2048, d_m=16384, g=g)
+        cfg = S.validate(cfg)
+        layer = S.ProductKeyMemory(cfg) if selector == "pkm" else S.SparseFFN(cfg, 11)
+        fallback = "grouped" if g >= 64 else "masked"
+        expect = want if found and real("cuda", torch.bfloat16) or want != "triton" else fallback
+        assert S.impl_path(layer, device, torch.bfloat16 if device == "cuda" else torch.float32,
+                           512) == expect, (selector, g, device, found)
 
 
 def test_grouped_cuda_shape_check():
@@ -470,7 +499,14 @@ def test_bench_writes_tables(tmp_path):
                    "--out_dir", str(out)])
     assert [r["g"] for r in rows] == ["dense", 16, 8]
     assert all(r["masked_ms"] > 0 and r["grouped_ms"] > 0 for r in rows[1:])
+    assert all(r["triton_ms"] is None for r in rows)                    # CUDA only
     assert sorted(os.listdir(out)) == ["bench.csv", "bench.md"]
+    long = list(csv.DictReader(open(out / "bench.csv")))                 # one row per (g, path)
+    assert list(long[0]) == ["g", "b", "B", "path", "ms", "device", "torch", "commit"]
+    assert [(r["g"], r["b"], r["path"]) for r in long] == [
+        ("", "", "dense"), ("16", "2", "masked"), ("16", "2", "grouped"), ("8", "4", "masked"),
+        ("8", "4", "grouped")]
+    assert all(float(r["ms"]) > 0 and r["device"] == "cpu" for r in long)
 
 
 def test_resume_takes_unset_settings_from_the_checkpoint(tiny_text, tmp_path):
