@@ -38,8 +38,8 @@ block by the mean of its keys (no new parameters, no gradient) and keeps the top
                 avgk     : top-b of x . mean(K_beta)                   (this paper) (3)-(5)
 
 --impl masked computes all d_m cells and zeroes the unselected blocks (the reference); grouped runs
-one grouped GEMM per FFN matrix, triton fused Triton kernels ("making it fast"); auto = triton on
-CUDA for g < 256 where triton is installed, grouped on CUDA for g >= 64, else masked.
+one grouped GEMM per FFN matrix, triton fused Triton kernels ("making it fast"); auto = grouped
+on CUDA for g >= 64, else masked.
 
 Departures (measured at the gpu preset; see README): VanillaM scores all d_m cells and PKM keeps
 H*k cells, so they are not compute-matched (+53% and -12% active FLOPs/token); the top-k aux loss
@@ -47,9 +47,10 @@ counts all b choices in f_e (GShard counts first choices); the Hash table is uni
 not Roller et al.'s frequency-balanced one; BASE's Sinkhorn plan is approximate (max/mean load
 1.09-1.16 where exact BASE gives 1.00). Beyond the paper: --avgk_balance bias (loss-free balancing).
 
-Measured at the gpu preset (98M tokens, one seed so far; README): sparse beats dense (not BASE,
-nor Avg-K at g = 2048); smaller g helps Avg-K (the paper's first claim), but Avg-K does not beat
-Switch or Hash, nor a learned top-k gate at the same g, and leaves 24-56% of its blocks unused.
+Measured at the gpu preset (98M tokens, 2-3 seeds, LRs swept; README): sparse beats a tuned dense
+FFN (not BASE evaluated greedily, nor Avg-K at g = 2048); smaller g helps Avg-K (the paper's first
+claim), but Avg-K does not beat Switch, nor a learned top-k gate at the same g, is level with Hash,
+and leaves 24-62% of its blocks unused.
 
 Run it
     python nano_sffn.py --selector avgk                      # laptop CPU, ~5 min, char Shakespeare
@@ -699,17 +700,15 @@ def compute_dtype(x):
 def impl_path(layer, device_type, dtype, d):
     """The path SparseFFN.forward takes: "masked", "grouped" or "triton"; --impl as asked (PKM:
     its EmbeddingBag read; VanillaM: grouped, which reuses its pre). auto: only where measured
-    faster (one H200, layer fwd+bwd, compiled, ms): triton on CUDA where triton is installed for
-    g < 256 (g 64: 1.95 vs grouped 3.53; g 256: 1.49 vs 1.33), else grouped on CUDA for g >= 64
-    where torch's grouped GEMM takes the shapes; masked elsewhere (on CPU always)."""
+    faster: grouped on CUDA for g >= 64 where torch's grouped GEMM takes the shapes, masked
+    elsewhere (on CPU always). Not yet triton: its layer was measured faster for g < 256 (see
+    compute_triton), but this form of it has not run on a GPU yet (issue 12)."""
     if isinstance(layer, ProductKeyMemory) or layer.impl in ("grouped", "masked"):
         return "masked" if layer.impl == "masked" else "grouped"
     if layer.impl == "triton":
         return "grouped" if layer.selector == "vanillam" else "triton"
     if device_type != "cuda":
         return "masked"
-    if layer.g < 256 and layer.selector != "vanillam" and triton_ok("cuda", dtype):
-        return "triton"
     return "grouped" if layer.g >= 64 and native_grouped_ok("cuda", dtype, d, layer.g,
                                                             layer.B) else "masked"
 
@@ -783,8 +782,9 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # The fused Triton path (--impl triton; ScatterMoE's idea): compute_grouped's numbers, but no
 # (N*b, d) pair tensor in the forward or the backward: token rows are read by index (a gather
 # GEMM) and added back by float32 atomic adds (a scatter GEMM; y's last bits vary run to run on
-# CUDA). One H200, layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms
-# vs grouped 3.53 (1.8x); g 256 1.49 vs 1.33 (slower). Triton is imported on first use only.
+# CUDA). Its first form (one fused Function, assets/profiles/prof_sffn_variants.py) on one H200,
+# layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms vs grouped 3.53
+# (1.8x); g 256 1.49 vs 1.33 (slower). This form is untimed yet. Triton is imported on first use.
 TILES = dict(BM=64, BN=64, BK=64, BD=128)  # per program: pairs, g columns, reduced, d columns
 _KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
 

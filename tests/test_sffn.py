@@ -373,23 +373,25 @@ def test_impl_triton_on_cpu_needs_the_interpreter(tmp_path, capsys, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("selector,g,device,want", [
-    ("avgk", 64, "cpu", "masked"), ("avgk", 256, "cpu", "masked"),      # CPU: as before
-    ("avgk", 64, "cuda", "triton"), ("avgk", 128, "cuda", "triton"),    # (grouped without triton)
-    ("avgk", 256, "cuda", "grouped"), ("avgk", 32, "cuda", "triton"),   # (masked without triton)
-    ("vanillam", 64, "cuda", "grouped"), ("pkm", 1, "cuda", "grouped")])
-def test_impl_auto_picks(selector, g, device, want, monkeypatch):
-    """--impl auto: triton on CUDA for g < 256 where triton imports, else grouped for g >= 64."""
-    real = S.triton_ok
-    for found in (True, False):   # triton importable or not (CI: not, either way)
-        monkeypatch.setattr(S, "triton_ok", lambda *a, f=found: f and real(*a))
+@pytest.mark.parametrize("selector,g,device,auto,triton", [
+    ("avgk", 64, "cpu", "masked", "triton"), ("avgk", 256, "cpu", "masked", "triton"),
+    ("avgk", 64, "cuda", "grouped", "triton"), ("avgk", 256, "cuda", "grouped", "triton"),
+    ("avgk", 32, "cuda", "masked", "triton"), ("switch", 2048, "cuda", "grouped", "triton"),
+    ("vanillam", 64, "cuda", "grouped", "grouped"), ("pkm", 1, "cuda", "grouped", "grouped")])
+def test_impl_picks(selector, g, device, auto, triton, monkeypatch):
+    """--impl auto: grouped on CUDA for g >= 64, masked elsewhere; never triton until it is measured
+    on a GPU, with or without triton installed. --impl triton: triton (VanillaM, PKM: grouped)."""
+    for found in (True, False):
+        monkeypatch.setattr(S, "triton_ok", lambda *a, f=found: f)
         cfg = S.Config(selector=selector, n_embd=512, n_head=8, d_ff=2048, d_m=16384, g=g)
         cfg = S.validate(cfg)
         layer = S.ProductKeyMemory(cfg) if selector == "pkm" else S.SparseFFN(cfg, 11)
-        fallback = "grouped" if g >= 64 else "masked"
-        expect = want if found and real("cuda", torch.bfloat16) or want != "triton" else fallback
-        assert S.impl_path(layer, device, torch.bfloat16 if device == "cuda" else torch.float32,
-                           512) == expect, (selector, g, device, found)
+        dt = torch.bfloat16 if device == "cuda" else torch.float32
+        ok = S.native_grouped_ok("cuda", dt, 512, g, 16384 // g)
+        want = auto if auto != "grouped" or ok or selector == "pkm" else "masked"
+        assert S.impl_path(layer, device, dt, 512) == want, (selector, g, device, found)
+        layer.impl = "triton"
+        assert S.impl_path(layer, device, dt, 512) == triton, (selector, g, device, found)
 
 
 def test_grouped_cuda_shape_check():
