@@ -1164,18 +1164,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def init_state(cfg, ds, run, ck=None):
+    """The model and what a checkpoint restores: optimizer, scaler, step, log, data order."""
+    torch.manual_seed(cfg.seed)
+    raw = GPT(cfg, ((ds.vocab_size + 63) // 64) * 64).to(run.dev)    # vocab padded to 64
+    st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, run.device), step=0, log=[],
+                         elapsed=0.0, path=os.path.join(cfg.out_dir, "ckpt.pt"),
+                         kept="no checkpoint yet", scaler=torch.amp.GradScaler(
+                             enabled=run.dtype == torch.half and run.device == "cuda"),
+                         gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
+    if ck is not None:
+        restore(ck, st, run.device)
+    return st
+
+
 def train(cfg: Config, ds, device, ck=None):
     """Train one model (nanoGPT's loop); returns the results dict (also written to out_dir)."""
     run = setup_run(cfg, device)
-    torch.manual_seed(cfg.seed)
-    raw = GPT(cfg, ((ds.vocab_size + 63) // 64) * 64).to(run.dev)    # vocab padded to 64
-    st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, device), step=0, log=[],
-                         elapsed=0.0, path=os.path.join(cfg.out_dir, "ckpt.pt"),
-                         kept="no checkpoint yet", scaler=torch.amp.GradScaler(
-                             enabled=run.dtype == torch.half and device == "cuda"),
-                         gen=torch.Generator().manual_seed(cfg.seed + run.rank))  # data order
-    if ck is not None:
-        restore(ck, st, device)
+    st = init_state(cfg, ds, run, ck)
+    raw = st.raw
     rows, total = flop_table(cfg, raw)
     if run.master:
         write_run_info(cfg, ds, run, rows, total, raw.vocab_size)

@@ -868,9 +868,8 @@ def maybe_compile(model, cfg, device):
     return torch.compile(model, mode=mode), True
 
 
-def train(cfg: Config, ds, device, ck=None):
-    """Train one model (nanoGPT's loop); returns the results dict (also written to out_dir)."""
-    run = setup_run(cfg, device)
+def init_state(cfg, ds, run, ck=None):
+    """The model and what a checkpoint restores: optimizer, scaler, step, log, data order."""
     torch.manual_seed(cfg.seed)
     raw = GPT(cfg).to(run.dev)
     st = SimpleNamespace(raw=raw, opt=make_optimizer(raw, cfg, run.device), step=0, log=[],
@@ -880,6 +879,14 @@ def train(cfg: Config, ds, device, ck=None):
                          gen=torch.Generator().manual_seed(cfg.seed))  # data order
     if ck is not None:
         restore(ck, st, run.device)
+    return st
+
+
+def train(cfg: Config, ds, device, ck=None):
+    """Train one model (nanoGPT's loop); returns the results dict (also written to out_dir)."""
+    run = setup_run(cfg, device)
+    st = init_state(cfg, ds, run, ck)
+    raw = st.raw
     st.model, run.compile = maybe_compile(raw, cfg, device)  # (evaluate runs it too)
     model = st.model
     if run.ddp:
