@@ -2,6 +2,8 @@
 per selector:g, e.g.  python assets/profiles/prof_sffn_train.py dense,avgk:256,avgk:64
 An entry may name a candidate grouped path of prof_sffn_variants.py: avgk:64@isel runs the model with
 nano_sffn.compute_grouped replaced by that candidate (same signature, checked there against masked).
+An entry may end in /IMPL: avgk:64/triton runs nano_sffn's --impl triton (PairMM outside the compiled
+graph, as the script does), avgk:64/triton_ingraph the same with PairMM traced by torch.compile.
 Prints the GPU kernel time per step by category (profutil.py) and the wall time per step."""
 import os, sys, time, dataclasses, torch
 sys.path.insert(0, "."); sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -12,9 +14,25 @@ base = S.parse_config(["--preset", "gpu", "--device", "cuda"])
 V = 50304
 x = torch.randint(0, V, (base.batch_size, base.block_size), device=dev)
 y = torch.randint(0, V, (base.batch_size, base.block_size), device=dev)
-GROUPED = S.compute_grouped
+GROUPED, TRITON = S.compute_grouped, S.compute_triton
+
+
+def triton_ingraph(layer, x, ids, w, pre=None):  # S.compute_triton without compiler.disable
+    dt, g, mm = S.compute_dtype(x), layer.g, S.PairMM.apply
+    blk, order = ids.reshape(-1).sort(stable=True)
+    tok = order // ids.shape[1]
+    offs = torch.searchsorted(blk, torch.arange(layer.B, device=x.device), right=True)
+    offs = offs.to(torch.int32)
+    h = layer.act(mm(x.to(dt), layer.K, tok, blk, offs, g, None))
+    if w is not None:
+        h = h * w.reshape(-1)[order].to(h.dtype).unsqueeze(-1)
+    return mm(h, layer.V, tok, blk, offs, g, x.shape[0]).to(dt)
+
+
 for entry in sys.argv[1].split(","):
-    arm, _, path = entry.partition("@")
+    entry_, _, impl = entry.partition("/")
+    S.compute_triton = triton_ingraph if impl == "triton_ingraph" else TRITON
+    arm, _, path = entry_.partition("@")
     if path:
         import prof_sffn_variants
         S.compute_grouped = prof_sffn_variants.CANDIDATES[path][0]
@@ -22,7 +40,8 @@ for entry in sys.argv[1].split(","):
         S.compute_grouped = GROUPED
     sel, _, g = arm.partition(":")
     torch._dynamo.reset()  # each entry compiles afresh (a replaced compute_grouped included)
-    cfg = S.validate(dataclasses.replace(base, selector=sel, g=int(g) if g else base.g), dev)
+    cfg = S.validate(dataclasses.replace(base, selector=sel, g=int(g) if g else base.g,
+                                         impl="triton" if impl else base.impl), dev)
     raw = S.GPT(cfg, V).to(dev)
     model = torch.compile(raw)
     opt = S.make_optimizer(raw, cfg, dev)
