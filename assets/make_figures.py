@@ -198,7 +198,10 @@ def sffn_compare(rows, steps=6000, lr=0.001):
             ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3,
                         label=sel + (" + bias balancing" if bal == "bias" else ""))
     if dense:
-        ax.axhline(math.exp(d_loss), color="k", lw=1, ls=":", label="dense")
+        ax.axhline(math.exp(d_loss), color="k", lw=1, ls=":", label=f"dense, LR {lr:g}")
+    if d_tuned and dl != lr:
+        ax.axhline(math.exp(sum(d_tuned.values()) / len(d_tuned)), color="k", lw=1, ls="--",
+                   label=f"dense, LR {dl:g} (its best; seeds {','.join(sorted(d_tuned))})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"block size g (cells per block; b = {C_GPU} / g blocks chosen)")
     ax.set_ylabel("val perplexity (GPT-2 BPE)")
@@ -206,7 +209,8 @@ def sffn_compare(rows, steps=6000, lr=0.001):
     ax.legend(fontsize=8)
     one = sorted(f"{k[0]}{' + bias' if k[2] == 'bias' else ''} g={k[1]}" for k, v in arms.items()
                  if len(v) == 1 and k[0] in ("avgk", "switch", "hash", "topk"))
-    ax.set_title(f"S-FFN, 8L/512d, d_m 16384, 98M tokens, LR {lr:g} (H200); mean ± half-range of seeds"
+    ax.set_title(f"S-FFN, 8L/512d, d_m 16384, 98M tokens (H200)\nsparse arms at LR {lr:g}; "
+                 "mean ± half-range of seeds"
                  + (f"\none seed only: {', '.join(one)}" if one else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "sffn_ppl_vs_g.png"), dpi=110)
