@@ -713,6 +713,15 @@ def impl_path(layer, device_type, dtype, d):
                                                             layer.B) else "masked"
 
 
+def sort_pairs(ids, B):
+    """The N*b (token, block) pairs of ids (N, b), sorted by block (stable): blk (N*b,) their
+    blocks, order (N*b,) their flat index n*b + j, tok (N*b,) their tokens, and offs (B,) int32,
+    offs[e] = number of pairs in blocks 0..e (cumulative end offsets, on device: no host sync)."""
+    blk, order = ids.reshape(-1).sort(stable=True)
+    offs = torch.searchsorted(blk, torch.arange(B, device=ids.device), right=True)
+    return blk, order, order // ids.shape[1], offs.to(torch.int32)
+
+
 class ExpandPairs(torch.autograd.Function):
     """x (N, d) -> xs = x[tok] (N*b, d): each token's row once per chosen block, in sorted-pair
     order. Backward gathers instead of scatter-adding (no atomics): dx[n] = sum_j dxs[inv[n, j]],
@@ -757,13 +766,9 @@ def compute_grouped(layer, x, ids, w, pre=None):
     # BEGIN EXERCISE sffn_grouped: sort pairs by block; grouped_mm K, f, grouped_mm V; *w; sum
     N, b, B, g = x.shape[0], layer.b, layer.B, layer.g
     dt = compute_dtype(x)
-    blk_sorted, order = ids.reshape(-1).sort(stable=True)            # pairs grouped by block
-    tok = order // b                                                 # token of each pair
+    _, order, tok, offs = sort_pairs(ids, B)                         # pairs grouped by block
     inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * b, device=x.device))
     inv = inv.view(N, b)                                             # sorted position of (n, j)
-    # offs[e] = number of pairs in blocks 0..e (cumulative end offsets, int32, on device)
-    offs = torch.searchsorted(blk_sorted, torch.arange(B, device=x.device),
-                              right=True).to(torch.int32)
     V3 = layer.V.view(B, g, -1).to(dt)                               # (B, g, d)
     if pre is not None:  # VanillaM computed the key side for all cells already: reuse it
         h = layer.act(pre.view(N, B, g)).gather(1, ids.unsqueeze(-1).expand(N, b, g))
@@ -916,16 +921,16 @@ class PairMM(torch.autograd.Function):
         return da, dW, None, None, None, None, None
 
 
+PAIR_MM = None  # None: PairMM eagerly, outside torch.compile's graph; PairMM.apply: traced
+
+
 def compute_triton(layer, x, ids, w, pre=None):
     """compute_grouped with the pair rows never written (PairMM, left out of torch.compile's
     graph); VanillaM (pre given) and PKM take compute_grouped. Tested against compute_masked."""
     if pre is not None or isinstance(layer, ProductKeyMemory):
         return compute_grouped(layer, x, ids, w, pre)
-    dt, g, mm = compute_dtype(x), layer.g, torch.compiler.disable(PairMM.apply)
-    blk, order = ids.reshape(-1).sort(stable=True)                   # pairs grouped by block
-    tok = order // ids.shape[1]                                      # token of each pair
-    offs = torch.searchsorted(blk, torch.arange(layer.B, device=x.device), right=True)
-    offs = offs.to(torch.int32)                                      # cumulative block ends
+    dt, g, mm = compute_dtype(x), layer.g, PAIR_MM or torch.compiler.disable(PairMM.apply)
+    blk, order, tok, offs = sort_pairs(ids, layer.B)                 # pairs grouped by block
     h = layer.act(mm(x.to(dt), layer.K, tok, blk, offs, g, None))    # (N*b, g) f(x[tok] K_e^T)
     if w is not None:
         h = h * w.reshape(-1)[order].to(h.dtype).unsqueeze(-1)       # w of each pair

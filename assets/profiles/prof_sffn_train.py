@@ -14,24 +14,10 @@ base = S.parse_config(["--preset", "gpu", "--device", "cuda"])
 V = 50304
 x = torch.randint(0, V, (base.batch_size, base.block_size), device=dev)
 y = torch.randint(0, V, (base.batch_size, base.block_size), device=dev)
-GROUPED, TRITON = S.compute_grouped, S.compute_triton
-
-
-def triton_ingraph(layer, x, ids, w, pre=None):  # S.compute_triton without compiler.disable
-    dt, g, mm = S.compute_dtype(x), layer.g, S.PairMM.apply
-    blk, order = ids.reshape(-1).sort(stable=True)
-    tok = order // ids.shape[1]
-    offs = torch.searchsorted(blk, torch.arange(layer.B, device=x.device), right=True)
-    offs = offs.to(torch.int32)
-    h = layer.act(mm(x.to(dt), layer.K, tok, blk, offs, g, None))
-    if w is not None:
-        h = h * w.reshape(-1)[order].to(h.dtype).unsqueeze(-1)
-    return mm(h, layer.V, tok, blk, offs, g, x.shape[0]).to(dt)
-
-
+GROUPED = S.compute_grouped
 for entry in sys.argv[1].split(","):
     entry_, _, impl = entry.partition("/")
-    S.compute_triton = triton_ingraph if impl == "triton_ingraph" else TRITON
+    S.PAIR_MM = S.PairMM.apply if impl == "triton_ingraph" else None  # traced, or eager
     arm, _, path = entry_.partition("@")
     if path:
         import prof_sffn_variants
