@@ -48,9 +48,9 @@ not Roller et al.'s frequency-balanced one; BASE's Sinkhorn plan is approximate 
 1.09-1.16 where exact BASE gives 1.00). Beyond the paper: --avgk_balance bias (loss-free balancing).
 
 Measured at the gpu preset (98M tokens, 2-3 seeds, LRs swept; README): sparse beats a tuned dense
-FFN (not BASE evaluated greedily, nor Avg-K at g = 2048); smaller g helps Avg-K (the paper's first
-claim), but Avg-K does not beat Switch, nor a learned top-k gate at the same g, is level with Hash,
-and leaves 24-62% of its blocks unused.
+FFN (not BASE evaluated greedily, nor Avg-K at g = 2048; Avg-K at g = 512 and PKM are level with
+it); smaller g helps Avg-K (the paper's first claim), but Avg-K does not beat Switch, nor a
+learned top-k gate at the same g, is level with Hash, and leaves 24-62% of its blocks unused.
 
 Run it
     python nano_sffn.py --selector avgk                      # laptop CPU, ~5 min, char Shakespeare
