@@ -1,5 +1,6 @@
-"""Run from the repo root: python assets/profiles/sffn_triton_check.py. GPU check of nano_sffn --impl triton (PairMM) against compute_masked: float32 small cases (tol 1e-5),
-bf16 at the bench shape (report), and compiled vs eager. Runs pytest's file if pytest is there."""
+"""GPU check of nano_sffn --impl triton against compute_masked: float32 small and bench-shape cases
+(tol 1e-5), bf16 at the bench shape (reported). Runs tests/test_sffn_triton.py first if pytest is
+there. From the repo root: python assets/profiles/sffn_triton_check.py"""
 import sys, torch, dataclasses
 sys.path.insert(0, ".")
 try:
