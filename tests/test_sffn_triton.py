@@ -1,6 +1,7 @@
 """--impl triton, nano_sffn's fused Triton kernels, against the exact reference compute_masked
 on CPU under the Triton interpreter (on CUDA where there is one) in float32: y and the gradients
-of x, K, V (and of the gate, through w) within TOL relative. Skipped where triton is missing
+of x, K, V (and of the gate, through w) within TOL relative; gradcheck through the custom op;
+the whole GPT compiled with fullgraph=True (no graph break). Skipped where triton is missing
 (CI). Small shapes: the interpreter is slow."""
 import os
 
