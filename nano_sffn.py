@@ -219,6 +219,8 @@ class SparseFFN(nn.Module):
         d, self.d_m, self.g, self.b = cfg.n_embd, cfg.d_m, cfg.g, cfg.b
         self.B = self.d_m // self.g                                  # blocks (a.k.a. experts)
         self.selector, self.impl, self.agg = cfg.selector, cfg.impl, cfg.vanillam_agg
+        if self.impl == "triton":
+            custom_ops()                     # registered here: never while torch.compile traces
         self.act = ACTIVATIONS[cfg.activation]                       # f: GeLU or ReLU
         self.alpha, self.cf, self.base_iters = cfg.aux_alpha, cfg.capacity_factor, cfg.base_iters
         self.base_eval = cfg.base_eval
@@ -789,7 +791,10 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # GEMM) and added back by float32 atomic adds (a scatter GEMM; y's last bits vary run to run on
 # CUDA). Its first form (one fused Function, assets/profiles/prof_sffn_variants.py) on one H200,
 # layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms vs grouped 3.53
-# (1.8x); g 256 1.49 vs 1.33 (slower). This form is untimed yet. Triton is imported on first use.
+# (1.8x); g 256 1.49 vs 1.33 (slower). This form's layer, g 64: 1.21 vs 1.90. Custom ops, not a
+# torch.compiler.disable'd Function: that graph break left GPT.forward eager (cross-entropy, casts;
+# train 0.55M tok/s vs grouped 0.78M at g 256, 0.50M vs 0.55M at g 64). Custom ops: untimed yet.
+# Triton is imported on first use.
 TILES = dict(BM=64, BN=64, BK=64, BD=128)  # per program: pairs, g columns, reduced, d columns
 _KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
 
@@ -897,39 +902,61 @@ def weight_grad(a, src, tok, offs, g, dtype):
     return out
 
 
-class PairMM(torch.autograd.Function):
-    """pair_mm with its gradients; gather and scatter are each other's adjoint in a:
+_OPS = {}  # nano_sffn::pair_mm and ::weight_grad, the torch.library custom ops (custom_ops())
+
+
+def custom_ops():
+    """pair_mm, weight_grad as custom ops, opaque to torch.compile (no graph break); registered
+    on first use, by SparseFFN(impl triton) before tracing. n_tok: int? (None: gather).
+    Gradients, in a (compute dtype) and W (its own dtype): gather and scatter are adjoints:
     gather  out = a[tok] W_e^T    (N*b, g):  da = scatter(dout, W), dW_e = dout_e^T a[tok_e]
-    scatter out[tok] += a W_e     (N, d):    da = gather(dout, W),  dW_e = a_e^T dout[tok_e]
-    a in the compute dtype, W a parameter (cast inside, its gradient in its own dtype)."""
+    scatter out[tok] += a W_e     (N, d):    da = gather(dout, W),  dW_e = a_e^T dout[tok_e]"""
+    lib, ops = torch.library, torch.ops.nano_sffn
+    if not _OPS and not hasattr(ops, "pair_mm"):  # once, also if this file is __main__ and imported
+        @lib.custom_op("nano_sffn::pair_mm", mutates_args=(), schema="(Tensor a, Tensor W, "
+                       "Tensor tok, Tensor blk, Tensor offs, int g, int? n_tok) -> Tensor")
+        def op_mm(a, W, tok, blk, offs, g, n_tok):
+            return pair_mm(a, tok, blk, W, g, n_tok)
 
-    @staticmethod
-    def forward(ctx, a, W, tok, blk, offs, g, n_tok):
-        ctx.save_for_backward(a, W, tok, blk, offs)
-        ctx.g, ctx.n_tok = g, n_tok
-        return pair_mm(a, tok, blk, W, g, n_tok)
+        @lib.custom_op("nano_sffn::weight_grad", mutates_args=(), schema="(Tensor a, Tensor src, "
+                       "Tensor tok, Tensor offs, int g, ScalarType dtype) -> Tensor")
+        def op_wg(a, src, tok, offs, g, dtype):
+            return weight_grad(a, src, tok, offs, g, dtype)
 
-    @staticmethod
-    def backward(ctx, dout):
-        a, W, tok, blk, offs = ctx.saved_tensors
-        dout, g = dout.to(a.dtype), ctx.g
-        if ctx.n_tok is None:
-            da = pair_mm(dout, tok, blk, W, g, a.shape[0]).to(a.dtype)
-            dW = weight_grad(dout, a, tok, offs, g, W.dtype)
-        else:
-            da, dW = pair_mm(dout, tok, blk, W, g), weight_grad(a, dout, tok, offs, g, W.dtype)
-        return da, dW, None, None, None, None, None
+        @op_mm.register_fake
+        def _(a, W, tok, blk, offs, g, n_tok):   # gather (M, g) in a's dtype; scatter float32
+            return a.new_empty(tok.shape[0], g) if n_tok is None else a.new_empty(
+                n_tok, W.shape[1], dtype=torch.float32)
+        op_wg.register_fake(lambda a, src, tok, offs, g, dtype: src.new_empty(
+            offs.shape[0] * g, src.shape[1], dtype=dtype))
+        op_mm.register_autograd(_pair_mm_backward, setup_context=_pair_mm_setup)
+    if not _OPS:
+        _OPS.update(pair_mm=ops.pair_mm.default, weight_grad=ops.weight_grad.default)
+    return _OPS
 
 
-PAIR_MM = None  # None: PairMM eagerly, outside torch.compile's graph; PairMM.apply: traced
+def _pair_mm_setup(ctx, inputs, output):
+    a, W, tok, blk, offs, ctx.g, ctx.n_tok = inputs
+    ctx.save_for_backward(a, W, tok, blk, offs)
+
+
+def _pair_mm_backward(ctx, dout):
+    (a, W, tok, blk, offs), g = ctx.saved_tensors, ctx.g
+    mm, wg, dout = _OPS["pair_mm"], _OPS["weight_grad"], dout.to(a.dtype)
+    if ctx.n_tok is None:
+        da = mm(dout, W, tok, blk, offs, g, a.shape[0]).to(a.dtype)
+        dW = wg(dout, a, tok, offs, g, W.dtype)
+    else:
+        da, dW = mm(dout, W, tok, blk, offs, g, None), wg(a, dout, tok, offs, g, W.dtype)
+    return da, dW, None, None, None, None, None
 
 
 def compute_triton(layer, x, ids, w, pre=None):
-    """compute_grouped with the pair rows never written (PairMM, left out of torch.compile's
+    """compute_grouped with the pair rows never written (custom_ops(), inside torch.compile's
     graph); VanillaM (pre given) and PKM take compute_grouped. Tested against compute_masked."""
     if pre is not None or isinstance(layer, ProductKeyMemory):
         return compute_grouped(layer, x, ids, w, pre)
-    dt, g, mm = compute_dtype(x), layer.g, PAIR_MM or torch.compiler.disable(PairMM.apply)
+    dt, g, mm = compute_dtype(x), layer.g, custom_ops()["pair_mm"]
     blk, order, tok, offs = sort_pairs(ids, layer.B)                 # pairs grouped by block
     h = layer.act(mm(x.to(dt), layer.K, tok, blk, offs, g, None))    # (N*b, g) f(x[tok] K_e^T)
     if w is not None:

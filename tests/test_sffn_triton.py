@@ -1,6 +1,7 @@
 """--impl triton, nano_sffn's fused Triton kernels, against the exact reference compute_masked
 on CPU under the Triton interpreter (on CUDA where there is one) in float32: y and the gradients
-of x, K, V (and of the gate, through w) within TOL relative. Skipped where triton is missing
+of x, K, V (and of the gate, through w) within TOL relative; gradcheck through the custom op;
+the whole GPT compiled with fullgraph=True (no graph break). Skipped where triton is missing
 (CI). Small shapes: the interpreter is slow."""
 import os
 
@@ -83,4 +84,45 @@ def test_model_with_impl_triton_matches_masked():
         (ce + aux).backward()
         grads.append([ce.detach()] + [p.grad for p in model.parameters()])
     for a, b in zip(*grads):
+        assert (a - b).abs().max() <= TOL * a.abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")   # float32 on CUDA
+def test_custom_op_gradcheck():
+    """torch.autograd.gradcheck through nano_sffn::pair_mm's autograd (gather and scatter; a and
+    W). Float64 under the interpreter (its float64 dots are exact), float32 on CUDA (compiled
+    kernels keep float32 accumulators). The scatter's output is float32 by design: eps 0.5 there,
+    exact for central differences since the op is linear in each input."""
+    mm, dt = S.custom_ops()["pair_mm"], torch.float64 if DEV == "cpu" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    N, b, B, g, d = 6, 2, 3, 4, 5
+    ids = torch.rand(N, B, generator=gen).argsort(1)[:, :b].to(DEV)   # b distinct blocks a token
+    blk, _, tok, offs = S.sort_pairs(ids, B)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dt).to(DEV).requires_grad_()
+    W, x, h = leaf(B * g, d), leaf(N, d), leaf(N * b, g)   # gather x -> (N*b, g); scatter h
+    eps, kw = 1e-6 if dt == torch.float64 else 0.5, dict(atol=1e-4, nondet_tol=1e-5)  # atomics
+    assert torch.autograd.gradcheck(lambda a, w: mm(a, w, tok, blk, offs, g, None), (x, W),
+                                    eps=eps, **kw)
+    assert torch.autograd.gradcheck(lambda a, w: mm(a, w, tok, blk, offs, g, N), (h, W),
+                                    eps=0.5, **kw)
+
+
+def test_compiled_model_has_no_graph_break():
+    """The whole GPT with impl triton compiles to one graph (fullgraph=True raises at a graph
+    break, e.g. a torch.compiler.disable around the op) and matches eager: loss and grads."""
+    torch.manual_seed(0)
+    cfg = S.validate(S.Config(selector="avgk", n_layer=2, n_head=2, n_embd=24, block_size=8,
+                              d_ff=32, d_m=64, g=8, impl="triton"), DEV)
+    model = S.GPT(cfg, 64).to(DEV)
+    idx = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1)).to(DEV)
+    torch._dynamo.reset()
+    out = []
+    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        _, ce, aux = run(idx, idx)
+        (ce + aux).backward()
+        out.append([ce.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*out):
         assert (a - b).abs().max() <= TOL * a.abs().max()

@@ -2,8 +2,8 @@
 per selector:g, e.g.  python assets/profiles/prof_sffn_train.py dense,avgk:256,avgk:64
 An entry may name a candidate grouped path of prof_sffn_variants.py: avgk:64@isel runs the model with
 nano_sffn.compute_grouped replaced by that candidate (same signature, checked there against masked).
-An entry may end in /IMPL: avgk:64/triton runs nano_sffn's --impl triton (PairMM outside the compiled
-graph, as the script does), avgk:64/triton_ingraph the same with PairMM traced by torch.compile.
+An entry may end in /triton: avgk:64/triton runs nano_sffn's --impl triton (its Triton kernels as
+torch.library custom ops, inside the compiled graph, as the script does).
 Prints the GPU kernel time per step by category (profutil.py) and the wall time per step."""
 import os, sys, time, dataclasses, torch
 sys.path.insert(0, "."); sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +17,6 @@ y = torch.randint(0, V, (base.batch_size, base.block_size), device=dev)
 GROUPED = S.compute_grouped
 for entry in sys.argv[1].split(","):
     entry_, _, impl = entry.partition("/")
-    S.PAIR_MM = S.PairMM.apply if impl == "triton_ingraph" else None  # traced, or eager
     arm, _, path = entry_.partition("@")
     if path:
         import prof_sffn_variants
