@@ -965,9 +965,14 @@ def compute_triton(layer, x, ids, w, pre=None):
 
 
 def run_bench(cfg, device):
-    """--bench g1,g2,..: one layer's fwd+bwd time, dense FFN of width c vs Avg-K on each path."""
+    """--bench g1,g2,..: one layer's fwd+bwd time, dense FFN of width c vs Avg-K on each path;
+    eager, or with --compile each (layer, path) compiled afresh (training compiles the model)."""
     d, T, dt = cfg.n_embd, cfg.bench_tokens, torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(cfg.seed)
+
+    def run(m):  # the module as timed: compiled anew for each path (the warm-up calls compile)
+        torch._dynamo.reset()
+        return torch.compile(m) if cfg.compile else m
     x = torch.randn(T, d, device=device, dtype=dt, requires_grad=True)
     gy = torch.randn(T, d, device=device, dtype=dt)
 
@@ -981,8 +986,9 @@ def run_bench(cfg, device):
         return round(1000 * (time.perf_counter() - t) / cfg.bench_iters, 3)
 
     dense = DenseFFN(d, cfg.d_ff, cfg.activation, cfg.n_layer).to(device, dt)
+    fn = run(dense)
     rows = [dict(g="dense", b="-", B="-", select_ms=None,
-                 masked_ms=ms(lambda: dense(x)[0].backward(gy)), grouped_ms=None, triton_ms=None)]
+                 masked_ms=ms(lambda: fn(x)[0].backward(gy)), grouped_ms=None, triton_ms=None)]
     for g in [int(s) for s in cfg.bench.split(",") if s.strip()]:
         layer = SparseFFN(dataclasses.replace(cfg, selector="avgk", g=g, b=cfg.d_ff // g), 1)
         layer = layer.to(device, dt)             # g was checked by validate(): it divides c, d_m
@@ -991,7 +997,10 @@ def run_bench(cfg, device):
             layer.impl = impl
             ok = dict(masked=True, triton=device == "cuda" and triton_ok(device, dt),
                       grouped=device == "cpu" or native_grouped_ok(device, dt, d, g, layer.B))
-            row[f"{impl}_ms"] = ms(lambda: layer(x)[0].backward(gy)) if ok[impl] else None
+            if impl == "triton" and ok[impl]:
+                custom_ops()                     # registered before torch.compile traces
+            fn = run(layer) if ok[impl] else None
+            row[f"{impl}_ms"] = ms(lambda: fn(x)[0].backward(gy)) if ok[impl] else None
         rows.append(row)
     return write_bench(cfg, device, dt, rows)
 
@@ -1000,7 +1009,8 @@ def write_bench(cfg, device, dt, rows):
     """bench.md (the table, also printed) and bench.csv, long: one row per (g, path)."""
     md = "\n".join([f"layer fwd+bwd, {device_name(device)}, {dt}, T={cfg.bench_tokens} "
                     f"d={cfg.n_embd} d_m={cfg.d_m} c={cfg.d_ff}, Avg-K selection, torch "
-                    f"{torch.__version__}, mean of {cfg.bench_iters} iterations (ms)", ""]
+                    f"{torch.__version__}, {'compiled' if cfg.compile else 'eager'}, mean of "
+                    f"{cfg.bench_iters} iterations (ms)", ""]
                    + markdown(rows))
     Path(cfg.out_dir, "bench.md").write_text(md + "\n")
     info = dict(device=device_name(device), torch=torch.__version__, commit=git_commit())

@@ -101,8 +101,10 @@ def label(a):
 
 
 def solo_tps(rows):
-    """Median tokens/s of the runs that had their GPU to themselves (None if there is none)."""
-    solo = [float(r["tokens_per_s"]) for r in rows if "shared" not in r["device"]]
+    """Median tokens/s of the runs that had their GPU to themselves (None if there is none), on
+    the arm's default path (variant masked_*: a PKM seed run on --impl masked, loss only)."""
+    solo = [float(r["tokens_per_s"]) for r in rows if "shared" not in r["device"]
+            and not r["variant"].startswith("masked")]
     return median(solo) if solo else None
 
 

@@ -511,6 +511,20 @@ def test_bench_writes_tables(tmp_path):
     assert all(float(r["ms"]) > 0 and r["device"] == "cpu" for r in long)
 
 
+def test_bench_compile_compiles_each_path_afresh(tmp_path, monkeypatch):
+    """--bench --compile times each (layer, path) through its own torch.compile (here with the
+    eager backend: the wiring, not inductor) after a dynamo reset; the table says compiled."""
+    seen, compile_ = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **k: seen.append(m) or compile_(
+        m, backend="eager"))
+    out = tmp_path / "bench"
+    S.main(["--device", "cpu", "--n_embd", "16", "--n_head", "2", "--d_ff", "32", "--d_m", "128",
+            "--g", "8", "--bench", "16,8", "--bench_tokens", "64", "--bench_iters", "1",
+            "--compile", "--out_dir", str(out)])
+    assert [type(m).__name__ for m in seen] == ["DenseFFN"] + ["SparseFFN"] * 4   # 2 g x 2 paths
+    assert ", compiled, " in (out / "bench.md").read_text()
+
+
 def test_resume_takes_unset_settings_from_the_checkpoint(tiny_text, tmp_path):
     """--resume with only --out_dir continues the run with the checkpoint's settings."""
     out = tmp_path / "run"
