@@ -791,10 +791,10 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # GEMM) and added back by float32 atomic adds (a scatter GEMM; y's last bits vary run to run on
 # CUDA). Its first form (one fused Function, assets/profiles/prof_sffn_variants.py) on one H200,
 # layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms vs grouped 3.53
-# (1.8x); g 256 1.49 vs 1.33 (slower). This form's layer, g 64: 1.21 vs 1.90. Custom ops, not a
-# torch.compiler.disable'd Function: that graph break left GPT.forward eager (cross-entropy, casts;
-# train 0.55M tok/s vs grouped 0.78M at g 256, 0.50M vs 0.55M at g 64). Custom ops: untimed yet.
-# Triton is imported on first use.
+# (1.8x); g 256 1.49 vs 1.33 (slower). This form, eager, T 8192: g 64 1.21 vs 1.90. It runs as
+# torch.library custom ops: as a torch.compiler.disable'd Function it broke the graph and left
+# GPT.forward eager (train 0.55M tok/s vs grouped 0.78M at g 256, 0.50M vs 0.55M at g 64). The
+# custom ops are not timed yet. Triton is imported on first use.
 TILES = dict(BM=64, BN=64, BK=64, BD=128)  # per program: pairs, g columns, reduced, d columns
 _KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
 
