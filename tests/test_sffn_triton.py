@@ -28,9 +28,10 @@ CASES = [  # selector, g, b, d_m, d, N, tile (every one of TILES; None: the defa
 ]
 
 
-def errors(selector, g, b, d_m, d, N, seed=0):
+def errors(selector, g, b, d_m, d, N, seed=0, dt=torch.float32):
     """Relative errors of y, dx and every parameter's gradient: compute_triton against
-    compute_masked, same blocks, same weights, same upstream gradient."""
+    compute_masked, same blocks, same weights, same upstream gradient (dt: under autocast, as
+    assets/profiles/sffn_triton_check.py uses it on CUDA in bf16)."""
     torch.manual_seed(seed)
     cfg = S.validate(S.Config(selector=selector, n_embd=d, n_head=1, n_layer=2, d_ff=g * b,
                               d_m=d_m, g=g, b=b, impl="masked"))
@@ -42,9 +43,10 @@ def errors(selector, g, b, d_m, d, N, seed=0):
     for fn in (layer.compute_masked, lambda *a: S.compute_triton(layer, *a)):
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        y = fn(x, ids, layer.route(x, None, ids)[1])                 # w: None or with its grad
-        y.backward(gy)
-        out.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+        with torch.autocast(DEV, dt, enabled=dt != torch.float32):
+            y = fn(x, ids, layer.route(x, None, ids)[1])             # w: None or with its grad
+        y.float().backward(gy)
+        out.append([y.detach().float(), x.grad] + [p.grad for p in layer.parameters()])
     return [((a - b).abs().max() / a.abs().max()).item() for a, b in zip(*out)]
 
 
