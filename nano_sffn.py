@@ -38,8 +38,8 @@ block by the mean of its keys (no new parameters, no gradient) and keeps the top
                 avgk     : top-b of x . mean(K_beta)                   (this paper) (3)-(5)
 
 --impl masked computes all d_m cells and zeroes the unselected blocks (the reference); grouped runs
-one grouped GEMM per FFN matrix, triton fused Triton kernels ("making it fast"); auto = grouped
-on CUDA for g >= 64, else masked.
+one grouped GEMM per FFN matrix, triton fused Triton kernels ("making it fast"); auto = on CUDA
+triton for 64 <= g < 256 (grouped without triton), grouped for g >= 256, else masked.
 
 Departures (measured at the gpu preset; see README): VanillaM scores all d_m cells and PKM keeps
 H*k cells, so they are not compute-matched (+53% and -12% active FLOPs/token); the top-k aux loss
@@ -219,7 +219,8 @@ class SparseFFN(nn.Module):
         d, self.d_m, self.g, self.b = cfg.n_embd, cfg.d_m, cfg.g, cfg.b
         self.B = self.d_m // self.g                                  # blocks (a.k.a. experts)
         self.selector, self.impl, self.agg = cfg.selector, cfg.impl, cfg.vanillam_agg
-        if self.impl == "triton":
+        if self.impl == "triton" or auto_triton(self) and torch.cuda.is_available() and triton_ok(
+                "cuda", torch.bfloat16):
             custom_ops()                     # registered here: never while torch.compile traces
         self.act = ACTIVATIONS[cfg.activation]                       # f: GeLU or ReLU
         self.alpha, self.cf, self.base_iters = cfg.aux_alpha, cfg.capacity_factor, cfg.base_iters
@@ -701,18 +702,24 @@ def compute_dtype(x):
 
 def impl_path(layer, device_type, dtype, d):
     """The path SparseFFN.forward takes: "masked", "grouped" or "triton"; --impl as asked (PKM:
-    its EmbeddingBag read; VanillaM: grouped, which reuses its pre). auto: only where measured
-    faster: grouped on CUDA for g >= 64 where torch's grouped GEMM takes the shapes, masked
-    elsewhere (on CPU always). Not yet triton: its layer was measured faster for g < 256 (see
-    compute_triton), but this form of it has not run on a GPU yet (issue 12)."""
+    its EmbeddingBag read; VanillaM: grouped, which reuses its pre). auto: where measured fastest
+    in training (one H200, gpu preset, README): on CUDA triton for 64 <= g < 256 if installed
+    (tokens/s g 64: 708k vs grouped 556k; g 128: 752k vs 704k; g 256: level), grouped for g >= 64
+    where torch's grouped GEMM takes the shapes, masked elsewhere (on CPU always)."""
     if isinstance(layer, ProductKeyMemory) or layer.impl in ("grouped", "masked"):
         return "masked" if layer.impl == "masked" else "grouped"
     if layer.impl == "triton":
         return "grouped" if layer.selector == "vanillam" else "triton"
     if device_type != "cuda":
         return "masked"
+    if auto_triton(layer) and triton_ok("cuda", dtype):
+        return "triton"
     return "grouped" if layer.g >= 64 and native_grouped_ok("cuda", dtype, d, layer.g,
                                                             layer.B) else "masked"
+
+
+def auto_triton(layer):  # --impl auto's triton range (impl_path)
+    return layer.impl == "auto" and layer.selector != "vanillam" and 64 <= layer.g < 256
 
 
 def sort_pairs(ids, B):
@@ -789,12 +796,10 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # The fused Triton path (--impl triton; ScatterMoE's idea): compute_grouped's numbers, but no
 # (N*b, d) pair tensor in the forward or the backward: token rows are read by index (a gather
 # GEMM) and added back by float32 atomic adds (a scatter GEMM; y's last bits vary run to run on
-# CUDA). Its first form (one fused Function, assets/profiles/prof_sffn_variants.py) on one H200,
-# layer fwd+bwd, N 16384, d 512, c 2048, d_m 16384, bf16, compiled: g 64 1.95 ms vs grouped 3.53
-# (1.8x); g 256 1.49 vs 1.33 (slower). This form, eager, T 8192: g 64 1.21 vs 1.90. It runs as
-# torch.library custom ops: as a torch.compiler.disable'd Function it broke the graph and left
-# GPT.forward eager (train 0.55M tok/s vs grouped 0.78M at g 256, 0.50M vs 0.55M at g 64). The
-# custom ops are not timed yet. Triton is imported on first use.
+# CUDA). It runs as torch.library custom ops inside torch.compile's graph (as a compiler.disable'd
+# Function it broke the graph: 0.50M tok/s at g 64). Training at the gpu preset on one H200,
+# tokens/s (dense 1,046k): g 64 708k vs grouped 556k, g 128 752k vs 704k, g 256 805k vs 799k, so
+# --impl auto takes it for 64 <= g < 256. Triton is imported on first use.
 TILES = dict(BM=64, BN=64, BK=64, BD=128)  # per program: pairs, g columns, reduced, d columns
 _KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
 

@@ -375,12 +375,15 @@ def test_impl_triton_on_cpu_needs_the_interpreter(tmp_path, capsys, monkeypatch)
 
 @pytest.mark.parametrize("selector,g,device,auto,triton", [
     ("avgk", 64, "cpu", "masked", "triton"), ("avgk", 256, "cpu", "masked", "triton"),
-    ("avgk", 64, "cuda", "grouped", "triton"), ("avgk", 256, "cuda", "grouped", "triton"),
-    ("avgk", 32, "cuda", "masked", "triton"), ("switch", 2048, "cuda", "grouped", "triton"),
+    ("avgk", 64, "cuda", "triton/grouped", "triton"), ("avgk", 128, "cuda", "triton/grouped",
+                                                        "triton"),
+    ("avgk", 256, "cuda", "grouped", "triton"), ("avgk", 32, "cuda", "masked", "triton"),
+    ("switch", 2048, "cuda", "grouped", "triton"), ("topk", 128, "cuda", "triton/grouped", "triton"),
     ("vanillam", 64, "cuda", "grouped", "grouped"), ("pkm", 1, "cuda", "grouped", "grouped")])
 def test_impl_picks(selector, g, device, auto, triton, monkeypatch):
-    """--impl auto: grouped on CUDA for g >= 64, masked elsewhere; never triton until it is measured
-    on a GPU, with or without triton installed. --impl triton: triton (VanillaM, PKM: grouped)."""
+    """--impl auto: on CUDA triton for 64 <= g < 256 where triton is installed (else grouped),
+    grouped for larger g, masked for smaller g and on CPU. --impl triton: triton (VanillaM, PKM:
+    grouped). auto "a/b": a with triton installed, b without."""
     for found in (True, False):
         monkeypatch.setattr(S, "triton_ok", lambda *a, f=found: f)
         cfg = S.Config(selector=selector, n_embd=512, n_head=8, d_ff=2048, d_m=16384, g=g)
@@ -388,7 +391,8 @@ def test_impl_picks(selector, g, device, auto, triton, monkeypatch):
         layer = S.ProductKeyMemory(cfg) if selector == "pkm" else S.SparseFFN(cfg, 11)
         dt = torch.bfloat16 if device == "cuda" else torch.float32
         ok = S.native_grouped_ok("cuda", dt, 512, g, 16384 // g)
-        want = auto if auto != "grouped" or ok or selector == "pkm" else "masked"
+        want = auto.split("/")[0 if found else -1]
+        want = want if want != "grouped" or ok or selector == "pkm" else "masked"
         assert S.impl_path(layer, device, dt, 512) == want, (selector, g, device, found)
         layer.impl = "triton"
         assert S.impl_path(layer, device, dt, 512) == triton, (selector, g, device, found)
