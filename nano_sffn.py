@@ -800,7 +800,8 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # Function it broke the graph: 0.50M tok/s at g 64). Training at the gpu preset on one H200,
 # tokens/s (dense 1,046k): g 64 708k vs grouped 556k, g 128 752k vs 704k, g 256 805k vs 799k, so
 # --impl auto takes it for 64 <= g < 256. Triton is imported on first use.
-TILES = dict(BM=64, BN=64, BK=64, BD=128)  # per program: pairs, g columns, reduced, d columns
+TILES = dict(BM=64, BN=64, BK=64, BD=128,  # per program: pairs, g columns, reduced, d columns
+             warps=4, stages=3)           # warps per program, pipeline depth (triton's defaults)
 _KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
 
 
@@ -892,7 +893,8 @@ def pair_mm(a, tok, blk, W, g, n_tok=None):
     sk, sn = (1, KD) if n_tok is None else (ND, 1)       # W_e read as (KD, ND): W_e^T or W_e
     triton_kernels()["pair_mm"][(-(-M // BM), -(-ND // BN))](
         a.contiguous(), tok, blk, W.to(a.dtype), out, M, KD, ND, sk, sn, n_tok is not None,
-        "ieee" if a.dtype == torch.float32 else None, BM, BN, BK)   # (float32: no tf32)
+        "ieee" if a.dtype == torch.float32 else None, BM, BN, BK,   # (float32: no tf32)
+        num_warps=TILES["warps"], num_stages=TILES["stages"])
     return out
 
 
@@ -903,7 +905,8 @@ def weight_grad(a, src, tok, offs, g, dtype):
     BN, BK = _tile("BN", g), _tile("BD", D)
     triton_kernels()["weight_grad"][(B, -(-g // BN), -(-D // BK))](
         a.contiguous(), tok, offs, src.contiguous(), out, D, g,
-        "ieee" if a.dtype == torch.float32 else None, TILES["BM"], BN, BK)
+        "ieee" if a.dtype == torch.float32 else None, TILES["BM"], BN, BK,
+        num_warps=TILES["warps"], num_stages=TILES["stages"])
     return out
 
 

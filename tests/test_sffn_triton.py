@@ -55,7 +55,7 @@ def errors(selector, g, b, d_m, d, N, seed=0, dt=torch.float32):
 def test_triton_matches_masked(case, monkeypatch):
     *shape, tile = case
     if tile:
-        monkeypatch.setattr(S, "TILES", dict(BM=tile, BN=tile, BK=tile, BD=tile))
+        monkeypatch.setattr(S, "TILES", dict(S.TILES, BM=tile, BN=tile, BK=tile, BD=tile))
     errs = errors(*shape)
     assert len(errs) == 2 + (3 if case[0] in ("topk", "switch") else 2)
     assert max(errs) <= TOL, f"{case}: relative errors of y, dx, dK, dV(, dW_g) {errs}"
