@@ -703,7 +703,7 @@ def compute_dtype(x):
 def impl_path(layer, device_type, dtype, d):
     """The path SparseFFN.forward takes: "masked", "grouped" or "triton"; --impl as asked (PKM:
     its EmbeddingBag read; VanillaM: grouped, which reuses its pre). auto: where measured fastest
-    in training (one H200, gpu preset, README): on CUDA triton for 64 <= g < 256 if installed
+    in training (one H200, gpu preset, README): on CUDA triton for 64 <= g < 256 (bf16, installed)
     (tokens/s g 64: 708k vs grouped 556k; g 128: 752k vs 704k; g 256: level), grouped for g >= 64
     where torch's grouped GEMM takes the shapes, masked elsewhere (on CPU always)."""
     if isinstance(layer, ProductKeyMemory) or layer.impl in ("grouped", "masked"):
@@ -712,7 +712,7 @@ def impl_path(layer, device_type, dtype, d):
         return "grouped" if layer.selector == "vanillam" else "triton"
     if device_type != "cuda":
         return "masked"
-    if auto_triton(layer) and triton_ok("cuda", dtype):
+    if auto_triton(layer) and dtype == torch.bfloat16 and triton_ok("cuda", dtype):
         return "triton"
     return "grouped" if layer.g >= 64 and native_grouped_ok("cuda", dtype, d, layer.g,
                                                             layer.B) else "masked"

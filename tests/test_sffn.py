@@ -394,6 +394,7 @@ def test_impl_picks(selector, g, device, auto, triton, monkeypatch):
         want = auto.split("/")[0 if found else -1]
         want = want if want != "grouped" or ok or selector == "pkm" else "masked"
         assert S.impl_path(layer, device, dt, 512) == want, (selector, g, device, found)
+        assert S.impl_path(layer, device, torch.float32, 512) != "triton"  # measured in bf16 only
         layer.impl = "triton"
         assert S.impl_path(layer, device, dt, 512) == triton, (selector, g, device, found)
 
