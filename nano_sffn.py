@@ -703,9 +703,9 @@ def compute_dtype(x):
 def impl_path(layer, device_type, dtype, d):
     """The path SparseFFN.forward takes: "masked", "grouped" or "triton"; --impl as asked (PKM:
     its EmbeddingBag read; VanillaM: grouped, which reuses its pre). auto: where measured fastest
-    in training (one H200, gpu preset, README): on CUDA triton for 64 <= g < 256 (bf16, installed)
-    (tokens/s g 64: 708k vs grouped 556k; g 128: 752k vs 704k; g 256: level), grouped for g >= 64
-    where torch's grouped GEMM takes the shapes, masked elsewhere (on CPU always)."""
+    in training (one H200, gpu preset, README; numbers above TILES): on CUDA triton for
+    64 <= g < 256 (bf16, installed), grouped for g >= 64 where torch's grouped GEMM takes the
+    shapes, masked elsewhere (on CPU always)."""
     if isinstance(layer, ProductKeyMemory) or layer.impl in ("grouped", "masked"):
         return "masked" if layer.impl == "masked" else "grouped"
     if layer.impl == "triton":
@@ -799,7 +799,8 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # CUDA). It runs as torch.library custom ops inside torch.compile's graph (as a compiler.disable'd
 # Function it broke the graph: 0.50M tok/s at g 64). Training at the gpu preset on one H200,
 # tokens/s (dense 1,046k): g 64 708k vs grouped 556k, g 128 752k vs 704k, g 256 805k vs 799k, so
-# --impl auto takes it for 64 <= g < 256. Triton is imported on first use.
+# --impl auto takes it for 64 <= g < 256. Its speed varies with the routing: later calls gave g 64
+# 625k (dense 1,017k) and, on Shakespeare text, 524k vs grouped 559k. Imported on first use.
 TILES = dict(BM=64, BN=64, BK=64, BD=128,  # per program: pairs, g columns, reduced, d columns
              warps=4, stages=3)           # warps per program, pipeline depth (triton's defaults)
 _KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
