@@ -36,8 +36,9 @@ def reference(a, src, tok, offs, g):
 
 @pytest.mark.parametrize("hot", [0.0, 0.6, 1.0])
 def test_split_matches_reference(hot, monkeypatch):
-    """CH 16 with BM 16: a block of up to N = 40 pairs spans three chunks; at hot 1 every token
-    takes blocks 0 and 1, so blocks 2..5 are empty (zero rows); g 24 and d 40 leave partial tiles."""
+    """CH 16 with BM 16: a block of up to N = 40 pairs spans three chunks; at hot 1 every
+    token takes blocks 0 and 1, so blocks 2..5 are empty (zero rows); g 24 and d 40 leave
+    partial tiles."""
     monkeypatch.setattr(W, "CH", 16)
     monkeypatch.setattr(S, "TILES", dict(S.TILES, BM=16, BN=16, BD=16))
     N, B, b, g, d = 40, 6, 2, 24, 40

@@ -15,8 +15,8 @@ The chunk list is built on the device (no host sync): n_e = ceil(count_e / CH) c
 first[e] = their first index, and chunk c's block by a searchsorted over the cumulative counts. The
 grid has the fixed bound ceil(M/CH) + B; programs past the last chunk add nothing.
 
-    python assets/profiles/sffn_wgrad_split.py --bench [--smoke]      # kernel alone: uniform and
-                                                                      # skewed routing, both kernels
+    python assets/profiles/sffn_wgrad_split.py --bench [--smoke]   # kernels alone, uniform and
+                                         # skewed routing: both weight gradients, pair_mm's two
     python assets/profiles/sffn_wgrad_split.py CH=512 -- <nano_sffn args>   # training with it
 Run from the repository root; tests/test_sffn_wgrad_split.py checks it against nano_sffn's."""
 from __future__ import annotations  # (the kernel's tl.constexpr annotations stay unevaluated)
@@ -100,18 +100,20 @@ def routing(N, B, b, hot, dev):
 def bench(smoke):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    N, d, c, d_m, GS = (16384, 512, 2048, 16384, (256, 64)) if not smoke else (64, 32, 64, 256, (32,))
+    N, d, c, d_m, GS = (16384, 512, 2048, 16384, (256, 64)) if not smoke else (
+        64, 32, 64, 256, (32,))
     if dev == "cuda":
         import triton.testing
         timer = lambda fn: triton.testing.do_bench(fn, return_mode="median")  # noqa: E731
     else:
         timer = lambda fn: (fn(), 0.0)[1]  # noqa: E731  (the interpreter: a dry run)
-    print("g | hot | max/mean load | weight_grad ms | split ms | speedup | rel err")
+    print("g | hot | max/mean load | weight_grad ms | split ms | speedup | rel err | gather ms | "
+          "scatter ms")
     for g in GS:
         b, B = c // g, d_m // g
         for hot in (0.0, 0.5, 1.0):
             torch.manual_seed(0)
-            _, _, tok, offs = S.sort_pairs(routing(N, B, b, hot, dev), B)
+            blk, _, tok, offs = S.sort_pairs(routing(N, B, b, hot, dev), B)
             cnt = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
             h = torch.randn(N * b, g, device=dev, dtype=dt)
             x = torch.randn(N, d, device=dev, dtype=dt)
@@ -120,8 +122,12 @@ def bench(smoke):
             err = ((new - ref).abs().max() / ref.abs().max()).item()
             t0 = timer(lambda: S.weight_grad(h, x, tok, offs, g, torch.float32))
             t1 = timer(lambda: weight_grad_split(h, x, tok, offs, g, torch.float32))
+            Wt = torch.randn(d_m, d, device=dev, dtype=dt) * 0.02   # the skew's cost to pair_mm
+            tg = timer(lambda: S.pair_mm(x, tok, blk, Wt, g, None))
+            ts = timer(lambda: S.pair_mm(h, tok, blk, Wt, g, N))
             print(f"{g} | {hot} | {(cnt.max() / cnt.float().mean()).item():.1f} | {t0:.4f} | "
-                  f"{t1:.4f} | {t0 / t1 if t1 else float('nan'):.2f} | {err:.1e}", flush=True)
+                  f"{t1:.4f} | {t0 / t1 if t1 else float('nan'):.2f} | {err:.1e} | {tg:.4f} | "
+                  f"{ts:.4f}", flush=True)
 
 
 if __name__ == "__main__":
