@@ -805,6 +805,22 @@ def test_grouped_direct_with_empty_and_crowded_blocks(dtype):
                 torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("B", [3, 256, 257, 32768, 32769])
+def test_sort_pairs_matches_plain_stable_sort(B):
+    """sort_pairs sorts a narrow key (uint8 / int16 / int32 by B): the same blocks, order, tokens
+    and offsets as a stable sort of the int64 ids, at each type's edge (block B-1 is used)."""
+    gen = torch.Generator().manual_seed(B)
+    N, b = 40, 3
+    ids = torch.stack([torch.randperm(B, generator=gen)[:b] for _ in range(N)])
+    ids[0, 0], ids[1, 0] = B - 1, 0                       # (duplicates in a row: still sorted)
+    blk_ref, order_ref = ids.reshape(-1).sort(stable=True)
+    offs_ref = torch.bincount(blk_ref, minlength=B).cumsum(0)
+    blk, order, tok, offs = S.sort_pairs(ids, B)
+    assert blk.dtype == torch.int64 and offs.dtype == torch.int32
+    assert torch.equal(blk, blk_ref) and torch.equal(order, order_ref)
+    assert torch.equal(tok, order_ref // b) and torch.equal(offs.long(), offs_ref)
+
+
 def test_expand_and_sum_pairs_are_adjoint_gathers():
     """The row moves of the grouped path: ExpandPairs x -> x[tok] and SumPairs ys -> sum of each
     token's pairs, against plain indexing / index_add, and torch.autograd.gradcheck of both."""

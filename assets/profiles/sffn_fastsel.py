@@ -1,5 +1,7 @@
 """Issue 12, session 22: two cheap candidates for the selection part of nano_sffn's Avg-K step, and
 a profile of the real training loop (real data, routing as trained) instead of a fresh model.
+The first (SORT8) is in nano_sffn.sort_pairs since session 22; INT64SORT=1 puts the int64 sort back, to
+time the two side by side.
 
 Why: session 21's split weight gradient was 2x faster under skewed routing on its own but changed
 training speed by < 1%, so the profile of a fresh model (prof_sffn_train.py) misleads about where
@@ -10,7 +12,7 @@ a trained model's step goes. Candidates, both exact (same pairs, same order):
             instead of torch.topk's radix select (the same set unless scores tie at the b-th)
 
     python assets/profiles/sffn_fastsel.py --bench                 # the pieces alone, on one GPU
-    SORT8=1 TOPKSORT=1 python assets/profiles/sffn_fastsel.py -- <nano_sffn args>   # training
+    [INT64SORT=1] [TOPKSORT=1] python assets/profiles/sffn_fastsel.py -- <nano_sffn args>
     PROF_AT=260 python assets/profiles/sffn_fastsel.py -- <nano_sffn args>   # profile 10 steps of
                                # the training loop from step 260 (tokens/s of that run is void)
 Run from the repository root."""
@@ -24,15 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import nano_sffn as S  # noqa: E402
 
-PLAIN_SORT_PAIRS = S.sort_pairs
+sort_pairs_narrow = S.sort_pairs
 
 
-def sort_pairs_narrow(ids, B):
-    """nano_sffn.sort_pairs with the key cast to the narrowest type that holds 0..B-1."""
-    kt = torch.uint8 if B <= 256 else torch.int16 if B <= 32768 else torch.int32
-    key, order = ids.reshape(-1).to(kt).sort(stable=True)
-    offs = torch.searchsorted(key, torch.arange(B, device=ids.device, dtype=kt), right=True)
-    return key.to(ids.dtype), order, order // ids.shape[1], offs.to(torch.int32)
+def sort_pairs_int64(ids, B):
+    """nano_sffn.sort_pairs before session 22: the int64 ids sorted as they are (8 radix passes)."""
+    blk, order = ids.reshape(-1).sort(stable=True)
+    offs = torch.searchsorted(blk, torch.arange(B, device=ids.device), right=True)
+    return blk, order, order // ids.shape[1], offs.to(torch.int32)
 
 
 def topk_by_sort(s, b):
@@ -72,9 +73,9 @@ def bench():
         c = topk_by_sort(s, b).sort(-1).values
         same = (a == c).all(-1).float().mean().item()
         ids = s.float().topk(b, dim=-1).indices
-        t_p = timer(lambda: PLAIN_SORT_PAIRS(ids, B))
+        t_p = timer(lambda: sort_pairs_int64(ids, B))
         t_n = timer(lambda: sort_pairs_narrow(ids, B))
-        ident = all(torch.equal(u, v) for u, v in zip(PLAIN_SORT_PAIRS(ids, B),
+        ident = all(torch.equal(u, v) for u, v in zip(sort_pairs_int64(ids, B),
                                                        sort_pairs_narrow(ids, B)))
         print(f"{2048 // b} | {B} | {b} | {t_topk:.4f} | {t_uns:.4f} | {t_sort:.4f} | {same:.4f} | "
               f"{t_p:.4f} | {t_n:.4f} | {ident}", flush=True)
@@ -96,12 +97,12 @@ if __name__ == "__main__":
     if "--bench" in sys.argv:
         bench()
     else:
-        if os.environ.get("SORT8") == "1":
-            S.sort_pairs = sort_pairs_narrow
+        if os.environ.get("INT64SORT") == "1":
+            S.sort_pairs = sort_pairs_int64
         if os.environ.get("TOPKSORT") == "1":
             S.SparseFFN.select_avgk = select_avgk_sorted
         if os.environ.get("PROF_AT"):
             profile_at(int(os.environ["PROF_AT"]))
-        print("fastsel: SORT8", os.environ.get("SORT8"), "TOPKSORT", os.environ.get("TOPKSORT"),
+        print("fastsel: INT64SORT", os.environ.get("INT64SORT"), "TOPKSORT", os.environ.get("TOPKSORT"),
               "PROF_AT", os.environ.get("PROF_AT"), flush=True)
         S.main(sys.argv[sys.argv.index("--") + 1:])
