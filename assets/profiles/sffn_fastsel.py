@@ -1,7 +1,7 @@
 """Issue 12, session 22: two cheap candidates for the selection part of nano_sffn's Avg-K step, and
 a profile of the real training loop (real data, routing as trained) instead of a fresh model.
-The first (SORT8) is in nano_sffn.sort_pairs since session 22; INT64SORT=1 puts the int64 sort back, to
-time the two side by side.
+The first (SORT8) is in nano_sffn.sort_pairs since session 22; INT64SORT=1 puts the int64 sort
+back, to time the two side by side.
 
 Why: session 21's split weight gradient was 2x faster under skewed routing on its own but changed
 training speed by < 1%, so the profile of a fresh model (prof_sffn_train.py) misleads about where
@@ -9,10 +9,12 @@ a trained model's step goes. Candidates, both exact (same pairs, same order):
   SORT8     sort_pairs sorts the (N*b,) block ids as uint8 (B <= 256) or int16, not int64: torch's
             radix sort makes one pass per key byte, so 1-2 passes instead of 8
   TOPKSORT  Avg-K's TopK_b by a row sort (bitonic, in shared memory for B <= 4096) sliced to b,
-            instead of torch.topk's radix select (the same set unless scores tie at the b-th)
+            instead of torch.topk's radix select (the same set unless scores tie at the b-th).
+            Not faster alone (--bench), so not adopted; its training runs (with SORT8, at commit
+            67be70d, which had the switch) are in assets/sffn_train_speed.csv
 
     python assets/profiles/sffn_fastsel.py --bench                 # the pieces alone, on one GPU
-    [INT64SORT=1] [TOPKSORT=1] python assets/profiles/sffn_fastsel.py -- <nano_sffn args>
+    INT64SORT=1 python assets/profiles/sffn_fastsel.py -- <nano_sffn args>   # training, int64 sort
     PROF_AT=260 python assets/profiles/sffn_fastsel.py -- <nano_sffn args>   # profile 10 steps of
                                # the training loop from step 260 (tokens/s of that run is void)
 Run from the repository root."""
@@ -39,22 +41,6 @@ def sort_pairs_int64(ids, B):
 def topk_by_sort(s, b):
     """(N, B) scores -> (N, b) indices of the b largest, by a full row sort."""
     return s.sort(dim=-1, descending=True, stable=False).indices[:, :b]
-
-
-def select_avgk_sorted(self, x, idx, ids):     # nano_sffn.SparseFFN.select_avgk, TopK by sort
-    s = self.avgk_scores(x)
-    if ids is None:
-        s_sel = s.detach()
-        if self.balance:
-            s_sel = S.f32(s_sel) + self.sel_bias
-        ids = topk_by_sort(s_sel, self.b)
-    if self.balance and self.training:
-        flat = ids.reshape(-1)
-        self.load.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
-    w = None
-    if self.avgk_weight == "softmax":
-        w = torch.softmax(S.f32(s).gather(1, ids), -1)
-    return ids, w, x.new_zeros(()), None
 
 
 def bench():
@@ -99,10 +85,8 @@ if __name__ == "__main__":
     else:
         if os.environ.get("INT64SORT") == "1":
             S.sort_pairs = sort_pairs_int64
-        if os.environ.get("TOPKSORT") == "1":
-            S.SparseFFN.select_avgk = select_avgk_sorted
         if os.environ.get("PROF_AT"):
             profile_at(int(os.environ["PROF_AT"]))
-        print("fastsel: INT64SORT", os.environ.get("INT64SORT"), "TOPKSORT", os.environ.get("TOPKSORT"),
-              "PROF_AT", os.environ.get("PROF_AT"), flush=True)
+        print("fastsel: INT64SORT", os.environ.get("INT64SORT"), "PROF_AT",
+              os.environ.get("PROF_AT"), flush=True)
         S.main(sys.argv[sys.argv.index("--") + 1:])
