@@ -800,10 +800,9 @@ def compute_grouped(layer, x, ids, w, pre=None):
 # (N*b, d) pair tensor in the forward or the backward: token rows are read by index (a gather
 # GEMM) and added back by float32 atomic adds (a scatter GEMM; y's last bits vary run to run on
 # CUDA). It runs as torch.library custom ops inside torch.compile's graph (as a compiler.disable'd
-# Function it broke the graph: 0.50M tok/s at g 64). Training at the gpu preset on one H200,
-# tokens/s (dense 1,046k): g 64 708k vs grouped 556k, g 128 752k vs 704k, g 256 805k vs 799k, so
-# --impl auto takes it for 64 <= g < 256. Its speed varies with the routing: later calls gave g 64
-# 625k (dense 1,017k) and, on Shakespeare text, 524k vs grouped 559k. Imported on first use.
+# Function it broke the graph: 0.50x dense tokens/s at g 64). Training at the gpu preset on one
+# H200 (README, "Speed"): g 64 0.61-0.70x dense against grouped's 0.53-0.55x, g 128 0.74x against
+# 0.69x, level at g 256, so --impl auto takes it for 64 <= g < 256. Imported on first use.
 TILES = dict(BM=64, BN=64, BK=64, BD=128,  # per program: pairs, g columns, reduced, d columns
              warps=4, stages=3)           # warps per program, pipeline depth (triton's defaults)
 _KERNELS, tl = {}, None             # the compiled kernels; triton.language (triton_kernels())
